@@ -1,0 +1,26 @@
+"""hf_pipe: pipeline-parallel training for HuggingFace transformers on torch.distributed.pipelining."""
+
+from torch.distributed.pipelining import SplitPoint
+
+from .engine import PipelineEngine
+from .errors import PipelineConfigError
+from .families import FamilyAdapter, register_family, registered_families
+from .schedule import SCHEDULES, schedule_class
+from .split import SplitPlan, StagePlan, annotate_split_points, plan_split
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCHEDULES",
+    "FamilyAdapter",
+    "PipelineConfigError",
+    "PipelineEngine",
+    "SplitPlan",
+    "SplitPoint",
+    "StagePlan",
+    "annotate_split_points",
+    "plan_split",
+    "register_family",
+    "registered_families",
+    "schedule_class",
+]

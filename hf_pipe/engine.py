@@ -1,0 +1,226 @@
+"""One pipelined training (or evaluation) step of a HF model on this rank: the piece PipeTrainer drives.
+
+The engine owns this rank's stage modules, the torch schedule, the loss, tied-weight gradient sync and the global
+gradient norm. torch.distributed.pipelining runs the schedule; what it leaves to the user is here:
+
+- loss normalised by the whole batch's label count (`loss.py`), reported on every rank, not only the last;
+- tied weights whose copies live on different ranks stay one parameter (gradients summed over their owners);
+- global gradient norm and clipping over all stages, a tied weight counted once;
+- batches of a new shape (dynamic padding): torch infers send/receive shapes at a stage's first step, so a stage
+  set and schedule are kept per batch shape.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+
+from .errors import raise_if_any
+from .loss import PipelineLoss
+from .schedule import check_schedule, default_stages_per_rank, placement, schedule_class
+from .split import SplitPolicy, plan_split, resolve_family
+from .stage import StageModule, build_stage_modules, owner_stages, parameter_fqns, tied_groups
+
+# Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
+_SHAPE_CACHE_SIZE = 16
+
+
+def default_device() -> torch.device:
+    """`cuda:LOCAL_RANK` where CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class PipelineEngine:
+    """This rank's part of a pipeline over `group` (default: the world): its stages, schedule and loss.
+
+    Every rank passes the same whole model; the engine keeps only this rank's stages and frees the rest.
+
+    Example:
+        >>> engine = PipelineEngine(model, schedule="1f1b", microbatches=4)
+        >>> loss = engine.train_step(batch)       # same loss on every rank; grads in engine.parameters()
+        >>> engine.reduce_tied_gradients(); norm = engine.clip_grad_norm_(1.0); optimizer.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        schedule: str = "1f1b",
+        microbatches: int | None = None,
+        stages_per_rank: int | None = None,
+        split: SplitPolicy = "auto",
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+    ):
+        self.group = group if group is not None else dist.group.WORLD
+        self.pp_size = dist.get_world_size(self.group)
+        self.pp_rank = dist.get_rank(self.group)
+        self.schedule_name = schedule.lower()
+        schedule_class(schedule)  # an unknown name fails here, listing the valid ones
+        self.stages_per_rank = stages_per_rank or default_stages_per_rank(schedule)
+        self.num_stages = self.pp_size * self.stages_per_rank
+        self.microbatches = microbatches or self.num_stages
+        raise_if_any(
+            check_schedule(
+                schedule, pp_size=self.pp_size, stages_per_rank=self.stages_per_rank, microbatches=self.microbatches
+            )
+        )
+        self.device = torch.device(device) if device is not None else default_device()
+        self.adapter = resolve_family(model.config.model_type)
+        self.plan = plan_split(model, self.num_stages, split)
+        if self.plan.task is None:
+            raise ValueError(
+                f"{type(model).__name__} has no head to train; pass a model with one "
+                "(ForCausalLM / LMHeadModel, ForMaskedLM, ForSequenceClassification)."
+            )
+        self.config = model.config
+        self.stage_to_rank = generate_stage_to_rank_mapping(self.pp_size, self.num_stages, placement(schedule))
+        self.stage_indices = [s for s in range(self.num_stages) if self.stage_to_rank[s] == self.pp_rank]
+        names = parameter_fqns(model)
+        groups = tied_groups(model)
+        self.modules: list[StageModule] = build_stage_modules(model, self.adapter, self.plan, self.stage_indices)
+        for module in self.modules:
+            module.to(self.device)
+        # Stage-local name -> model FQN, for checkpoints (tied weights map to their first FQN).
+        self.fqn_maps = [{n: names[id(p)][0] for n, p in m.named_parameters()} for m in self.modules]
+        self._tied = self._setup_tied(groups)
+        self.loss = PipelineLoss(self.plan.task, model.config)
+        self.has_first = 0 in self.stage_indices
+        self.has_last = self.num_stages - 1 in self.stage_indices
+        self._schedules: OrderedDict[tuple, Any] = OrderedDict()
+
+    # -- parameters ------------------------------------------------------------------------------------------
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters, each once (a tied weight held by two local stages is one parameter)."""
+        seen: set[int] = set()
+        for module in self.modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under their FQN in the original model, each once."""
+        seen: set[int] = set()
+        for module, fqn_map in zip(self.modules, self.fqn_maps):
+            for name, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield fqn_map[name], p
+
+    def _setup_tied(self, groups: list[list[str]]) -> list[tuple[nn.Parameter, dist.ProcessGroup | None, bool]]:
+        """Tied weights whose copies sit on several ranks: (local param, group of owner ranks, counts in the norm).
+
+        `new_group` is collective over the world, so every rank walks the same groups in the same order.
+        """
+        tied = []
+        local = dict(self.named_parameters())
+        for fqns in groups:
+            stages = owner_stages(self.plan, fqns)
+            ranks = sorted({self.stage_to_rank[s] for s in stages})
+            if len(ranks) < 2:
+                continue
+            global_ranks = [dist.get_global_rank(self.group, r) for r in ranks]
+            pg = dist.new_group(global_ranks)
+            param = next((local[f] for f in fqns if f in local), None)
+            if param is not None:
+                tied.append((param, pg, self.pp_rank == ranks[0]))
+        return tied
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def _schedule_for(self, batch: Mapping[str, torch.Tensor], training: bool):
+        key = (training, *((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v)))
+        if key in self._schedules:
+            self._schedules.move_to_end(key)
+            return self._schedules[key]
+        stages = [
+            PipelineStage(module, index, self.num_stages, self.device, group=self.group)
+            for module, index in zip(self.modules, self.stage_indices)
+        ]
+        cls = schedule_class(self.schedule_name)
+        target = stages if len(stages) > 1 or self.stages_per_rank > 1 else stages[0]
+        sched = cls(target, n_microbatches=self.microbatches, loss_fn=self.loss, scale_grads=False)
+        self._schedules[key] = sched
+        if len(self._schedules) > _SHAPE_CACHE_SIZE:
+            self._schedules.popitem(last=False)
+        return sched
+
+    def _split_batch(self, batch: Mapping[str, Any]):
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        labels = batch.pop("labels", None)
+        input_ids = batch.pop("input_ids")
+        return input_ids, labels, batch
+
+    def _run(self, batch: Mapping[str, Any], training: bool, num_items: int | None):
+        input_ids, labels, extra = self._split_batch(batch)
+        if labels is None:
+            raise ValueError("the batch has no 'labels': hf_pipe trains and evaluates with the loss of the last stage")
+        batch_size = input_ids.shape[0]
+        if batch_size % self.microbatches:
+            raise_if_any(check_schedule(self.schedule_name, pp_size=self.pp_size, stages_per_rank=self.stages_per_rank,
+                                        microbatches=self.microbatches, batch_size=batch_size))
+        self.loss.normalizer = float(num_items if num_items is not None else self.loss.count(labels))
+        sched = self._schedule_for({"input_ids": input_ids, "labels": labels, **extra}, training)
+        args = (input_ids,) if self.has_first else ()
+        losses: list[torch.Tensor] = []
+        target = labels if self.has_last else None
+        if training:
+            out = sched.step(*args, target=target, losses=losses, return_outputs=False, **extra)
+        else:
+            with torch.no_grad():
+                out = sched.eval(*args, target=target, losses=losses, **extra)
+        loss = torch.stack(losses).sum().detach() if self.has_last else torch.zeros((), device=self.device)
+        src = self.stage_to_rank[self.num_stages - 1]
+        dist.broadcast(loss, group_src=src, group=self.group)
+        return loss, out
+
+    def train_step(self, batch: Mapping[str, Any], num_items: int | None = None) -> torch.Tensor:
+        """Forward and backward of one batch through the pipeline; gradients accumulate into `.grad`.
+
+        Returns the batch loss (HF semantics) on every rank. `num_items` overrides the label count the loss is
+        normalised by, as Trainer's `num_items_in_batch` does across gradient accumulation.
+        Call `reduce_tied_gradients` once after the last accumulation step, before clipping.
+        """
+        return self._run(batch, True, num_items)[0]
+
+    def eval_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward only: (loss on every rank, logits on the rank with the last stage, else None)."""
+        loss, out = self._run(batch, False, None)
+        return loss, out if self.has_last else None
+
+    # -- gradients -------------------------------------------------------------------------------------------
+    def reduce_tied_gradients(self) -> None:
+        """Sum the gradients of tied weights over the ranks holding a copy, so the copies stay one parameter."""
+        for param, pg, _ in self._tied:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=pg)
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients over all stages, each tied weight counted once."""
+        counted_elsewhere = {id(p) for p, _, counts in self._tied if not counts}
+        squares = torch.zeros((), device=self.device, dtype=torch.float32)
+        for p in self.parameters():
+            if p.grad is not None and id(p) not in counted_elsewhere:
+                squares += p.grad.detach().float().pow(2).sum()
+        dist.all_reduce(squares, group=self.group)
+        return squares.sqrt()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip all gradients by the global norm, as `torch.nn.utils.clip_grad_norm_` does on one device."""
+        norm = self.grad_norm()
+        if max_norm and max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.detach().mul_(coef.to(p.grad.dtype))
+        return norm

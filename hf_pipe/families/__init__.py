@@ -1,0 +1,61 @@
+"""Registry of model-family adapters, keyed by `config.model_type` (PEFT's constants mapping, as a registry).
+
+Adding a family is one file with a `FamilyAdapter` subclass and one `register_family` line.
+"""
+
+from __future__ import annotations
+
+from .base import CAUSAL_LM, MASKED_LM, SEQ_CLS, TASKS, FamilyAdapter, FlopsPerToken, task_of
+from .bert import BertAdapter
+from .gpt2 import Gpt2Adapter
+from .llama import LlamaAdapter
+
+_FAMILIES: dict[str, FamilyAdapter] = {}
+
+
+def register_family(model_type: str, adapter: FamilyAdapter) -> None:
+    """Teach hf_pipe how to split and run models whose `config.model_type` is `model_type`.
+
+    Refuses a `model_type` that already has an adapter, so two plugins cannot silently override each other.
+
+    Example:
+        >>> register_family("my_llama", LlamaAdapter())  # a Llama-shaped decoder under another name
+    """
+    if model_type in _FAMILIES:
+        raise ValueError(
+            f"model_type {model_type!r} already has an adapter ({type(_FAMILIES[model_type]).__name__}); "
+            "use another model_type, or pass an explicit split instead of registering a second adapter."
+        )
+    if not isinstance(adapter, FamilyAdapter):
+        raise TypeError(f"adapter must be a FamilyAdapter instance, got {type(adapter).__name__}")
+    _FAMILIES[model_type] = adapter
+
+
+def get_family(model_type: str) -> FamilyAdapter | None:
+    """The adapter registered for `model_type`, or None."""
+    return _FAMILIES.get(model_type)
+
+
+def registered_families() -> list[str]:
+    """Every `model_type` hf_pipe can split with the module-split frontend, sorted."""
+    return sorted(_FAMILIES)
+
+
+register_family("gpt2", Gpt2Adapter())
+register_family("bert", BertAdapter())
+# The Llama adapter serves these decoders unchanged; each is checked against one-process gradients in the tests.
+for _model_type in ("llama", "mistral", "qwen2", "qwen3"):
+    register_family(_model_type, LlamaAdapter())
+
+__all__ = [
+    "CAUSAL_LM",
+    "MASKED_LM",
+    "SEQ_CLS",
+    "TASKS",
+    "FamilyAdapter",
+    "FlopsPerToken",
+    "get_family",
+    "register_family",
+    "registered_families",
+    "task_of",
+]

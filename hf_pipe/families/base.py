@@ -1,0 +1,98 @@
+"""What hf_pipe needs to know about a model family to split it into stages and run each stage.
+
+An adapter names the modules of the family (embeddings, the list of blocks, the final norm, the heads) and runs the
+four pieces of a stage's forward: embed (first stage), per-stage context (masks, positions, rotary tables: rebuilt on
+every stage from the batch each rank already holds, so nothing but hidden states travels between stages), one block,
+and the head (last stage). Everything else — which blocks a stage owns, sending activations, the schedule — is
+shared code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+CAUSAL_LM = "causal_lm"
+MASKED_LM = "masked_lm"
+SEQ_CLS = "seq_cls"
+TASKS = (CAUSAL_LM, MASKED_LM, SEQ_CLS)
+
+# Class-name endings that tell which head (and so which loss) a model carries.
+_TASK_SUFFIXES = (
+    ("ForCausalLM", CAUSAL_LM),
+    ("LMHeadModel", CAUSAL_LM),
+    ("ForMaskedLM", MASKED_LM),
+    ("ForSequenceClassification", SEQ_CLS),
+)
+
+
+def task_of(class_name: str) -> str | None:
+    """The training task of a model class (`"GPT2LMHeadModel"` -> `"causal_lm"`), or None for a bare body."""
+    for suffix, task in _TASK_SUFFIXES:
+        if class_name.endswith(suffix):
+            return task
+    return None
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Forward FLOPs per token of the pieces of a model; what the `auto` split balances."""
+
+    embeddings: float
+    layer: float
+    head: float
+
+
+class FamilyAdapter:
+    """How one model family is split and run stage by stage. Subclass it to add a family (see `register_family`)."""
+
+    #: attribute of a head model that holds the body ("transformer" for GPT2LMHeadModel, "model" for Llama).
+    base_prefix: str
+    #: the `nn.ModuleList` of blocks, relative to the body.
+    layers: str
+    #: body modules the first stage runs before the blocks, by role.
+    embeddings: Mapping[str, str]
+    #: body modules the last stage runs after the blocks, by role.
+    final: Mapping[str, str] = {}
+    #: parameter-free body modules every stage runs (rotary tables).
+    shared: Mapping[str, str] = {}
+    #: per task, head modules relative to the *root* model, by role.
+    heads: Mapping[str, Mapping[str, str]]
+
+    def num_layers(self, config: Any) -> int:
+        return config.num_hidden_layers
+
+    def flops_per_token(self, config: Any, task: str | None, seq_len: int) -> FlopsPerToken:
+        raise NotImplementedError
+
+    # Forward pieces. `parts` maps role -> module for this stage; `batch` holds this microbatch's extra inputs.
+    def embed(self, parts: Mapping[str, nn.Module], input_ids: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def context(self, config: Any, parts: Mapping[str, nn.Module], hidden: torch.Tensor, batch: Mapping[str, Any]):
+        raise NotImplementedError
+
+    def layer(self, block: nn.Module, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, parts: Mapping[str, nn.Module], hidden: torch.Tensor, task: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def positions(hidden: torch.Tensor) -> torch.Tensor:
+    """Position ids 0..seq-1 as HF builds them when none are given (no KV cache in training)."""
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+def attention_flops(hidden_size: int, seq_len: int) -> float:
+    """Scores and weighted sum, per token: 2·s·h each."""
+    return 4.0 * seq_len * hidden_size
+
+
+def softmax_loss_flops(vocab_size: int) -> float:
+    """Cross-entropy over the vocabulary per token (exp, sum, log, gather): a few operations per logit."""
+    return 4.0 * vocab_size

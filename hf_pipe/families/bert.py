@@ -1,0 +1,45 @@
+"""BERT: masked LM (decoder tied to the word embeddings) and sequence classification (pooler + classifier)."""
+
+from __future__ import annotations
+
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+from .base import MASKED_LM, SEQ_CLS, FamilyAdapter, FlopsPerToken, attention_flops, softmax_loss_flops
+
+
+class BertAdapter(FamilyAdapter):
+    base_prefix = "bert"
+    layers = "encoder.layer"
+    embeddings = {"embeddings": "embeddings"}
+    heads = {
+        MASKED_LM: {"cls": "cls"},
+        SEQ_CLS: {"pooler": "bert.pooler", "dropout": "dropout", "classifier": "classifier"},
+    }
+
+    def flops_per_token(self, config, task, seq_len):
+        h, v, inner = config.hidden_size, config.vocab_size, config.intermediate_size
+        layer = 2.0 * (4 * h * h + 2 * h * inner) + attention_flops(h, seq_len)
+        if task == MASKED_LM:
+            head = 2.0 * (h * h + h * v) + softmax_loss_flops(v)
+        elif task == SEQ_CLS:  # pooler and classifier run once per sequence
+            head = 2.0 * (h * h + h * config.num_labels) / seq_len
+        else:
+            head = 0.0
+        return FlopsPerToken(embeddings=3.0 * h, layer=layer, head=head)
+
+    def embed(self, parts, input_ids, batch):
+        return parts["embeddings"](
+            input_ids=input_ids, token_type_ids=batch.get("token_type_ids"), position_ids=batch.get("position_ids")
+        )
+
+    def context(self, config, parts, hidden, batch):
+        make_mask = create_causal_mask if config.is_decoder else create_bidirectional_mask
+        return make_mask(config=config, inputs_embeds=hidden, attention_mask=batch.get("attention_mask"), cache=None)
+
+    def layer(self, block, index, hidden, context):
+        return block(hidden, context)
+
+    def head(self, parts, hidden, task):
+        if task == MASKED_LM:
+            return parts["cls"](hidden)
+        return parts["classifier"](parts["dropout"](parts["pooler"](hidden)))

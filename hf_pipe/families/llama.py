@@ -1,0 +1,61 @@
+"""Llama and the decoders shaped like it (Mistral, Qwen2, Qwen3): RoPE, GQA, optional sliding windows."""
+
+from __future__ import annotations
+
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .base import CAUSAL_LM, FamilyAdapter, FlopsPerToken, attention_flops, positions, softmax_loss_flops
+
+_FULL, _SLIDING = "full_attention", "sliding_attention"
+
+
+class LlamaAdapter(FamilyAdapter):
+    base_prefix = "model"
+    layers = "layers"
+    embeddings = {"embed_tokens": "embed_tokens"}
+    final = {"norm": "norm"}
+    shared = {"rotary_emb": "rotary_emb"}
+    heads = {CAUSAL_LM: {"lm_head": "lm_head"}}
+
+    def flops_per_token(self, config, task, seq_len):
+        h, v, inner = config.hidden_size, config.vocab_size, config.intermediate_size
+        head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+        q = config.num_attention_heads * head_dim
+        kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+        layer = 2.0 * (h * (q + 2 * kv) + q * h + 3 * h * inner) + attention_flops(q, seq_len)
+        head = 2.0 * h * v + softmax_loss_flops(v) if task == CAUSAL_LM else 0.0
+        return FlopsPerToken(embeddings=float(h), layer=layer, head=head)
+
+    def _layer_types(self, config):
+        # Qwen2/Qwen3 name each layer's attention; Mistral slides every layer when `sliding_window` is set.
+        types = getattr(config, "layer_types", None)
+        if types:
+            return list(types)
+        sliding = getattr(config, "sliding_window", None) is not None and config.model_type == "mistral"
+        return [_SLIDING if sliding else _FULL] * config.num_hidden_layers
+
+    def embed(self, parts, input_ids, batch):
+        return parts["embed_tokens"](input_ids)
+
+    def context(self, config, parts, hidden, batch):
+        position_ids = positions(hidden)
+        kwargs = dict(
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=batch.get("attention_mask"),
+            cache=None,
+            position_ids=position_ids,
+        )
+        types = self._layer_types(config)
+        masks = {_FULL: create_causal_mask(**kwargs) if _FULL in types else None}
+        if _SLIDING in types:
+            masks[_SLIDING] = create_sliding_window_causal_mask(**kwargs)
+        rotary = parts["rotary_emb"](hidden, position_ids=position_ids)
+        return [masks[t] for t in types], rotary, position_ids
+
+    def layer(self, block, index, hidden, context):
+        masks, rotary, position_ids = context
+        return block(hidden, attention_mask=masks[index], position_embeddings=rotary, position_ids=position_ids)
+
+    def head(self, parts, hidden, task):
+        return parts["lm_head"](parts["norm"](hidden))

@@ -1,0 +1,112 @@
+"""Schedules by name, and the checks that keep a schedule from hanging or failing mid-step.
+
+Every schedule is torch.distributed.pipelining's own; this module only maps names, decides stage placement and
+stages per rank, and rejects settings torch would hang on or fail late with (peers hang with fewer microbatches
+than stages) — before any step, with the fix in the message.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.pipelining import (
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineSchedule
+
+from .errors import PipelineConfigError
+
+SCHEDULES: dict[str, type[_PipelineSchedule]] = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved1f1b": ScheduleInterleaved1F1B,
+    "loopedbfs": ScheduleLoopedBFS,
+    "interleavedzerobubble": ScheduleInterleavedZeroBubble,
+    "zbvzerobubble": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+# Schedules that place two stages per rank in a V: rank r holds stages r and 2·pp-1-r.
+V_SCHEDULES = ("zbvzerobubble", "dualpipev")
+
+
+def schedule_class(name: str) -> type[_PipelineSchedule]:
+    """The torch schedule class for a case-insensitive name; an unknown name lists the valid ones."""
+    try:
+        return SCHEDULES[name.lower()]
+    except KeyError:
+        raise PipelineConfigError(
+            f"pipeline_schedule={name!r} is not a schedule; valid options are {list(SCHEDULES)} (case-insensitive)."
+        ) from None
+
+
+def is_multi_stage(name: str) -> bool:
+    return issubclass(schedule_class(name), PipelineScheduleMulti)
+
+
+def placement(name: str) -> str:
+    """`"v"` or `"loop"`: how stages are laid out over ranks for this schedule."""
+    return "v" if name.lower() in V_SCHEDULES else "loop"
+
+
+def default_stages_per_rank(name: str) -> int:
+    return 2 if is_multi_stage(name) else 1
+
+
+def check_schedule(
+    name: str,
+    *,
+    pp_size: int,
+    stages_per_rank: int,
+    microbatches: int,
+    batch_size: int | None = None,
+) -> list[str]:
+    """Every problem with this schedule setting, each a sentence naming the setting, the values and the fix."""
+    if name.lower() not in SCHEDULES:
+        return [f"pipeline_schedule={name!r} is not a schedule; valid options are {list(SCHEDULES)}."]
+    name = name.lower()
+    problems = []
+    num_stages = pp_size * stages_per_rank
+    if not is_multi_stage(name) and stages_per_rank != 1:
+        problems.append(
+            f"pipeline_stages_per_rank={stages_per_rank} with pipeline_schedule={name!r}: this schedule runs one "
+            "stage per rank; use pipeline_stages_per_rank=1, or a multi-stage schedule "
+            "(interleaved1f1b, loopedbfs, interleavedzerobubble, zbvzerobubble, dualpipev)."
+        )
+    elif name in V_SCHEDULES and stages_per_rank != 2:
+        problems.append(
+            f"pipeline_stages_per_rank={stages_per_rank} with pipeline_schedule={name!r}: V schedules place exactly "
+            "2 stages on each rank; use pipeline_stages_per_rank=2."
+        )
+    elif is_multi_stage(name) and stages_per_rank < 2:
+        problems.append(
+            f"pipeline_stages_per_rank={stages_per_rank} with pipeline_schedule={name!r}: a multi-stage schedule "
+            "needs at least 2 stages per rank; use 2, or pipeline_schedule='1f1b' for one stage per rank."
+        )
+    if microbatches < 1:
+        problems.append(f"pipeline_microbatches={microbatches} must be at least 1.")
+        return problems
+    if batch_size is not None and batch_size % microbatches:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        problems.append(
+            f"pipeline_microbatches={microbatches} does not divide per_device_train_batch_size={batch_size}; use "
+            f"{', '.join(map(str, divisors))} microbatches, or a batch size divisible by {microbatches}."
+        )
+    if name != "gpipe" and microbatches < num_stages:
+        problems.append(
+            f"pipeline_microbatches={microbatches} is fewer than the {num_stages} pipeline stages "
+            f"(pipeline_parallel_size={pp_size} × pipeline_stages_per_rank={stages_per_rank}); {name} needs at least "
+            f"one microbatch per stage: use pipeline_microbatches >= {num_stages} (a multiple of {pp_size} keeps "
+            "every rank busy), or pipeline_schedule='gpipe'."
+        )
+    elif name in ("interleaved1f1b", "interleavedzerobubble") and microbatches % max(1, microbatches // pp_size):
+        rounds = max(1, microbatches // pp_size)
+        problems.append(
+            f"pipeline_microbatches={microbatches} with pipeline_schedule={name!r} on pipeline_parallel_size="
+            f"{pp_size}: interleaved schedules run microbatches in rounds of {pp_size}; use a multiple of {pp_size} "
+            f"(not {microbatches}, which leaves {microbatches % rounds} over)."
+        )
+    return problems

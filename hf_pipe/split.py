@@ -1,0 +1,303 @@
+"""Stage boundaries for a model: pure data, computed without a process group and without allocating weights.
+
+A `SplitPlan` says, for each stage, which blocks and which module FQNs it owns (embeddings on the first stage; final
+norm, head, pooler or classifier on the last), its estimated forward FLOPs per token and its parameter count. It can
+be printed, compared in tests, and overridden by an explicit split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import SplitPoint
+
+from .errors import PipelineConfigError
+from .families import CAUSAL_LM, MASKED_LM, SEQ_CLS, FamilyAdapter, get_family, registered_families, task_of
+
+#: What `split` accepts: a policy name, the layer indices where stages begin, or SplitPoint marks by module FQN.
+SplitPolicy = Union[str, Sequence[int], Mapping[str, SplitPoint]]
+POLICIES = ("auto", "uniform")
+_SPLIT_POINTS_ATTR = "_hf_pipe_split_points"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    layers: tuple[int, ...]
+    modules: tuple[str, ...]
+    flops_per_token: float
+    params: int
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    model_type: str
+    task: str | None
+    policy: str
+    num_layers: int
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def layer_starts(self) -> list[int]:
+        """The block index each stage begins at — the form an explicit split takes."""
+        return [s.layers[0] for s in self.stages]
+
+    @property
+    def imbalance(self) -> float:
+        """max / mean of the per-stage cost: 1.0 is a perfectly balanced pipeline."""
+        costs = [s.flops_per_token for s in self.stages]
+        return max(costs) / (sum(costs) / len(costs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "imbalance": self.imbalance, "layer_starts": self.layer_starts}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        total = sum(s.flops_per_token for s in self.stages)
+        rows = [f"{self.model_type} ({self.task or 'body'}), {self.num_stages} stages, policy {self.policy}:"]
+        for s in self.stages:
+            extra = [m.rsplit(".", 1)[-1] for m in s.modules if not _is_layer(m, s.layers)]
+            rows.append(
+                f"  stage {s.index}: layers {s.layers[0]}-{s.layers[-1]} ({len(s.layers)})"
+                f"{' + ' + ', '.join(extra) if extra else ''}; {s.params / 1e6:.2f}M params, "
+                f"{100 * s.flops_per_token / total:.1f}% of FLOPs"
+            )
+        rows.append(f"  max/mean cost {self.imbalance:.3f}")
+        return "\n".join(rows)
+
+
+def _is_layer(fqn: str, layers: tuple[int, ...]) -> bool:
+    return fqn.rsplit(".", 1)[-1] in {str(i) for i in layers}
+
+
+def annotate_split_points(model: nn.Module, spec: Mapping[str, SplitPoint]) -> None:
+    """Mark where stages begin or end, by block FQN — the seed API of `torch.distributed.pipelining`.
+
+    `SplitPoint.BEGINNING` at a block starts a stage there; `SplitPoint.END` starts one after it. The marks are kept on
+    the model (for the module-split frontend, which reads them instead of the `auto` policy) and also installed as
+    torch's own pipe_split hooks, so the trace frontend sees the same marks.
+
+    Example:
+        >>> annotate_split_points(model, {"model.layers.4": SplitPoint.BEGINNING})
+    """
+    from torch.distributed.pipelining._IR import annotate_split_points as _torch_annotate
+
+    marks = dict(getattr(model, _SPLIT_POINTS_ATTR, {}))
+    marks.update(spec)
+    setattr(model, _SPLIT_POINTS_ATTR, marks)
+    _torch_annotate(model, dict(spec))
+
+
+def resolve_family(model_type: str) -> FamilyAdapter:
+    adapter = get_family(model_type)
+    if adapter is None:
+        raise PipelineConfigError(
+            f"model_type={model_type!r} has no split policy: hf_pipe knows {', '.join(registered_families())}. "
+            "Register an adapter for it with hf_pipe.register_family (a Llama-shaped decoder can reuse "
+            "hf_pipe.families.LlamaAdapter), or use the trace frontend (pipeline_frontend='trace')."
+        )
+    return adapter
+
+
+def _resolve_task(model_or_config: Any, config: Any, adapter: FamilyAdapter, task: str | None) -> str | None:
+    if task is not None:
+        return task
+    if isinstance(model_or_config, nn.Module):
+        return task_of(type(model_or_config).__name__)
+    for arch in getattr(config, "architectures", None) or []:
+        if task_of(arch) in adapter.heads:
+            return task_of(arch)
+    return next(iter(adapter.heads))
+
+
+def _meta_model(config: Any, task: str | None) -> nn.Module:
+    import transformers
+
+    auto = {
+        CAUSAL_LM: transformers.AutoModelForCausalLM,
+        MASKED_LM: transformers.AutoModelForMaskedLM,
+        SEQ_CLS: transformers.AutoModelForSequenceClassification,
+    }.get(task, transformers.AutoModel)
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def stage_modules(adapter: FamilyAdapter, task: str | None, layers: Sequence[int], first: bool, last: bool) -> list[str]:
+    """The module FQNs (from the root model) a stage owns."""
+    body = f"{adapter.base_prefix}." if task is not None else ""
+    fqns = [f"{body}{p}" for p in adapter.embeddings.values()] if first else []
+    fqns += [f"{body}{p}" for p in adapter.shared.values()]
+    fqns += [f"{body}{adapter.layers}.{i}" for i in layers]
+    if last:
+        fqns += [f"{body}{p}" for p in adapter.final.values()]
+        fqns += list(adapter.heads.get(task, {}).values()) if task is not None else []
+    return fqns
+
+
+def _param_count(model: nn.Module, fqns: Sequence[str]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for fqn in fqns:
+        module = model.get_submodule(fqn) if fqn else model
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def _balanced_counts(layer_cost: Sequence[float], first: float, last: float, num_stages: int) -> list[int]:
+    """Layers per stage minimising the most expensive stage (then the spread), over contiguous partitions.
+
+    Dynamic programme over (stages used, layers used); exact, O(stages · layers²), instant for real models.
+    """
+    n = len(layer_cost)
+    prefix = [0.0]
+    for c in layer_cost:
+        prefix.append(prefix[-1] + c)
+    inf = (float("inf"), float("inf"))
+    # best[k][j]: (max, sum of squares) placing the first j layers on the first k stages; choice[k][j]: layers on stage k.
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    choice = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = (0.0, 0.0)
+    for k in range(1, num_stages + 1):
+        for j in range(k, n - (num_stages - k) + 1):
+            for i in range(k - 1, j):
+                if best[k - 1][i] == inf:
+                    continue
+                cost = prefix[j] - prefix[i] + (first if k == 1 else 0.0) + (last if k == num_stages else 0.0)
+                cand = (max(best[k - 1][i][0], cost), best[k - 1][i][1] + cost * cost)
+                if cand < best[k][j]:
+                    best[k][j], choice[k][j] = cand, j - i
+    counts, j = [], n
+    for k in range(num_stages, 0, -1):
+        counts.append(choice[k][j])
+        j -= choice[k][j]
+    return counts[::-1]
+
+
+def _starts_from_marks(marks: Mapping[str, SplitPoint], layer_fqns: Sequence[str]) -> list[int]:
+    index = {fqn: i for i, fqn in enumerate(layer_fqns)}
+    starts = {0}
+    for fqn, point in marks.items():
+        if fqn not in index:
+            raise PipelineConfigError(
+                f"split point {fqn!r} is not a block of this model; mark one of {layer_fqns[0]!r} ... "
+                f"{layer_fqns[-1]!r}."
+            )
+        start = index[fqn] if point == SplitPoint.BEGINNING else index[fqn] + 1
+        if start < len(layer_fqns):
+            starts.add(start)
+    return sorted(starts)
+
+
+def _check_starts(starts: Sequence[int], num_layers: int, num_stages: int, setting: str) -> list[int]:
+    starts = list(starts)
+    if starts and starts[0] != 0:
+        starts = [0, *starts]
+    problems = []
+    if any(not isinstance(s, int) for s in starts):
+        problems.append(f"{setting}={starts} must be a list of integer block indices.")
+    elif any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= num_layers:
+        problems.append(
+            f"{setting}={starts} must be strictly increasing block indices in [0, {num_layers}), "
+            "one per stage: the index where each stage begins."
+        )
+    elif len(starts) != num_stages:
+        problems.append(
+            f"{setting}={starts} defines {len(starts)} stages but the pipeline has {num_stages} "
+            "(pipeline_parallel_size × pipeline_stages_per_rank); give one start index per stage."
+        )
+    if problems:
+        raise PipelineConfigError(problems)
+    return starts
+
+
+def plan_split(
+    model_or_config: Any,
+    num_stages: int,
+    split: SplitPolicy = "auto",
+    *,
+    task: str | None = None,
+    seq_len: int | None = None,
+) -> SplitPlan:
+    """Decide the stage boundaries of a model or config, without a process group and without allocating weights.
+
+    Args:
+        model_or_config: a `PreTrainedModel` (real or on the meta device) or its `PretrainedConfig`.
+        num_stages: total pipeline stages (ranks × stages per rank).
+        split: `"auto"` balances estimated forward FLOPs per token (blocks, embeddings, LM head and loss);
+            `"uniform"` gives every stage the same number of blocks; a list of block indices where stages begin
+            (`[0, 6, 12, 18]`); or SplitPoint marks by block FQN. Marks left by `annotate_split_points` win over
+            `"auto"`.
+        task: `"causal_lm"`, `"masked_lm"` or `"seq_cls"`; read from the model class or `config.architectures`.
+        seq_len: sequence length the attention cost is estimated at (default: the model's positions, at most 2048).
+
+    Example:
+        >>> plan = plan_split(LlamaConfig(num_hidden_layers=32), 4)
+        >>> print(plan)            # stage -> layers, params, share of FLOPs, max/mean cost
+    """
+    is_model = isinstance(model_or_config, nn.Module)
+    config = model_or_config.config if is_model else model_or_config
+    adapter = resolve_family(config.model_type)
+    task = _resolve_task(model_or_config, config, adapter, task)
+    if task is not None and task not in adapter.heads:
+        raise PipelineConfigError(
+            f"{type(model_or_config).__name__} ({config.model_type}, task {task}) has no head hf_pipe can run; "
+            f"supported tasks for {config.model_type}: {', '.join(adapter.heads)}."
+        )
+    num_layers = adapter.num_layers(config)
+    if num_stages < 1 or num_stages > num_layers:
+        raise PipelineConfigError(
+            f"{num_stages} pipeline stages (pipeline_parallel_size × pipeline_stages_per_rank) for a model with "
+            f"{num_layers} blocks: every stage needs at least one block; use between 1 and {num_layers} stages."
+        )
+    seq_len = seq_len or min(getattr(config, "max_position_embeddings", 2048) or 2048, 2048)
+    flops = adapter.flops_per_token(config, task, seq_len)
+    body = f"{adapter.base_prefix}." if task is not None else ""
+    layer_fqns = [f"{body}{adapter.layers}.{i}" for i in range(num_layers)]
+
+    marks = getattr(model_or_config, _SPLIT_POINTS_ATTR, None) if is_model else None
+    if isinstance(split, Mapping):
+        policy, starts = "split points", _check_starts(_starts_from_marks(split, layer_fqns), num_layers, num_stages, "split")
+    elif isinstance(split, str) and split.lower() == "auto" and marks:
+        policy = "split points"
+        starts = _check_starts(_starts_from_marks(marks, layer_fqns), num_layers, num_stages, "annotate_split_points")
+    elif isinstance(split, str) and split.lower() == "auto":
+        policy = "auto"
+        counts = _balanced_counts([flops.layer] * num_layers, flops.embeddings, flops.head, num_stages)
+        starts = [sum(counts[:k]) for k in range(num_stages)]
+    elif isinstance(split, str) and split.lower() == "uniform":
+        policy = "uniform"
+        base, extra = divmod(num_layers, num_stages)
+        counts = [base + (1 if k < extra else 0) for k in range(num_stages)]
+        starts = [sum(counts[:k]) for k in range(num_stages)]
+    elif isinstance(split, str):
+        raise PipelineConfigError(
+            f"pipeline_split={split!r} is not a split policy; valid options are {list(POLICIES)}, a list of block "
+            "indices where stages begin, or SplitPoint marks."
+        )
+    else:
+        policy, starts = "explicit", _check_starts(split, num_layers, num_stages, "pipeline_split")
+
+    meta = model_or_config if is_model else _meta_model(config, task)
+    bounds = [*starts, num_layers]
+    stages = []
+    for k in range(num_stages):
+        layers = tuple(range(bounds[k], bounds[k + 1]))
+        first, last = k == 0, k == num_stages - 1
+        cost = len(layers) * flops.layer + (flops.embeddings if first else 0.0) + (flops.head if last else 0.0)
+        modules = stage_modules(adapter, task, layers, first, last)
+        stages.append(StagePlan(k, layers, tuple(modules), cost, _param_count(meta, modules)))
+    return SplitPlan(config.model_type, task, policy, num_layers, tuple(stages))

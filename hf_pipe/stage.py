@@ -1,0 +1,130 @@
+"""Build this rank's stage modules from a whole model (module-split frontend) and free everything else.
+
+Every rank builds or loads the same model; a stage keeps references to the modules its plan names, and parameters
+no local stage owns are swapped for meta tensors, so a rank holds only its share of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .families import FamilyAdapter
+from .split import SplitPlan
+
+
+def stage_to_rank(num_stages: int, pp_size: int, style: str) -> list[int]:
+    """Rank of each stage: `loop` (stage s on rank s % pp) or `v` (rank r holds stages r and 2·pp-1-r).
+
+    Matches `torch.distributed.pipelining`'s own mapping for the schedule styles.
+    """
+    if style == "v":
+        per_rank = num_stages // pp_size
+        ranks = []
+        for s in range(num_stages):
+            lap, pos = divmod(s, pp_size)
+            ranks.append(pos if lap % 2 == 0 else pp_size - 1 - pos)
+        assert len(ranks) == pp_size * per_rank  # noqa: S101 - internal invariant, not user input
+        return ranks
+    return [s % pp_size for s in range(num_stages)]
+
+
+class StageModule(nn.Module):
+    """One pipeline stage of a HF model: `input_ids` (first stage) or hidden states in, hidden states or logits out.
+
+    The extra batch tensors (attention mask, token type ids) arrive as keyword arguments on every stage: every rank
+    of a pipeline holds the whole batch, so they never travel between ranks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: FamilyAdapter,
+        plan: SplitPlan,
+        index: int,
+    ):
+        super().__init__()
+        stage = plan.stages[index]
+        self.index = index
+        self.is_first = index == 0
+        self.is_last = index == plan.num_stages - 1
+        self.task = plan.task
+        self.adapter = adapter
+        self.config = model.config
+        self.layer_ids = list(stage.layers)
+        body = model.get_submodule(adapter.base_prefix) if plan.task is not None else model
+        roles: dict[str, str] = {}
+        if self.is_first:
+            roles.update(adapter.embeddings)
+        roles.update(adapter.shared)
+        parts = {role: body.get_submodule(path) for role, path in roles.items()}
+        if self.is_last:
+            parts.update({role: body.get_submodule(path) for role, path in adapter.final.items()})
+            if plan.task is not None:
+                parts.update({role: model.get_submodule(path) for role, path in adapter.heads[plan.task].items()})
+        self.parts = nn.ModuleDict(parts)
+        blocks = body.get_submodule(adapter.layers)
+        self.blocks = nn.ModuleList([blocks[i] for i in self.layer_ids])
+
+    def forward(self, x: torch.Tensor, **batch: Any) -> torch.Tensor:
+        hidden = self.adapter.embed(self.parts, x, batch) if self.is_first else x
+        context = self.adapter.context(self.config, self.parts, hidden, batch)
+        for index, block in zip(self.layer_ids, self.blocks):
+            hidden = self.adapter.layer(block, index, hidden, context)
+        if self.is_last and self.task is not None:
+            return self.adapter.head(self.parts, hidden, self.task)
+        # A fresh tensor, not a view: zero-bubble schedules detach stage outputs in place.
+        return hidden if hidden._base is None else hidden.clone()
+
+
+def build_stage_modules(
+    model: nn.Module, adapter: FamilyAdapter, plan: SplitPlan, stage_indices: Sequence[int]
+) -> list[StageModule]:
+    """This rank's stages, built from `model`; every parameter no local stage owns becomes a meta tensor."""
+    stages = [StageModule(model, adapter, plan, i) for i in stage_indices]
+    free_unowned_parameters(model, stages)
+    return stages
+
+
+def free_unowned_parameters(model: nn.Module, keep: Sequence[nn.Module]) -> None:
+    """Replace every parameter of `model` that no module in `keep` uses by a meta tensor of the same shape.
+
+    Per parameter, not per module: a tied weight (GPT-2 `wte` is `lm_head`) shared with a kept module must stay.
+    """
+    owned = {id(p) for m in keep for p in m.parameters()}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) not in owned and param.device.type != "meta":
+                module._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                )
+
+
+def parameter_fqns(model: nn.Module) -> dict[int, list[str]]:
+    """Every FQN of each parameter of `model`, keyed by the parameter's id (tied weights have several FQNs)."""
+    names: dict[int, list[str]] = {}
+    for fqn, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(fqn)
+    return names
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Groups of FQNs that name one shared parameter (tied embeddings), in a deterministic order."""
+    return sorted(sorted(fqns) for fqns in parameter_fqns(model).values() if len(fqns) > 1)
+
+
+def owner_stages(plan: SplitPlan, fqns: Sequence[str]) -> list[int]:
+    """Stages whose modules contain any of `fqns`."""
+    return [s.index for s in plan.stages if any(_under(f, m) for f in fqns for m in s.modules)]
+
+
+def _under(fqn: str, module: str) -> bool:
+    return fqn == module or fqn.startswith(module + ".")
+
+
+def local_fqn_map(model_fqns: Mapping[int, list[str]], stage: nn.Module) -> dict[str, str]:
+    """Stage parameter name -> the model FQN it was built from (the first name, for tied weights)."""
+    return {name: model_fqns[id(p)][0] for name, p in stage.named_parameters()}

@@ -1,0 +1,89 @@
+"""Run a function on N gloo ranks in fresh processes, with worker tracebacks relayed and a hard timeout."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import io
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        result = fn(*args)
+        dist.barrier()  # gloo connects lazily: a rank that leaves early breaks its peers' set-up
+        buffer = io.BytesIO()
+        torch.save(result, buffer)  # plain bytes: tensors put on a Queue would be shared memory of a dying process
+        queue.put((rank, "ok", buffer.getvalue()))
+    except BaseException:  # relay everything, the parent decides
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 240.0) -> list[Any]:
+    """`fn(*args)` on every rank; returns the per-rank results, or fails with every failing rank's traceback.
+
+    A hang (a rank waiting on a peer forever) fails after `timeout` seconds instead of blocking the suite.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, store_path, fn, args, queue), daemon=True)
+            for r in range(world_size)
+        ]
+        env_threads = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if env_threads is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env_threads
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(results) + len(errors) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(world_size)) - set(results) - set(errors))
+                    detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+                    raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f}s (hang?){detail}")
+                try:
+                    rank, status, payload = queue.get(timeout=min(remaining, 1.0))
+                except Exception:
+                    if errors and all(not p.is_alive() for r, p in enumerate(procs) if r not in results):
+                        break
+                    continue
+                (results if status == "ok" else errors)[rank] = payload
+                if errors:
+                    # one rank failed: peers usually block on it; give them a moment to report, then stop
+                    deadline = min(deadline, time.monotonic() + 5.0)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join(timeout=5)
+        if errors:
+            detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            raise RuntimeError(f"{len(errors)} rank(s) failed:{detail}")
+        import torch
+
+        return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world_size)]

@@ -1,0 +1,87 @@
+"""Tiny models, padded batches and single-process references shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+VOCAB = 97
+HIDDEN = 64
+LAYERS = 4
+
+# (family, task) -> (config class, model class, config overrides)
+CASES = {
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
+             dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=64,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)),
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+              dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
+    "llama-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                   dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
+    "bert-cls": (transformers.BertConfig, transformers.BertForSequenceClassification,
+                 dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
+                      max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                      num_labels=3)),
+    "bert-mlm": (transformers.BertConfig, transformers.BertForMaskedLM,
+                 dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
+                      max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, sliding_window=8)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+              dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=64)),
+}
+
+
+def tiny_model(name: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    config_cls, model_cls, kwargs = CASES[name]
+    config = config_cls(vocab_size=VOCAB, **{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.train()
+    return model
+
+
+def padded_batch(name: str, batch_size: int = 8, seq_len: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded batch with uneven lengths, so microbatches hold different numbers of label tokens."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=g)
+    lengths = torch.randint(seq_len // 3, seq_len + 1, (batch_size,), generator=g)
+    lengths[0] = seq_len
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    input_ids = input_ids.masked_fill(mask == 0, 0)
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if name == "bert-cls":
+        batch["labels"] = torch.randint(0, 3, (batch_size,), generator=g)
+        batch["token_type_ids"] = (torch.arange(seq_len)[None, :] >= seq_len // 2).long().expand(batch_size, -1)
+    elif name == "bert-mlm":
+        chosen = (torch.rand(batch_size, seq_len, generator=g) < 0.3) & (mask == 1)
+        batch["labels"] = input_ids.masked_fill(~chosen, -100)
+    else:
+        batch["labels"] = input_ids.masked_fill(mask == 0, -100)
+    return batch
+
+
+def reference_step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of the whole model on the whole batch in one process (HF's own forward and loss)."""
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """max |a - b| / max |b|: the relative difference used by every equivalence test.
+
+    `floor` bounds the denominator from below for tensors that are zero in exact arithmetic (BERT's key biases get
+    gradients of 1e-13, pure rounding, in any two runs); tests pass 1e-3 × the largest gradient of the model.
+    """
+    scale = max(b.abs().max().item(), floor)
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
