@@ -22,11 +22,13 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
+from .checkpoint import canonical_state_names
 from .errors import raise_if_any
 from .loss import PipelineLoss
 from .schedule import check_schedule, default_stages_per_rank, placement, schedule_class
 from .split import SplitPolicy, plan_split, resolve_family
-from .stage import StageModule, build_stage_modules, owner_stages, parameter_fqns, tied_groups
+from .stage import StageModule, build_stage_modules, owner_stages, tied_groups
+from .validate import pipeline_problems
 
 # Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
 _SHAPE_CACHE_SIZE = 16
@@ -43,6 +45,8 @@ class PipelineEngine:
     """This rank's part of a pipeline over `group` (default: the world): its stages, schedule and loss.
 
     Every rank passes the same whole model; the engine keeps only this rank's stages and frees the rest.
+    Settings are checked on every rank before anything is built; `batch_size`, when given, is checked against
+    `microbatches` too (otherwise at the first step).
 
     Example:
         >>> engine = PipelineEngine(model, schedule="1f1b", microbatches=4)
@@ -60,6 +64,7 @@ class PipelineEngine:
         split: SplitPolicy = "auto",
         group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
+        batch_size: int | None = None,
     ):
         self.group = group if group is not None else dist.group.WORLD
         self.pp_size = dist.get_world_size(self.group)
@@ -70,8 +75,14 @@ class PipelineEngine:
         self.num_stages = self.pp_size * self.stages_per_rank
         self.microbatches = microbatches or self.num_stages
         raise_if_any(
-            check_schedule(
-                schedule, pp_size=self.pp_size, stages_per_rank=self.stages_per_rank, microbatches=self.microbatches
+            pipeline_problems(
+                model.config,
+                schedule=schedule,
+                pp_size=self.pp_size,
+                stages_per_rank=self.stages_per_rank,
+                microbatches=self.microbatches,
+                batch_size=batch_size,
+                explicit_split=not isinstance(split, str),
             )
         )
         self.device = torch.device(device) if device is not None else default_device()
@@ -85,13 +96,15 @@ class PipelineEngine:
         self.config = model.config
         self.stage_to_rank = generate_stage_to_rank_mapping(self.pp_size, self.num_stages, placement(schedule))
         self.stage_indices = [s for s in range(self.num_stages) if self.stage_to_rank[s] == self.pp_rank]
-        names = parameter_fqns(model)
+        canonical = canonical_state_names(model)
         groups = tied_groups(model)
         self.modules: list[StageModule] = build_stage_modules(model, self.adapter, self.plan, self.stage_indices)
+        # Stage-local state key -> the model FQN HF saves it under (a tied weight: the name HF keeps).
+        self.state_names = [
+            {k: canonical[id(t)] for k, t in m.state_dict(keep_vars=True).items()} for m in self.modules
+        ]
         for module in self.modules:
             module.to(self.device)
-        # Stage-local name -> model FQN, for checkpoints (tied weights map to their first FQN).
-        self.fqn_maps = [{n: names[id(p)][0] for n, p in m.named_parameters()} for m in self.modules]
         self._tied = self._setup_tied(groups)
         self.loss = PipelineLoss(self.plan.task, model.config)
         self.has_first = 0 in self.stage_indices
@@ -111,11 +124,26 @@ class PipelineEngine:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters under their FQN in the original model, each once."""
         seen: set[int] = set()
-        for module, fqn_map in zip(self.modules, self.fqn_maps):
+        for module, names in zip(self.modules, self.state_names):
             for name, p in module.named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    yield fqn_map[name], p
+                    yield names[name], p
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters and persistent buffers under the names HF saves them under."""
+        state: dict[str, torch.Tensor] = {}
+        for module, names in zip(self.modules, self.state_names):
+            for key, tensor in module.state_dict().items():
+                state[names[key]] = tensor
+        return state
+
+    def load_local_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy `tensors` (model FQN -> tensor, e.g. from `checkpoint.read_tensors`) into this rank's stages."""
+        with torch.no_grad():
+            for module, names in zip(self.modules, self.state_names):
+                for key, tensor in module.state_dict(keep_vars=True).items():
+                    tensor.copy_(tensors[names[key]])
 
     def _setup_tied(self, groups: list[list[str]]) -> list[tuple[nn.Parameter, dist.ProcessGroup | None, bool]]:
         """Tied weights whose copies sit on several ranks: (local param, group of owner ranks, counts in the norm).
@@ -166,8 +194,15 @@ class PipelineEngine:
             raise ValueError("the batch has no 'labels': hf_pipe trains and evaluates with the loss of the last stage")
         batch_size = input_ids.shape[0]
         if batch_size % self.microbatches:
-            raise_if_any(check_schedule(self.schedule_name, pp_size=self.pp_size, stages_per_rank=self.stages_per_rank,
-                                        microbatches=self.microbatches, batch_size=batch_size))
+            raise_if_any(
+                check_schedule(
+                    self.schedule_name,
+                    pp_size=self.pp_size,
+                    stages_per_rank=self.stages_per_rank,
+                    microbatches=self.microbatches,
+                    batch_size=batch_size,
+                )
+            )
         self.loss.normalizer = float(num_items if num_items is not None else self.loss.count(labels))
         sched = self._schedule_for({"input_ids": input_ids, "labels": labels, **extra}, training)
         args = (input_ids,) if self.has_first else ()

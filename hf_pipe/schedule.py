@@ -95,18 +95,23 @@ def check_schedule(
             f"pipeline_microbatches={microbatches} does not divide per_device_train_batch_size={batch_size}; use "
             f"{', '.join(map(str, divisors))} microbatches, or a batch size divisible by {microbatches}."
         )
-    if name != "gpipe" and microbatches < num_stages:
+    # torch refuses these at the first step, after every rank has built its stages; say it up front instead.
+    if name in ("1f1b", "dualpipev") and microbatches < num_stages:
         problems.append(
             f"pipeline_microbatches={microbatches} is fewer than the {num_stages} pipeline stages "
             f"(pipeline_parallel_size={pp_size} × pipeline_stages_per_rank={stages_per_rank}); {name} needs at least "
-            f"one microbatch per stage: use pipeline_microbatches >= {num_stages} (a multiple of {pp_size} keeps "
-            "every rank busy), or pipeline_schedule='gpipe'."
+            f"one microbatch per stage: use pipeline_microbatches >= {num_stages}, or pipeline_schedule='gpipe'."
         )
     elif name in ("interleaved1f1b", "interleavedzerobubble") and microbatches % max(1, microbatches // pp_size):
         rounds = max(1, microbatches // pp_size)
+        fits = [
+            m
+            for m in range(max(1, microbatches - pp_size), microbatches + 2 * pp_size)
+            if m % max(1, m // pp_size) == 0
+        ]
         problems.append(
             f"pipeline_microbatches={microbatches} with pipeline_schedule={name!r} on pipeline_parallel_size="
-            f"{pp_size}: interleaved schedules run microbatches in rounds of {pp_size}; use a multiple of {pp_size} "
-            f"(not {microbatches}, which leaves {microbatches % rounds} over)."
+            f"{pp_size}: interleaved schedules run microbatches in {rounds} rounds, which must divide them; use one "
+            f"of {', '.join(map(str, fits[:4]))} (any multiple of {pp_size} works)."
         )
     return problems

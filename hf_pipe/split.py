@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from .errors import PipelineConfigError
 from .families import CAUSAL_LM, MASKED_LM, SEQ_CLS, FamilyAdapter, get_family, registered_families, task_of
 
 #: What `split` accepts: a policy name, the layer indices where stages begin, or SplitPoint marks by module FQN.
-SplitPolicy = Union[str, Sequence[int], Mapping[str, SplitPoint]]
+SplitPolicy = str | Sequence[int] | Mapping[str, SplitPoint]
 POLICIES = ("auto", "uniform")
 _SPLIT_POINTS_ATTR = "_hf_pipe_split_points"
 
@@ -133,7 +133,9 @@ def _meta_model(config: Any, task: str | None) -> nn.Module:
         return auto.from_config(config)
 
 
-def stage_modules(adapter: FamilyAdapter, task: str | None, layers: Sequence[int], first: bool, last: bool) -> list[str]:
+def stage_modules(
+    adapter: FamilyAdapter, task: str | None, layers: Sequence[int], first: bool, last: bool
+) -> list[str]:
     """The module FQNs (from the root model) a stage owns."""
     body = f"{adapter.base_prefix}." if task is not None else ""
     fqns = [f"{body}{p}" for p in adapter.embeddings.values()] if first else []
@@ -270,7 +272,10 @@ def plan_split(
 
     marks = getattr(model_or_config, _SPLIT_POINTS_ATTR, None) if is_model else None
     if isinstance(split, Mapping):
-        policy, starts = "split points", _check_starts(_starts_from_marks(split, layer_fqns), num_layers, num_stages, "split")
+        policy, starts = (
+            "split points",
+            _check_starts(_starts_from_marks(split, layer_fqns), num_layers, num_stages, "split"),
+        )
     elif isinstance(split, str) and split.lower() == "auto" and marks:
         policy = "split points"
         starts = _check_starts(_starts_from_marks(marks, layer_fqns), num_layers, num_stages, "annotate_split_points")

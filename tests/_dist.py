@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import io
+import multiprocessing as mp
 import os
 import tempfile
 import time

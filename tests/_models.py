@@ -11,31 +11,113 @@ LAYERS = 4
 
 # (family, task) -> (config class, model class, config overrides)
 CASES = {
-    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
-             dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=64,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-              dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
-    "llama-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-                   dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
-    "bert-cls": (transformers.BertConfig, transformers.BertForSequenceClassification,
-                 dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
-                      max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                      num_labels=3)),
-    "bert-mlm": (transformers.BertConfig, transformers.BertForMaskedLM,
-                 dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
-                      max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
-                dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=64, sliding_window=8)),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
-              dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
-              dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, max_position_embeddings=64)),
+    "gpt2": (
+        transformers.GPT2Config,
+        transformers.GPT2LMHeadModel,
+        dict(
+            n_embd=HIDDEN,
+            n_layer=LAYERS,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
+    "llama": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "llama-tied": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "bert-cls": (
+        transformers.BertConfig,
+        transformers.BertForSequenceClassification,
+        dict(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=3,
+        ),
+    ),
+    "bert-mlm": (
+        transformers.BertConfig,
+        transformers.BertForMaskedLM,
+        dict(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+    ),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            sliding_window=8,
+        ),
+    ),
+    "qwen2": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+        ),
+    ),
 }
 
 
@@ -73,7 +155,9 @@ def reference_step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     model.zero_grad(set_to_none=True)
     out = model(**batch)
     out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
+    grads = {
+        n: p.grad.detach().clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None
+    }
     return out.loss.detach(), grads
 
 

@@ -1,0 +1,167 @@
+"""`PipeTrainingArguments`: `TrainingArguments` plus the pipeline knobs, validated before any model is touched."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from .errors import raise_if_any
+from .schedule import SCHEDULES, check_schedule, default_stages_per_rank
+from .split import POLICIES
+
+
+def _launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class PipeTrainingArguments(TrainingArguments):
+    """`TrainingArguments` for pipeline-parallel training with `PipeTrainer`.
+
+    `per_device_train_batch_size` is the batch one pipeline consumes per step; it is split into
+    `pipeline_microbatches`. Every rank of a pipeline sees the same batches.
+
+    Example:
+        >>> args = PipeTrainingArguments(output_dir="out", per_device_train_batch_size=8,
+        ...                              pipeline_schedule="1f1b", pipeline_microbatches=4)
+    """
+
+    pipeline_parallel_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of pipeline ranks (stages are spread over them). Default: every launched process. "
+            "A world size that is a multiple of it adds data-parallel replicas of the pipeline."
+        },
+    )
+    pipeline_schedule: str = field(
+        default="1f1b",
+        metadata={"help": "torch.distributed.pipelining schedule (case-insensitive).", "choices": list(SCHEDULES)},
+    )
+    pipeline_microbatches: int | None = field(
+        default=None,
+        metadata={
+            "help": "Microbatches each batch is split into; must divide per_device_train_batch_size. Default: "
+            "2 × the number of stages when that divides the batch (bubble ≈ 1/3 on 1F1B), else the largest divisor "
+            "of the batch not above it."
+        },
+    )
+    pipeline_stages_per_rank: int | None = field(
+        default=None,
+        metadata={"help": "Stages on each rank: 1 for gpipe/1f1b; default 2 for the multi-stage schedules."},
+    )
+    pipeline_split: Any = field(
+        default="auto",
+        metadata={
+            "help": "Stage boundaries: 'auto' (balance estimated FLOPs), 'uniform' (equal block counts), or the "
+            "block indices where stages begin, e.g. '0,6,12,18' (a list of ints from Python)."
+        },
+    )
+
+    def __post_init__(self):
+        # A CPU-only machine launched with several processes (torchrun, or accelerate's --multi_gpu) must run gloo
+        # across all of them; without this accelerate reports one process and every rank trains alone.
+        if _launched_world_size() > 1 and not torch.cuda.is_available():
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        if isinstance(self.pipeline_split, str) and self.pipeline_split.lower() not in POLICIES:
+            try:
+                self.pipeline_split = [int(s) for s in self.pipeline_split.replace(" ", "").split(",") if s]
+            except ValueError:
+                pass  # reported below with the valid options
+        super().__post_init__()
+        self.pipeline_schedule = self.pipeline_schedule.lower()
+        raise_if_any(self.pipeline_problems(_launched_world_size()))
+
+    # Settings derived from the launch: the world size is only known once the processes exist.
+    def resolved_pipeline_size(self, world_size: int) -> int:
+        return self.pipeline_parallel_size or world_size
+
+    def resolved_stages_per_rank(self) -> int:
+        if self.pipeline_schedule not in SCHEDULES:
+            return 1
+        return self.pipeline_stages_per_rank or default_stages_per_rank(self.pipeline_schedule)
+
+    def resolved_microbatches(self, world_size: int) -> int:
+        if self.pipeline_microbatches:
+            return self.pipeline_microbatches
+        stages = self.resolved_pipeline_size(world_size) * self.resolved_stages_per_rank()
+        batch = self.per_device_train_batch_size
+        return max(d for d in range(1, min(2 * stages, batch) + 1) if batch % d == 0)
+
+    def pipeline_problems(self, world_size: int) -> list[str]:
+        """Every problem with the pipeline settings that needs no model, each with its fix."""
+        problems = []
+        if isinstance(self.pipeline_split, str) and self.pipeline_split.lower() not in POLICIES:
+            problems.append(
+                f"pipeline_split={self.pipeline_split!r} is not a split policy; valid options are {list(POLICIES)} "
+                "or comma-separated block indices where stages begin, like '0,6,12,18'."
+            )
+        pp = self.resolved_pipeline_size(world_size)
+        if self.pipeline_parallel_size is not None and self.pipeline_parallel_size < 1:
+            problems.append(f"pipeline_parallel_size={self.pipeline_parallel_size} must be at least 1.")
+            return problems
+        if world_size % pp:
+            fits = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            problems.append(
+                f"pipeline_parallel_size={pp} does not divide the {world_size} launched processes; use one of "
+                f"{fits}, or launch a multiple of {pp} processes."
+            )
+        elif world_size // pp > 1:
+            problems.append(
+                f"{world_size} processes with pipeline_parallel_size={pp} would be {world_size // pp} data-parallel "
+                f"pipeline replicas, which this version does not run yet; launch {pp} processes or set "
+                f"pipeline_parallel_size={world_size}."
+            )
+        if self.pipeline_parallel_size and self.pipeline_parallel_size > world_size:
+            problems.append(
+                f"pipeline_parallel_size={self.pipeline_parallel_size} but only {world_size} process(es) were launched "
+                "(note: `accelerate launch --cpu --num_processes N` starts one process on a CPU-only machine); "
+                f"launch {self.pipeline_parallel_size} with `torchrun --nproc_per_node {self.pipeline_parallel_size}` "
+                f"or `accelerate launch --multi_gpu --num_processes {self.pipeline_parallel_size}`."
+            )
+        problems += check_schedule(
+            self.pipeline_schedule,
+            pp_size=pp,
+            stages_per_rank=self.resolved_stages_per_rank(),
+            microbatches=self.resolved_microbatches(world_size),
+            batch_size=self.per_device_train_batch_size,
+        )
+        problems += self._trainer_option_problems()
+        return problems
+
+    def _trainer_option_problems(self) -> list[str]:
+        """Trainer features that cannot combine with pipeline stages, and why."""
+        problems = []
+        if self.deepspeed:
+            problems.append(
+                f"deepspeed={self.deepspeed!r}: DeepSpeed wraps the whole model in its own engine and shards it over "
+                "all ranks, which conflicts with each rank holding only its pipeline stage; remove deepspeed."
+            )
+        if self.fsdp:
+            problems.append(
+                f"fsdp={self.fsdp!r}: FSDP here would shard the whole model over every rank, across pipeline stages; "
+                "remove fsdp (sharding within each stage comes with data-parallel pipelines)."
+            )
+        if self.label_smoothing_factor:
+            problems.append(
+                f"label_smoothing_factor={self.label_smoothing_factor}: the loss runs inside the last pipeline stage "
+                "with the model's own semantics; set it to 0."
+            )
+        if self.torch_compile:
+            problems.append(
+                "torch_compile=True: Trainer compiles the whole model, which no rank holds; set it to False."
+            )
+        if self.auto_find_batch_size:
+            problems.append(
+                "auto_find_batch_size=True: an out-of-memory retry on one rank would leave its peers waiting; "
+                "set per_device_train_batch_size yourself."
+            )
+        return problems
+
+    @property
+    def place_model_on_device(self) -> bool:
+        # PipeTrainer moves each rank's stages to its device; the rest of the model never leaves the host.
+        return False

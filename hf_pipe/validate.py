@@ -1,0 +1,44 @@
+"""Checks that run on every rank before any step, gathering every problem into one error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .families import get_family, registered_families
+from .schedule import check_schedule
+
+
+def pipeline_problems(
+    config: Any,
+    *,
+    schedule: str,
+    pp_size: int,
+    stages_per_rank: int,
+    microbatches: int,
+    batch_size: int | None = None,
+    explicit_split: bool = False,
+) -> list[str]:
+    """Every incompatibility between a model config and the pipeline settings, each with its fix."""
+    problems = check_schedule(
+        schedule, pp_size=pp_size, stages_per_rank=stages_per_rank, microbatches=microbatches, batch_size=batch_size
+    )
+    adapter = get_family(config.model_type)
+    if adapter is None:
+        how = "an explicit pipeline_split still needs one to run stages" if explicit_split else "no split policy"
+        problems.append(
+            f"model_type={config.model_type!r} has no family adapter ({how}); hf_pipe knows "
+            f"{', '.join(registered_families())}. Register one with hf_pipe.register_family (a Llama-shaped decoder "
+            "can reuse hf_pipe.families.LlamaAdapter), or use the trace frontend (pipeline_frontend='trace')."
+        )
+        return problems
+    num_stages = pp_size * stages_per_rank
+    num_layers = adapter.num_layers(config)
+    if num_stages > num_layers:
+        fits = [s for s in range(1, num_layers + 1) if s % stages_per_rank == 0]
+        problems.append(
+            f"pipeline_parallel_size={pp_size} × pipeline_stages_per_rank={stages_per_rank} = {num_stages} stages, "
+            f"but the model has {num_layers} blocks and every stage needs at least one: use at most {num_layers} "
+            f"stages (pipeline_parallel_size ≤ {max(fits) // stages_per_rank if fits else 1} at "
+            f"{stages_per_rank} stage(s) per rank)."
+        )
+    return problems
