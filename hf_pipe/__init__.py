@@ -7,6 +7,8 @@ from .errors import PipelineConfigError
 from .families import FamilyAdapter, register_family, registered_families
 from .schedule import SCHEDULES, schedule_class
 from .split import SplitPlan, StagePlan, annotate_split_points, plan_split
+from .trainer import PipelineModule, PipeTrainer
+from .training_args import PipeTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -14,7 +16,10 @@ __all__ = [
     "SCHEDULES",
     "FamilyAdapter",
     "PipelineConfigError",
+    "PipeTrainer",
+    "PipeTrainingArguments",
     "PipelineEngine",
+    "PipelineModule",
     "SplitPlan",
     "SplitPoint",
     "StagePlan",

@@ -25,7 +25,7 @@ from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from .checkpoint import canonical_state_names
 from .errors import raise_if_any
 from .loss import PipelineLoss
-from .schedule import check_schedule, default_stages_per_rank, placement, schedule_class
+from .schedule import check_schedule, default_stages_per_rank, forward_only_schedule, placement, schedule_class
 from .split import SplitPolicy, plan_split, resolve_family
 from .stage import StageModule, build_stage_modules, owner_stages, tied_groups
 from .validate import pipeline_problems
@@ -174,9 +174,12 @@ class PipelineEngine:
             PipelineStage(module, index, self.num_stages, self.device, group=self.group)
             for module, index in zip(self.modules, self.stage_indices)
         ]
-        cls = schedule_class(self.schedule_name)
-        target = stages if len(stages) > 1 or self.stages_per_rank > 1 else stages[0]
-        sched = cls(target, n_microbatches=self.microbatches, loss_fn=self.loss, scale_grads=False)
+        if not training and self.stages_per_rank > 1:
+            sched = forward_only_schedule(stages, self.stage_to_rank, self.microbatches, self.loss)
+        else:
+            cls = schedule_class(self.schedule_name)
+            target = stages if self.stages_per_rank > 1 else stages[0]
+            sched = cls(target, n_microbatches=self.microbatches, loss_fn=self.loss, scale_grads=False)
         self._schedules[key] = sched
         if len(self._schedules) > _SHAPE_CACHE_SIZE:
             self._schedules.popitem(last=False)
@@ -227,9 +230,11 @@ class PipelineEngine:
         """
         return self._run(batch, True, num_items)[0]
 
-    def eval_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def eval_step(
+        self, batch: Mapping[str, Any], num_items: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward only: (loss on every rank, logits on the rank with the last stage, else None)."""
-        loss, out = self._run(batch, False, None)
+        loss, out = self._run(batch, False, num_items)
         return loss, out if self.has_last else None
 
     # -- gradients -------------------------------------------------------------------------------------------

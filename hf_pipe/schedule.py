@@ -16,7 +16,14 @@ from torch.distributed.pipelining import (
     ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineSchedule
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    _Action,
+    _add_send_recv,
+    _ComputationType,
+    _PipelineSchedule,
+    _PipelineScheduleRuntime,
+)
 
 from .errors import PipelineConfigError
 
@@ -54,6 +61,36 @@ def placement(name: str) -> str:
 
 def default_stages_per_rank(name: str) -> int:
     return 2 if is_multi_stage(name) else 1
+
+
+def forward_only_schedule(
+    stages: list, stage_to_rank: dict[int, int], microbatches: int, loss_fn
+) -> _PipelineSchedule:
+    """Evaluation for several stages per rank: every stage runs forward for all microbatches, stage by stage.
+
+    The multi-stage schedules' own action lists hold backward steps that `eval()` cannot skip (V schedules hand
+    gradients between a rank's own stages); this is their forward half, lowered to send/receive actions by torch's
+    own schedule runtime. Deadlock-free: stage s only waits for stage s-1, which its rank runs to the end first.
+    """
+    num_stages = len(stage_to_rank)
+    order = {
+        rank: [
+            _Action(s, _ComputationType.FORWARD, mb)
+            for s in range(num_stages)
+            if stage_to_rank[s] == rank
+            for mb in range(microbatches)
+        ]
+        for rank in sorted(set(stage_to_rank.values()))
+    }
+    schedule = _PipelineScheduleRuntime(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+    # torch's loader insists on a backward per forward; set the placement and lower to send/recv directly
+    schedule.stage_index_to_group_rank = dict(stage_to_rank)
+    for stage in stages:
+        stage.stage_index_to_group_rank = schedule.stage_index_to_group_rank
+    schedule.pipeline_order_with_comms = _add_send_recv(
+        order, stage_to_rank=lambda s: stage_to_rank[s], num_stages=num_stages
+    )
+    return schedule
 
 
 def check_schedule(

@@ -22,6 +22,14 @@ def pipeline_problems(
     problems = check_schedule(
         schedule, pp_size=pp_size, stages_per_rank=stages_per_rank, microbatches=microbatches, batch_size=batch_size
     )
+    return problems + model_problems(
+        config, pp_size=pp_size, stages_per_rank=stages_per_rank, explicit_split=explicit_split
+    )
+
+
+def model_problems(config: Any, *, pp_size: int, stages_per_rank: int, explicit_split: bool = False) -> list[str]:
+    """Problems between the model and the pipeline shape: a family without an adapter, more stages than blocks."""
+    problems: list[str] = []
     adapter = get_family(config.model_type)
     if adapter is None:
         how = "an explicit pipeline_split still needs one to run stages" if explicit_split else "no split policy"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import socket
 import tempfile
 import time
 import traceback
@@ -12,15 +13,19 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, store_path: str, port: int | None, fn: Callable, args: tuple, queue) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(LOCAL_WORLD_SIZE=str(world_size), GROUP_RANK="0")
     try:
-        store = dist.FileStore(store_path, world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        if port is None:
+            store = dist.FileStore(store_path, world_size)
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        else:  # as torchrun leaves it: the code under test (accelerate, PipeTrainer) sets up the group itself
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         result = fn(*args)
         dist.barrier()  # gloo connects lazily: a rank that leaves early breaks its peers' set-up
         buffer = io.BytesIO()
@@ -33,17 +38,28 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 240.0) -> list[Any]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_distributed(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 240.0, launcher_env: bool = False
+) -> list[Any]:
     """`fn(*args)` on every rank; returns the per-rank results, or fails with every failing rank's traceback.
 
     A hang (a rank waiting on a peer forever) fails after `timeout` seconds instead of blocking the suite.
+    With `launcher_env`, ranks get torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and no process
+    group, so the code under test sets it up as it would under a real launcher.
     """
+    port = free_port() if launcher_env else None
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, store_path, fn, args, queue), daemon=True)
+            ctx.Process(target=_worker, args=(r, world_size, store_path, port, fn, args, queue), daemon=True)
             for r in range(world_size)
         ]
         env_threads = os.environ.get("OMP_NUM_THREADS")

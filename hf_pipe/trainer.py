@@ -1,0 +1,298 @@
+"""`PipeTrainer`: `transformers.Trainer` whose model runs as a pipeline over the launched ranks.
+
+Trainer keeps doing what it does (data order, optimizer, scheduler, logging, callbacks, evaluation loop,
+checkpoint rotation); the overrides below, each short, put the pipeline engine where Trainer would run the whole
+model, and undo what Trainer would do across processes that are stages of one pipeline rather than replicas:
+no DDP wrap, no sharding of batches, no averaging or gathering of what every stage already shares.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate.data_loader import prepare_data_loader
+from torch import nn
+from transformers import Trainer
+
+from .checkpoint import read_tensors, save_pipeline_model
+from .engine import PipelineEngine
+from .errors import raise_if_any
+from .families import CAUSAL_LM
+from .training_args import PipeTrainingArguments
+from .validate import model_problems
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_NAME = "scheduler.pt"
+
+
+def _optimizer_name(rank: int) -> str:
+    return f"optimizer-pp{rank:05d}.pt"
+
+
+class PipelineModule(nn.Module):
+    """What Trainer holds as `model_wrapped`: this rank's stages (for `.train()`, `.eval()`, the optimizer).
+
+    Its forward is the whole pipeline, run by `PipeTrainer.training_step` / `prediction_step`; calling it directly is
+    an error.
+    """
+
+    def __init__(self, engine: PipelineEngine, config: Any):
+        super().__init__()
+        self.stages = nn.ModuleList(engine.modules)
+        self.config = config
+        self.engine = engine
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a pipeline stage set has no standalone forward; PipeTrainer runs it through its schedule")
+
+
+class PipeTrainer(Trainer):
+    """A drop-in `Trainer` that trains the model as a pipeline over every launched process.
+
+    Takes exactly Trainer's arguments; `args` must be `PipeTrainingArguments`. Every rank passes the same model
+    (built with the same seed, or loaded from the same checkpoint); each keeps only its own stage(s).
+
+    Example:
+        >>> trainer = PipeTrainer(model=model, args=PipeTrainingArguments(output_dir="out", pipeline_schedule="1f1b"),
+        ...                       train_dataset=train, eval_dataset=dev, data_collator=collator)
+        >>> trainer.train(); trainer.evaluate(); trainer.save_model("out/final")
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: PipeTrainingArguments | None = None, **kwargs: Any):
+        if not isinstance(args, PipeTrainingArguments):
+            raise TypeError(
+                f"PipeTrainer needs args=PipeTrainingArguments(...), got {type(args).__name__}; it is a "
+                "TrainingArguments subclass with the pipeline settings, so the other fields stay as they are."
+            )
+        if model is None or kwargs.get("model_init") is not None:
+            raise ValueError(
+                "PipeTrainer needs model=...: every rank passes the same model (model_init is not supported)"
+            )
+        _ = args.device  # sets up the process group (gloo on CPU, NCCL on GPU) before the stages are built
+        if not dist.is_initialized():
+            _init_single_process_group()
+        world = dist.get_world_size()
+        if world == 1:
+            logger.warning(
+                "PipeTrainer is running in ONE process, so the model is not split. To pipeline over N processes, "
+                "launch with `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N` "
+                "(on a CPU-only machine `accelerate launch --cpu` starts a single process)."
+            )
+        pp = args.resolved_pipeline_size(world)
+        microbatches = args.resolved_microbatches(world)
+        raise_if_any(
+            args.pipeline_problems(world)
+            + model_problems(
+                model.config,
+                pp_size=pp,
+                stages_per_rank=args.resolved_stages_per_rank(),
+                explicit_split=not isinstance(args.pipeline_split, str),
+            )
+        )
+        self.engine = PipelineEngine(
+            model,
+            schedule=args.pipeline_schedule,
+            microbatches=microbatches,
+            stages_per_rank=args.resolved_stages_per_rank(),
+            split=args.pipeline_split,
+            batch_size=args.per_device_train_batch_size,
+        )
+        self.pipeline = PipelineModule(self.engine, model.config)
+        self._tied_reduced = False
+        super().__init__(model=model, args=args, **kwargs)
+        logger.info(
+            "pipeline plan on rank %d (stages %s):\n%s",
+            args.process_index,
+            self.engine.stage_indices,
+            self.engine.plan,
+        )
+
+    # -- what Trainer would do across processes -----------------------------------------------------------------
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader: Any = None) -> nn.Module:
+        # Not `self.model`, so Trainer neither DDP-wraps it (the ranks hold different stages) nor moves it.
+        return self.pipeline
+
+    def _get_dataloader(self, *args: Any, **kwargs: Any):
+        # Trainer shards batches over all processes; the stages of one pipeline must all see the same batches.
+        # Same accelerate preparation (seedable sampler, RNG sync, device placement), over one data-parallel rank.
+        self.accelerator.prepare = self._prepare_unsharded
+        try:
+            return super()._get_dataloader(*args, **kwargs)
+        finally:
+            del self.accelerator.prepare
+
+    def _prepare_unsharded(self, dataloader):
+        acc = self.accelerator
+        prepared = prepare_data_loader(
+            dataloader,
+            acc.device,
+            num_processes=1,
+            process_index=0,
+            split_batches=acc.split_batches,
+            put_on_device=acc.device_placement,
+            rng_types=acc.rng_types.copy(),
+            dispatch_batches=False,
+            even_batches=acc.even_batches,
+            use_seedable_sampler=acc.use_seedable_sampler,
+            data_seed=acc.dataloader_config.data_seed,
+            non_blocking=acc.non_blocking,
+            use_stateful_dataloader=acc.use_stateful_dataloader,
+        )
+        acc._dataloaders.append(prepared)
+        return prepared
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        # Trainer sums label counts over processes; every stage holds the same batches, so count them once.
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+            return None
+        labels = [b["labels"][..., 1:] if self._loss_shifts_labels else b["labels"] for b in batch_samples]
+        return sum(int(label.ne(-100).sum()) for label in labels)
+
+    def get_total_train_batch_size(self, args: PipeTrainingArguments) -> int:
+        # Samples per optimizer step: one pipeline's batch, not one per process.
+        return self._train_batch_size * args.gradient_accumulation_steps
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        # Every rank already holds the whole batch's predictions: gathering over processes would repeat them.
+        self.gather_function = _no_gather
+        return super().evaluation_loop(*args, **kwargs)
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def create_optimizer(self, model: nn.Module | None = None):
+        # Over this rank's parameters only, with Trainer's own weight-decay grouping.
+        return super().create_optimizer(model=self.pipeline)
+
+    def _loss_normalizer(self, labels: torch.Tensor, num_items_in_batch: Any, training: bool = True) -> float:
+        """What Trainer would divide this batch's loss sum by, so the loss and gradients match Trainer's."""
+        # Causal-LM heads divide by `num_items_in_batch` (Trainer's count over the whole accumulated step; note that
+        # Trainer counts unshifted labels when `config.loss_type` is unset, and we follow it); the other heads of
+        # our families take a per-batch mean and ignore it.
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.engine.plan.task == CAUSAL_LM:
+            return float(num_items_in_batch)
+        normalizer = float(self.engine.loss.count(labels))
+        if not training:
+            return normalizer
+        scaled_for_ga = self.loss_is_scaled_for_ga
+        if scaled_for_ga is None:
+            scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if not scaled_for_ga:
+            normalizer *= self.current_gradient_accumulation_steps
+        return normalizer
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        model.train()
+        self._tied_reduced = False
+        inputs = self._prepare_inputs(inputs)
+        normalizer = self._loss_normalizer(inputs["labels"], num_items_in_batch)
+        with self.compute_loss_context_manager(), self.accelerator.autocast():
+            loss = self.engine.train_step(inputs, num_items=normalizer)
+        # The engine returns the batch's share of the step loss, as Trainer's training_step does.
+        return loss.to(self.args.device)
+
+    def _reduce_tied_once(self) -> None:
+        if not self._tied_reduced:
+            self.engine.reduce_tied_gradients()
+            self._tied_reduced = True
+
+    def _clip_grad_norm(self, model: nn.Module):
+        self._reduce_tied_once()
+        return self.engine.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None):
+        self._reduce_tied_once()
+        return grad_norm if grad_norm is not None else self.engine.grad_norm()
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ):
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("PipeTrainer evaluates with the last stage's loss: the eval batches need 'labels'")
+        normalizer = self._loss_normalizer(labels, self._get_num_items_in_batch([inputs], self.args.device), False)
+        with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
+            loss, logits = self.engine.eval_step(inputs, num_items=normalizer)
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, self._broadcast_from_last_stage(logits), labels
+
+    def _broadcast_from_last_stage(self, logits: torch.Tensor | None) -> torch.Tensor:
+        """The last stage's logits on every rank, so `compute_metrics` runs (and agrees) everywhere."""
+        engine = self.engine
+        src = engine.stage_to_rank[engine.num_stages - 1]
+        meta = [(tuple(logits.shape), logits.dtype) if logits is not None else None]
+        dist.broadcast_object_list(meta, group_src=src, group=engine.group)
+        shape, dtype = meta[0]
+        if logits is None:
+            logits = torch.empty(shape, dtype=dtype, device=engine.device)
+        dist.broadcast(logits, group_src=src, group=engine.group)
+        return logits
+
+    # -- saving and loading ------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """One ordinary HF checkpoint (`from_pretrained` loads it on one device); every rank writes its stages."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_pipeline_model(
+            self.engine.local_state(),
+            self.model,
+            output_dir,
+            group=self.engine.group,
+            processing_class=self.processing_class,
+        )
+        if self.args.should_save:
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # One optimizer state per pipeline rank (each holds different parameters); the scheduler is the same on all.
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(self.optimizer.state_dict(), os.path.join(output_dir, _optimizer_name(self.engine.pp_rank)))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        dist.barrier(group=self.engine.group)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, _optimizer_name(self.engine.pp_rank))
+        if not os.path.isfile(path):
+            return
+        self.optimizer.load_state_dict(torch.load(path, map_location=self.engine.device, weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self._load_stage_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info(
+            "Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric
+        )
+        self._load_stage_weights(self.state.best_model_checkpoint)
+
+    def _load_stage_weights(self, checkpoint: str) -> None:
+        names = sorted(self.engine.local_state())
+        self.engine.load_local_state(read_tensors(checkpoint, names))
+
+
+def _no_gather(tensors: Any) -> Any:
+    return tensors
+
+
+def _init_single_process_group() -> None:
+    """A one-rank group for `python train.py`: the schedule code always talks to a process group."""
+    import tempfile
+
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="hf_pipe-"), "store"), 1)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=0, world_size=1)

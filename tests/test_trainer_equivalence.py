@@ -1,0 +1,147 @@
+"""PipeTrainer against Trainer on one process: same seed and data, same logged losses, grad norms, eval loss and
+saved weights, over several AdamW steps with clipping and dynamic padding."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests._data import PadCollator, cls_dataset, lm_dataset
+from tests._dist import run_distributed
+from tests._models import tiny_model
+
+LOSS_TOL = 2e-4
+WEIGHT_TOL = 5e-4
+
+TASKS = {"gpt2": "causal_lm", "llama": "causal_lm", "bert-cls": "seq_cls", "llama-tied": "causal_lm"}
+
+
+def _common_args(output_dir: str, **overrides) -> dict:
+    args = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        weight_decay=0.01,
+        max_grad_norm=0.5,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=7,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    args.update(overrides)
+    return args
+
+
+def _datasets(name: str):
+    if TASKS[name] == "seq_cls":
+        return cls_dataset(48, seed=0), cls_dataset(16, seed=5)
+    return lm_dataset(48, seed=0), lm_dataset(16, seed=5)
+
+
+def _accuracy(pred):
+    logits, labels = pred
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict) -> dict:
+    """One training run; `pipeline=None` is the plain-Trainer reference."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_pipe import PipeTrainer, PipeTrainingArguments
+
+    model = tiny_model(name)
+    train, evaluation = _datasets(name)
+    if pipeline is None:
+        args, cls = TrainingArguments(**_common_args(output_dir, **extra)), Trainer
+    else:
+        args, cls = PipeTrainingArguments(**_common_args(output_dir, **extra), **pipeline), PipeTrainer
+    metrics = _accuracy if TASKS[name] == "seq_cls" else None
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=PadCollator(TASKS[name]),
+        compute_metrics=metrics,
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    trainer.save_model(os.path.join(output_dir, "final"))
+    logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
+    return {"before": before, "after": after, "logs": logs}
+
+
+def _pipeline_runs(name: str, root: str, pipelines: list[dict], extra: dict) -> list[dict]:
+    return [run_trainer(name, os.path.join(root, f"pp{i}"), p, extra) for i, p in enumerate(pipelines)]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def compare(name: str, tmp_path, world: int, pipelines: list[dict], **extra) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    (ref,) = run_distributed(run_trainer, 1, name, str(tmp_path / "ref"), None, extra, timeout=300, launcher_env=True)
+    per_rank = run_distributed(
+        _pipeline_runs, world, name, str(tmp_path), pipelines, extra, timeout=400, launcher_env=True
+    )
+    auto = AutoModelForSequenceClassification if TASKS[name] == "seq_cls" else AutoModelForCausalLM
+    ref_weights = auto.from_pretrained(tmp_path / "ref" / "final").state_dict()
+    worst = {}
+    for i, pipeline in enumerate(pipelines):
+        label = f"{name} {pipeline.get('pipeline_schedule', '1f1b')} x{world}"
+        errs = {"loss": 0.0, "grad_norm": 0.0, "eval_loss": 0.0, "weights": 0.0}
+        for rank in per_rank:
+            run = rank[i]
+            assert len(run["logs"]) == len(ref["logs"]) > 0, label
+            for mine, theirs in zip(run["logs"], ref["logs"]):
+                assert mine["step"] == theirs["step"]
+                errs["loss"] = max(errs["loss"], _rel(mine["loss"], theirs["loss"]))
+                errs["grad_norm"] = max(errs["grad_norm"], _rel(mine["grad_norm"], theirs["grad_norm"]))
+                assert mine["learning_rate"] == pytest.approx(theirs["learning_rate"], rel=1e-9)
+            for when in ("before", "after"):
+                errs["eval_loss"] = max(errs["eval_loss"], _rel(run[when]["eval_loss"], ref[when]["eval_loss"]))
+                if "eval_accuracy" in ref[when]:
+                    assert run[when]["eval_accuracy"] == ref[when]["eval_accuracy"], label
+        saved = auto.from_pretrained(tmp_path / f"pp{i}" / "final").state_dict()
+        assert saved.keys() == ref_weights.keys()
+        errs["weights"] = max((saved[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
+        # the run must have moved the weights far beyond the tolerance, or the comparison would prove nothing
+        initial = tiny_model(name).state_dict()
+        moved = max((ref_weights[k] - initial[k]).abs().max().item() for k in ref_weights)
+        assert moved > 10 * WEIGHT_TOL, f"{label}: weights moved only {moved}"
+        worst[label] = errs
+        assert errs["loss"] < LOSS_TOL and errs["grad_norm"] < LOSS_TOL and errs["eval_loss"] < LOSS_TOL, (label, errs)
+        assert errs["weights"] < WEIGHT_TOL, (label, errs)
+    return worst
+
+
+SCHEDULES_2 = [
+    {"pipeline_schedule": "gpipe", "pipeline_microbatches": 4},
+    {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
+    {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4},
+    {"pipeline_schedule": "zbvzerobubble", "pipeline_microbatches": 4},
+]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-cls"])
+def test_pipetrainer_matches_trainer_two_ranks(name, tmp_path):
+    print(compare(name, tmp_path, 2, SCHEDULES_2))
+
+
+def test_pipetrainer_four_ranks(tmp_path):
+    print(compare("llama-tied", tmp_path, 4, [{"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}]))
+
+
+def test_gradient_accumulation(tmp_path):
+    print(compare("gpt2", tmp_path, 2, [{"pipeline_schedule": "1f1b"}], gradient_accumulation_steps=2))
+    print(compare("bert-cls", tmp_path / "cls", 2, [{"pipeline_schedule": "1f1b"}], gradient_accumulation_steps=2))
