@@ -25,7 +25,13 @@ from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from .checkpoint import canonical_state_names
 from .errors import raise_if_any
 from .loss import PipelineLoss
-from .schedule import check_schedule, default_stages_per_rank, forward_only_schedule, placement, schedule_class
+from .schedule import (
+    default_stages_per_rank,
+    forward_only_schedule,
+    placement,
+    schedule_class,
+    schedule_for_batch,
+)
 from .split import SplitPolicy, plan_split, resolve_family
 from .stage import StageModule, build_stage_modules, owner_stages, tied_groups
 from .validate import pipeline_problems
@@ -46,7 +52,7 @@ class PipelineEngine:
 
     Every rank passes the same whole model; the engine keeps only this rank's stages and frees the rest.
     Settings are checked on every rank before anything is built; `batch_size`, when given, is checked against
-    `microbatches` too (otherwise at the first step).
+    `microbatches` too. A shorter batch (an epoch's last) still runs: see `schedule.schedule_for_batch`.
 
     Example:
         >>> engine = PipelineEngine(model, schedule="1f1b", microbatches=4)
@@ -166,7 +172,20 @@ class PipelineEngine:
 
     # -- steps -----------------------------------------------------------------------------------------------
     def _schedule_for(self, batch: Mapping[str, torch.Tensor], training: bool):
-        key = (training, *((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v)))
+        batch_size = batch["input_ids"].shape[0]
+        if training:
+            name, count = schedule_for_batch(
+                self.schedule_name,
+                pp_size=self.pp_size,
+                stages_per_rank=self.stages_per_rank,
+                microbatches=self.microbatches,
+                batch_size=batch_size,
+            )
+        else:  # forward only: any count of equal microbatches works
+            name = "forward"
+            count = max(d for d in range(1, min(self.microbatches, batch_size) + 1) if batch_size % d == 0)
+        shapes = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v))
+        key = (name, count, shapes)
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
@@ -174,12 +193,12 @@ class PipelineEngine:
             PipelineStage(module, index, self.num_stages, self.device, group=self.group)
             for module, index in zip(self.modules, self.stage_indices)
         ]
-        if not training and self.stages_per_rank > 1:
-            sched = forward_only_schedule(stages, self.stage_to_rank, self.microbatches, self.loss)
+        if name == "forward" and self.stages_per_rank > 1:
+            sched = forward_only_schedule(stages, self.stage_to_rank, count, self.loss)
         else:
-            cls = schedule_class(self.schedule_name)
+            cls = schedule_class("gpipe" if name == "forward" else name)
             target = stages if self.stages_per_rank > 1 else stages[0]
-            sched = cls(target, n_microbatches=self.microbatches, loss_fn=self.loss, scale_grads=False)
+            sched = cls(target, n_microbatches=count, loss_fn=self.loss, scale_grads=False)
         self._schedules[key] = sched
         if len(self._schedules) > _SHAPE_CACHE_SIZE:
             self._schedules.popitem(last=False)
@@ -195,17 +214,6 @@ class PipelineEngine:
         input_ids, labels, extra = self._split_batch(batch)
         if labels is None:
             raise ValueError("the batch has no 'labels': hf_pipe trains and evaluates with the loss of the last stage")
-        batch_size = input_ids.shape[0]
-        if batch_size % self.microbatches:
-            raise_if_any(
-                check_schedule(
-                    self.schedule_name,
-                    pp_size=self.pp_size,
-                    stages_per_rank=self.stages_per_rank,
-                    microbatches=self.microbatches,
-                    batch_size=batch_size,
-                )
-            )
         self.loss.normalizer = float(num_items if num_items is not None else self.loss.count(labels))
         sched = self._schedule_for({"input_ids": input_ids, "labels": labels, **extra}, training)
         args = (input_ids,) if self.has_first else ()

@@ -93,6 +93,23 @@ def forward_only_schedule(
     return schedule
 
 
+def schedule_for_batch(
+    name: str, *, pp_size: int, stages_per_rank: int, microbatches: int, batch_size: int
+) -> tuple[str, int]:
+    """(schedule, microbatches) for one batch: the configured ones, unless the batch is smaller or not divisible.
+
+    An epoch's last batch is usually short, and Trainer trains on it: it is split into the largest count of
+    equal microbatches not above the configured one, and when the schedule cannot run that count it runs on a
+    schedule with the same stage placement that can (GPipe, LoopedBFS or ZBV) — the gradients are the same.
+    """
+    count = max(d for d in range(1, min(microbatches, batch_size) + 1) if batch_size % d == 0)
+    if not check_schedule(name, pp_size=pp_size, stages_per_rank=stages_per_rank, microbatches=count):
+        return name, count
+    if not is_multi_stage(name):
+        return "gpipe", count
+    return ("zbvzerobubble" if placement(name) == "v" else "loopedbfs"), count
+
+
 def check_schedule(
     name: str,
     *,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import recursively_apply
 from torch import nn
 from transformers import Trainer
 
@@ -161,8 +162,19 @@ class PipeTrainer(Trainer):
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         # Every rank already holds the whole batch's predictions: gathering over processes would repeat them.
-        self.gather_function = _no_gather
+        self.gather_function = self._gather_for_metrics
         return super().evaluation_loop(*args, **kwargs)
+
+    def _gather_for_metrics(self, data: Any) -> Any:
+        """accelerate's `gather_for_metrics` for one pipeline: no gather, but the same cut of the last batch.
+
+        Trainer repeats each batch's loss by the dataloader's batch size; accelerate trims the padding of the last
+        batch back to the dataset's remainder, and so must we, or a short last batch would weigh as a full one.
+        """
+        state = self.accelerator.gradient_state
+        if state.end_of_dataloader and state.remainder > 0:
+            return recursively_apply(lambda t: t[: state.remainder], data)
+        return data
 
     # -- the step ----------------------------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None):
@@ -284,10 +296,6 @@ class PipeTrainer(Trainer):
     def _load_stage_weights(self, checkpoint: str) -> None:
         names = sorted(self.engine.local_state())
         self.engine.load_local_state(read_tensors(checkpoint, names))
-
-
-def _no_gather(tensors: Any) -> Any:
-    return tensors
 
 
 def _init_single_process_group() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -53,7 +52,8 @@ class PipeTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Stages on each rank: 1 for gpipe/1f1b; default 2 for the multi-stage schedules."},
     )
-    pipeline_split: Any = field(
+    # Typed str for the command line; from Python a list of ints is accepted too.
+    pipeline_split: str = field(
         default="auto",
         metadata={
             "help": "Stage boundaries: 'auto' (balance estimated FLOPs), 'uniform' (equal block counts), or the "

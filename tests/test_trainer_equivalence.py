@@ -40,9 +40,10 @@ def _common_args(output_dir: str, **overrides) -> dict:
 
 
 def _datasets(name: str):
+    # 45 and 13 rows: the last batch of an epoch (5 rows) and of evaluation (5 rows) are short and odd
     if TASKS[name] == "seq_cls":
-        return cls_dataset(48, seed=0), cls_dataset(16, seed=5)
-    return lm_dataset(48, seed=0), lm_dataset(16, seed=5)
+        return cls_dataset(45, seed=0), cls_dataset(13, seed=5)
+    return lm_dataset(45, seed=0), lm_dataset(13, seed=5)
 
 
 def _accuracy(pred):
