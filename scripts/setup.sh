@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Fresh virtual environment with hf_pipe and its test dependencies. torch is installed first and pinned: left to
+# pip's resolver it would pull a multi-GB CUDA build (use your CUDA wheel of the same version on a GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -m venv --clear .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==${HF_PIPE_TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q -e ".[test]"
