@@ -71,9 +71,10 @@ class PipeTrainingArguments(TrainingArguments):
                 self.pipeline_split = [int(s) for s in self.pipeline_split.replace(" ", "").split(",") if s]
             except ValueError:
                 pass  # reported below with the valid options
-        super().__post_init__()
         self.pipeline_schedule = self.pipeline_schedule.lower()
+        # before Trainer's own set-up, which would fail first, and less clearly, on some of these (DeepSpeed)
         raise_if_any(self.pipeline_problems(_launched_world_size()))
+        super().__post_init__()
 
     # Settings derived from the launch: the world size is only known once the processes exist.
     def resolved_pipeline_size(self, world_size: int) -> int:

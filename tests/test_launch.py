@@ -49,4 +49,6 @@ def test_gpt2_example_with_accelerate_launch(tmp_path):
 @pytest.mark.timeout(300)
 def test_gpt2_example_with_torchrun(tmp_path):
     cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "examples/gpt2/train.py"]
-    _check(_run(cmd + ["--output_dir", str(tmp_path), *EXAMPLE_ARGS, "--pipeline_schedule", "interleaved1f1b"]), tmp_path)
+    _check(
+        _run(cmd + ["--output_dir", str(tmp_path), *EXAMPLE_ARGS, "--pipeline_schedule", "interleaved1f1b"]), tmp_path
+    )
