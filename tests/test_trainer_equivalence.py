@@ -88,7 +88,15 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def compare(name: str, tmp_path, world: int, pipelines: list[dict], **extra) -> dict[str, float]:
+def compare(
+    name: str,
+    tmp_path,
+    world: int,
+    pipelines: list[dict],
+    loss_tol: float = LOSS_TOL,
+    weight_tol: float = WEIGHT_TOL,
+    **extra,
+) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     (ref,) = run_distributed(run_trainer, 1, name, str(tmp_path / "ref"), None, extra, timeout=300, launcher_env=True)
@@ -119,10 +127,10 @@ def compare(name: str, tmp_path, world: int, pipelines: list[dict], **extra) -> 
         # the run must have moved the weights far beyond the tolerance, or the comparison would prove nothing
         initial = tiny_model(name).state_dict()
         moved = max((ref_weights[k] - initial[k]).abs().max().item() for k in ref_weights)
-        assert moved > 10 * WEIGHT_TOL, f"{label}: weights moved only {moved}"
+        assert moved > 10 * weight_tol, f"{label}: weights moved only {moved}"
         worst[label] = errs
-        assert errs["loss"] < LOSS_TOL and errs["grad_norm"] < LOSS_TOL and errs["eval_loss"] < LOSS_TOL, (label, errs)
-        assert errs["weights"] < WEIGHT_TOL, (label, errs)
+        assert errs["loss"] < loss_tol and errs["grad_norm"] < loss_tol and errs["eval_loss"] < loss_tol, (label, errs)
+        assert errs["weights"] < weight_tol, (label, errs)
     return worst
 
 
