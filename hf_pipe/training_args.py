@@ -18,16 +18,9 @@ def _launched_world_size() -> int:
 
 
 @dataclass
-class PipeTrainingArguments(TrainingArguments):
-    """`TrainingArguments` for pipeline-parallel training with `PipeTrainer`.
-
-    `per_device_train_batch_size` is the batch one pipeline consumes per step; it is split into
-    `pipeline_microbatches`. Every rank of a pipeline sees the same batches.
-
-    Example:
-        >>> args = PipeTrainingArguments(output_dir="out", per_device_train_batch_size=8,
-        ...                              pipeline_schedule="1f1b", pipeline_microbatches=4)
-    """
+class PipelineArguments:
+    """The pipeline settings, on their own: `PipeTrainingArguments` adds them to `TrainingArguments`, and
+    `hf-pipe plan` parses exactly these, so the flags of a training script and of the planner are the same."""
 
     pipeline_parallel_size: int | None = field(
         default=None,
@@ -61,20 +54,14 @@ class PipeTrainingArguments(TrainingArguments):
         },
     )
 
-    def __post_init__(self):
-        # A CPU-only machine launched with several processes (torchrun, or accelerate's --multi_gpu) must run gloo
-        # across all of them; without this accelerate reports one process and every rank trains alone.
-        if _launched_world_size() > 1 and not torch.cuda.is_available():
-            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    def normalize_pipeline_fields(self) -> None:
+        """Lower-case the schedule; turn a '0,6,12' split into block indices."""
         if isinstance(self.pipeline_split, str) and self.pipeline_split.lower() not in POLICIES:
             try:
                 self.pipeline_split = [int(s) for s in self.pipeline_split.replace(" ", "").split(",") if s]
             except ValueError:
-                pass  # reported below with the valid options
+                pass  # reported by pipeline_problems with the valid options
         self.pipeline_schedule = self.pipeline_schedule.lower()
-        # before Trainer's own set-up, which would fail first, and less clearly, on some of these (DeepSpeed)
-        raise_if_any(self.pipeline_problems(_launched_world_size()))
-        super().__post_init__()
 
     # Settings derived from the launch: the world size is only known once the processes exist.
     def resolved_pipeline_size(self, world_size: int) -> int:
@@ -85,14 +72,13 @@ class PipeTrainingArguments(TrainingArguments):
             return 1
         return self.pipeline_stages_per_rank or default_stages_per_rank(self.pipeline_schedule)
 
-    def resolved_microbatches(self, world_size: int) -> int:
+    def resolved_microbatches(self, world_size: int, batch_size: int) -> int:
         if self.pipeline_microbatches:
             return self.pipeline_microbatches
         stages = self.resolved_pipeline_size(world_size) * self.resolved_stages_per_rank()
-        batch = self.per_device_train_batch_size
-        return max(d for d in range(1, min(2 * stages, batch) + 1) if batch % d == 0)
+        return max(d for d in range(1, min(2 * stages, batch_size) + 1) if batch_size % d == 0)
 
-    def pipeline_problems(self, world_size: int) -> list[str]:
+    def pipeline_problems(self, world_size: int, batch_size: int) -> list[str]:
         """Every problem with the pipeline settings that needs no model, each with its fix."""
         problems = []
         if isinstance(self.pipeline_split, str) and self.pipeline_split.lower() not in POLICIES:
@@ -127,11 +113,40 @@ class PipeTrainingArguments(TrainingArguments):
             self.pipeline_schedule,
             pp_size=pp,
             stages_per_rank=self.resolved_stages_per_rank(),
-            microbatches=self.resolved_microbatches(world_size),
-            batch_size=self.per_device_train_batch_size,
+            microbatches=self.resolved_microbatches(world_size, batch_size),
+            batch_size=batch_size,
         )
-        problems += self._trainer_option_problems()
         return problems
+
+
+@dataclass
+class PipeTrainingArguments(PipelineArguments, TrainingArguments):
+    """`TrainingArguments` for pipeline-parallel training with `PipeTrainer`.
+
+    `per_device_train_batch_size` is the batch one pipeline consumes per step; it is split into
+    `pipeline_microbatches`. Every rank of a pipeline sees the same batches.
+
+    Example:
+        >>> args = PipeTrainingArguments(output_dir="out", per_device_train_batch_size=8,
+        ...                              pipeline_schedule="1f1b", pipeline_microbatches=4)
+    """
+
+    def __post_init__(self):
+        # A CPU-only machine launched with several processes (torchrun, or accelerate's --multi_gpu) must run gloo
+        # across all of them; without this accelerate reports one process and every rank trains alone.
+        if _launched_world_size() > 1 and not torch.cuda.is_available():
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        self.normalize_pipeline_fields()
+        # before Trainer's own set-up, which would fail first, and less clearly, on some of these (DeepSpeed)
+        raise_if_any(self.pipeline_problems(_launched_world_size()))
+        super().__post_init__()
+
+    def pipeline_problems(self, world_size: int, batch_size: int | None = None) -> list[str]:
+        batch_size = batch_size or self.per_device_train_batch_size
+        return super().pipeline_problems(world_size, batch_size) + self._trainer_option_problems()
+
+    def resolved_microbatches(self, world_size: int, batch_size: int | None = None) -> int:
+        return super().resolved_microbatches(world_size, batch_size or self.per_device_train_batch_size)
 
     def _trainer_option_problems(self) -> list[str]:
         """Trainer features that cannot combine with pipeline stages, and why."""

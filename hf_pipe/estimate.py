@@ -1,0 +1,187 @@
+"""Predictions for a plan, without ranks or weights: memory per stage and the schedule's bubble.
+
+Estimates, not measurements (the schedule timeline measures): they say which stage runs out of memory first and
+what the microbatch count buys, before anything is launched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .schedule import V_SCHEDULES, is_multi_stage, placement
+from .split import SplitPlan
+
+_ZERO_BUBBLE = ("interleavedzerobubble", "zbvzerobubble", "dualpipev")
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    stage: int
+    rank: int
+    params: int
+    weights_bytes: int
+    grads_bytes: int
+    adamw_bytes: int
+    activation_bytes: int
+    microbatches_in_flight: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.grads_bytes + self.adamw_bytes + self.activation_bytes
+
+
+def bubble_fraction(schedule: str, pp_size: int, stages_per_rank: int, microbatches: int) -> float:
+    """Idle share of a step under the classic model: (p-1)/(v·m+p-1), v the stages per rank.
+
+    Zero-bubble schedules split backward into input and weight gradients and run the weight half in the bubble;
+    with W about a third of the work they are modelled at a third of the interleaved bubble.
+    """
+    v = stages_per_rank if is_multi_stage(schedule) else 1
+    if schedule.lower() == "loopedbfs":
+        v = 1  # breadth-first: all of a stage's microbatches before the next stage, so no interleaving gain
+    bubble = (pp_size - 1) / (v * microbatches + pp_size - 1)
+    return bubble / 3 if schedule.lower() in _ZERO_BUBBLE else bubble
+
+
+def ideal_speedup(schedule: str, pp_size: int, stages_per_rank: int, microbatches: int) -> float:
+    """Speed-up over one device the bubble model allows: p·(1 - bubble)."""
+    return pp_size * (1 - bubble_fraction(schedule, pp_size, stages_per_rank, microbatches))
+
+
+def _in_flight(schedule: str, stage: int, num_stages: int, microbatches: int) -> int:
+    """Microbatches whose activations a stage holds at its peak."""
+    name = schedule.lower()
+    if name in ("gpipe", "loopedbfs"):
+        return microbatches  # all forwards before any backward
+    return min(microbatches, num_stages - stage)  # 1F1B family: warm-up depth
+
+
+def _activation_bytes_per_token_per_block(config: Any, dtype_bytes: int, seq_len: int) -> float:
+    """Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes at 16 bits for one block, here per token and dtype."""
+    h = getattr(config, "hidden_size", None) or config.n_embd
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    return h * (34 + 5 * heads * seq_len / h) * dtype_bytes / 2
+
+
+def stage_memory(
+    plan: SplitPlan,
+    config: Any,
+    *,
+    schedule: str,
+    pp_size: int,
+    microbatches: int,
+    batch_size: int,
+    seq_len: int,
+    dtype_bytes: int = 4,
+) -> list[StageMemory]:
+    """Per stage: weights, gradients, AdamW moments (fp32) and the activations the schedule keeps alive."""
+    from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+
+    ranks = generate_stage_to_rank_mapping(pp_size, plan.num_stages, placement(schedule))
+    tokens_per_microbatch = batch_size // microbatches * seq_len
+    per_block = _activation_bytes_per_token_per_block(config, dtype_bytes, seq_len)
+    out = []
+    for s in plan.stages:
+        in_flight = _in_flight(schedule, s.index, plan.num_stages, microbatches)
+        activations = int(per_block * len(s.layers) * tokens_per_microbatch * in_flight)
+        out.append(
+            StageMemory(
+                stage=s.index,
+                rank=ranks[s.index],
+                params=s.params,
+                weights_bytes=s.params * dtype_bytes,
+                grads_bytes=s.params * dtype_bytes,
+                adamw_bytes=s.params * 8,
+                activation_bytes=activations,
+                microbatches_in_flight=in_flight,
+            )
+        )
+    return out
+
+
+def plan_summary(
+    plan: SplitPlan,
+    config: Any,
+    *,
+    schedule: str,
+    pp_size: int,
+    stages_per_rank: int,
+    microbatches: int,
+    batch_size: int,
+    seq_len: int,
+    dtype_bytes: int = 4,
+) -> dict[str, Any]:
+    """Everything `hf-pipe plan` reports, as plain data."""
+    memory = stage_memory(
+        plan,
+        config,
+        schedule=schedule,
+        pp_size=pp_size,
+        microbatches=microbatches,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype_bytes=dtype_bytes,
+    )
+    return {
+        "model_type": plan.model_type,
+        "task": plan.task,
+        "policy": plan.policy,
+        "schedule": schedule.lower(),
+        "pipeline_parallel_size": pp_size,
+        "stages_per_rank": stages_per_rank,
+        "placement": "v" if schedule.lower() in V_SCHEDULES else "loop",
+        "microbatches": microbatches,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "layer_starts": plan.layer_starts,
+        "max_over_mean_cost": plan.imbalance,
+        "bubble_fraction": bubble_fraction(schedule, pp_size, stages_per_rank, microbatches),
+        "ideal_speedup": ideal_speedup(schedule, pp_size, stages_per_rank, microbatches),
+        "stages": [
+            {
+                **asdict(m),
+                "layers": list(s.layers),
+                "modules": list(s.modules),
+                "flops_per_token": s.flops_per_token,
+                "total_bytes": m.total_bytes,
+            }
+            for s, m in zip(plan.stages, memory)
+        ],
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a table a person reads."""
+
+    def gib(n: float) -> str:
+        return f"{n / 2**30:.2f}"
+
+    total_flops = sum(s["flops_per_token"] for s in summary["stages"])
+    lines = [
+        f"{summary['model_type']} ({summary['task']}): {len(summary['stages'])} stages on "
+        f"{summary['pipeline_parallel_size']} ranks ({summary['placement']} placement), {summary['schedule']}, "
+        f"{summary['microbatches']} microbatches of {summary['batch_size'] // summary['microbatches']} × "
+        f"{summary['seq_len']} tokens, split {summary['policy']}",
+        "",
+        f"{'stage':>5} {'rank':>4} {'layers':>9} {'params':>9} {'FLOPs':>6} {'weights':>8} {'grads':>8} "
+        f"{'AdamW':>8} {'activ.':>8} {'total':>8}  (GiB)  extra modules",
+    ]
+    for s in summary["stages"]:
+        extra = [m.rsplit(".", 1)[-1] for m in s["modules"] if m.rsplit(".", 1)[-1] not in map(str, s["layers"])]
+        lines.append(
+            f"{s['stage']:>5} {s['rank']:>4} {s['layers'][0]:>4}-{s['layers'][-1]:<4} {s['params'] / 1e6:>8.1f}M "
+            f"{100 * s['flops_per_token'] / total_flops:>5.1f}% {gib(s['weights_bytes']):>8} "
+            f"{gib(s['grads_bytes']):>8} {gib(s['adamw_bytes']):>8} {gib(s['activation_bytes']):>8} "
+            f"{gib(s['total_bytes']):>8}         {', '.join(extra)}"
+        )
+    per_rank: dict[int, int] = {}
+    for s in summary["stages"]:
+        per_rank[s["rank"]] = per_rank.get(s["rank"], 0) + s["total_bytes"]
+    lines += [
+        "",
+        "per rank (GiB): " + ", ".join(f"rank {r}: {gib(b)}" for r, b in sorted(per_rank.items())),
+        f"max/mean stage cost {summary['max_over_mean_cost']:.3f}; predicted bubble "
+        f"{100 * summary['bubble_fraction']:.1f}% (ideal speed-up {summary['ideal_speedup']:.2f}x over one device)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""`hf-pipe plan` prints the plan PipeTrainer builds, from a config alone (no ranks, no weights)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests._data import PadCollator, lm_dataset
+from tests._dist import run_distributed
+from tests._models import tiny_model
+
+FLAGS = [
+    ["--pipeline_schedule", "1f1b"],
+    ["--pipeline_schedule", "interleaved1f1b", "--pipeline_microbatches", "4"],
+    ["--pipeline_schedule", "zbvzerobubble", "--pipeline_split", "uniform"],
+]
+
+
+def _trainer_plans(model_dir: str) -> list[dict]:
+    from transformers import AutoModelForCausalLM, HfArgumentParser
+
+    from hf_pipe import PipeTrainer, PipeTrainingArguments
+
+    out = []
+    for flags in FLAGS:
+        (args,) = HfArgumentParser(PipeTrainingArguments).parse_args_into_dataclasses(
+            [
+                "--output_dir",
+                "/tmp/hf_pipe-unused",
+                "--report_to",
+                "none",
+                "--per_device_train_batch_size",
+                "8",
+                *flags,
+            ]
+        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        trainer = PipeTrainer(
+            model=model, args=args, train_dataset=lm_dataset(8), data_collator=PadCollator("causal_lm")
+        )
+        plan = trainer.engine.plan
+        out.append(
+            {
+                "layer_starts": plan.layer_starts,
+                "modules": [list(s.modules) for s in plan.stages],
+                "microbatches": trainer.engine.microbatches,
+                "ranks": [trainer.engine.stage_to_rank[s.index] for s in plan.stages],
+            }
+        )
+    return out
+
+
+def _cli(model_dir: str, flags: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "hf_pipe.cli", "plan", "--model_name_or_path", model_dir, "--world_size", "2"]
+    cmd += ["--per_device_train_batch_size", "8", "--json", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_plan_cli_matches_the_trainer(tmp_path):
+    tiny_model("gpt2", n_layer=8).save_pretrained(tmp_path)
+    built = run_distributed(_trainer_plans, 2, str(tmp_path), launcher_env=True)[0]
+    for flags, trainer_plan in zip(FLAGS, built):
+        summary = _cli(str(tmp_path), flags)
+        assert summary["layer_starts"] == trainer_plan["layer_starts"], flags
+        assert [s["modules"] for s in summary["stages"]] == trainer_plan["modules"], flags
+        assert [s["rank"] for s in summary["stages"]] == trainer_plan["ranks"], flags
+        assert summary["microbatches"] == trainer_plan["microbatches"], flags
+        assert 0 < summary["bubble_fraction"] < 1 and summary["stages"][0]["total_bytes"] > 0
+
+
+def test_plan_cli_table_and_errors(tmp_path, capsys):
+    from hf_pipe.cli import main
+
+    assert main(["plan", "--model_type", "llama", "--config", "num_hidden_layers=8,hidden_size=256,"
+                 "intermediate_size=512,num_attention_heads=4,vocab_size=1000", "--pipeline_parallel_size", "4"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "4 stages on 4 ranks" in table and "predicted bubble" in table and "lm_head" in table
+    from hf_pipe import PipelineConfigError
+
+    with pytest.raises(PipelineConfigError, match="= 16 stages, but the model has 8 blocks"):
+        main(["plan", "--model_type", "llama", "--config", "num_hidden_layers=8", "--pipeline_parallel_size", "16"])
