@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
 from .checkpoint import canonical_state_names
@@ -34,6 +33,7 @@ from .schedule import (
 )
 from .split import SplitPolicy, plan_split, resolve_family
 from .stage import StageModule, build_stage_modules, owner_stages, tied_groups
+from .timeline import Action, TimedPipelineStage, Timeline
 from .validate import pipeline_problems
 
 # Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
@@ -116,6 +116,9 @@ class PipelineEngine:
         self.has_first = 0 in self.stage_indices
         self.has_last = self.num_stages - 1 in self.stage_indices
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()
+        self.timeline = Timeline(self.pp_rank)
+        #: every rank's recorded actions, set when the steps armed with `record_timeline` have run
+        self.recorded: list[Action] | None = None
 
     # -- parameters ------------------------------------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -190,7 +193,7 @@ class PipelineEngine:
             self._schedules.move_to_end(key)
             return self._schedules[key]
         stages = [
-            PipelineStage(module, index, self.num_stages, self.device, group=self.group)
+            TimedPipelineStage(module, index, self.num_stages, self.device, group=self.group, timeline=self.timeline)
             for module, index in zip(self.modules, self.stage_indices)
         ]
         if name == "forward" and self.stages_per_rank > 1:
@@ -236,7 +239,16 @@ class PipelineEngine:
         normalised by, as Trainer's `num_items_in_batch` does across gradient accumulation.
         Call `reduce_tied_gradients` once after the last accumulation step, before clipping.
         """
-        return self._run(batch, True, num_items)[0]
+        self.timeline.begin_step()
+        loss = self._run(batch, True, num_items)[0]
+        if self.timeline.end_step():
+            self.recorded = self.timeline.gather(self.group)
+        return loss
+
+    def record_timeline(self, steps: int) -> None:
+        """Time every stage action of the next `steps` training steps; all ranks' actions land in `recorded`."""
+        self.recorded = None
+        self.timeline.arm(steps)
 
     def eval_step(
         self, batch: Mapping[str, Any], num_items: int | None = None

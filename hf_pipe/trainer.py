@@ -22,7 +22,9 @@ from transformers import Trainer
 from .checkpoint import read_tensors, save_pipeline_model
 from .engine import PipelineEngine
 from .errors import raise_if_any
+from .estimate import bubble_fraction
 from .families import CAUSAL_LM
+from .timeline import measured_bubble, write_timeline
 from .training_args import PipeTrainingArguments
 from .validate import model_problems
 
@@ -105,6 +107,7 @@ class PipeTrainer(Trainer):
         )
         self.pipeline = PipelineModule(self.engine, model.config)
         self._tied_reduced = False
+        self._timeline_written = False
         super().__init__(model=model, args=args, **kwargs)
         logger.info(
             "pipeline plan on rank %d (stages %s):\n%s",
@@ -203,10 +206,32 @@ class PipeTrainer(Trainer):
         self._tied_reduced = False
         inputs = self._prepare_inputs(inputs)
         normalizer = self._loss_normalizer(inputs["labels"], num_items_in_batch)
+        tracing = self.args.pipeline_trace_dir and self.state.global_step == 1 and not self.engine.timeline.armed
+        if tracing and self.engine.recorded is None:
+            self.engine.record_timeline(self.args.pipeline_trace_steps)  # after step 1, which infers shapes
         with self.compute_loss_context_manager(), self.accelerator.autocast():
             loss = self.engine.train_step(inputs, num_items=normalizer)
+        if self.engine.recorded is not None and not self._timeline_written:
+            self._write_timeline(self.engine.recorded)
         # The engine returns the batch's share of the step loss, as Trainer's training_step does.
         return loss.to(self.args.device)
+
+    def _write_timeline(self, actions) -> None:
+        self._timeline_written = True
+        engine, args = self.engine, self.args
+        predicted = bubble_fraction(engine.schedule_name, engine.pp_size, engine.stages_per_rank, engine.microbatches)
+        title = (
+            f"{engine.schedule_name}, {engine.num_stages} stages on {engine.pp_size} ranks, "
+            f"{engine.microbatches} microbatches"
+        )
+        measured = measured_bubble(actions)
+        if self.is_world_process_zero():
+            write_timeline(actions, args.pipeline_trace_dir, f"{title}: bubble {100 * measured:.1f}% measured")
+            logger.warning(
+                "pipeline timeline written to %s: bubble %.1f%% measured, %.1f%% predicted by the bubble model",
+                args.pipeline_trace_dir, 100 * measured, 100 * predicted,
+            )  # fmt: skip
+        self.log({"pipeline_bubble_measured": measured, "pipeline_bubble_predicted": predicted})
 
     def _reduce_tied_once(self) -> None:
         if not self._tied_reduced:

@@ -54,6 +54,15 @@ class PipelineArguments:
         },
     )
 
+    pipeline_trace_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Record the measured schedule (every stage's forward/backward per microbatch) for a few steps "
+            "after the first, and write a Chrome trace and a PNG timeline here; the measured bubble is logged."
+        },
+    )
+    pipeline_trace_steps: int = field(default=2, metadata={"help": "Steps the timeline records."})
+
     def normalize_pipeline_fields(self) -> None:
         """Lower-case the schedule; turn a '0,6,12' split into block indices."""
         if isinstance(self.pipeline_split, str) and self.pipeline_split.lower() not in POLICIES:
