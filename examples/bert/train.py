@@ -84,7 +84,7 @@ def main() -> None:
         model=model,
         args=args,
         train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"],
+        eval_dataset=tokenized["validation" if "validation" in tokenized else "test"],
         data_collator=DataCollatorWithPadding(tokenizer),  # dynamic padding
         processing_class=tokenizer,
         compute_metrics=accuracy,

@@ -1,0 +1,55 @@
+"""Each example in its smallest form on 2 CPU ranks: the loss falls, the checkpoint loads with from_pretrained.
+
+(GPT-2 runs through both launchers in test_launch.py.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2"]
+
+
+def _run(args: list[str], timeout: int) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(TORCHRUN + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.timeout(400)
+def test_bert_example_learns_the_bundled_labels(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = _run(
+        ["examples/bert/train.py", "--output_dir", str(tmp_path), "--num_train_epochs", "4",
+         "--per_device_train_batch_size", "16", "--learning_rate", "2e-4", "--report_to", "none"],
+        timeout=380,
+    )  # fmt: skip
+    before, after = map(float, re.search(r"eval accuracy ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after >= 0.9 and after > before, out[-2000:]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
+    assert model.config.num_labels == 2 and model.config.num_hidden_layers == 6
+
+
+@pytest.mark.timeout(600)
+def test_llama_example_fine_tunes_smollm2(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = _run(
+        ["examples/llama/train.py", "--output_dir", str(tmp_path), "--converted_dir", str(tmp_path / "base"),
+         "--max_steps", "3", "--per_device_train_batch_size", "8", "--max_length", "24", "--learning_rate", "2e-4",
+         "--report_to", "none"],
+        timeout=580,
+    )  # fmt: skip
+    before, after = map(float, re.search(r"loss on the text ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < before - 0.3, out[-2000:]
+    assert "before fine-tuning:" in out and "after fine-tuning:" in out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
