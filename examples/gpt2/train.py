@@ -118,11 +118,13 @@ def main() -> None:
     trainer.save_model(final_dir)
 
     if trainer.is_world_process_zero():
-        train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        if len(logged) >= 2:
+            print(f"train loss {logged[0]:.3f} -> {logged[-1]:.3f} (logged every {args.logging_steps} steps)")
         print(
-            f"train loss {train_losses[0]:.3f} -> {train_losses[-1]:.3f}; held-out loss {before['eval_loss']:.3f} -> "
-            f"{after['eval_loss']:.3f} (perplexity {math.exp(before['eval_loss']):.1f} -> "
-            f"{math.exp(after['eval_loss']):.1f}; a 45-line text overfits quickly)"
+            f"held-out loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f} (perplexity "
+            f"{math.exp(before['eval_loss']):.1f} -> {math.exp(after['eval_loss']):.1f}; the bundled text is 45 lines, "
+            "so a long run overfits it)"
         )
         # The checkpoint is an ordinary HF one: load it on one device and generate.
         reloaded = AutoModelForCausalLM.from_pretrained(final_dir)
