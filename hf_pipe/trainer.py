@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import recursively_apply
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import read_tensors, save_pipeline_model
 from .engine import PipelineEngine
@@ -26,11 +29,12 @@ from .estimate import bubble_fraction
 from .families import CAUSAL_LM
 from .timeline import measured_bubble, write_timeline
 from .training_args import PipeTrainingArguments
-from .validate import model_problems
+from .validate import dataset_problems, model_problems
 
 logger = logging.getLogger(__name__)
 
 SCHEDULER_NAME = "scheduler.pt"
+STAGING_DIR = ".hf_pipe-saving"
 
 
 def _optimizer_name(rank: int) -> str:
@@ -88,6 +92,8 @@ class PipeTrainer(Trainer):
             )
         pp = args.resolved_pipeline_size(world)
         microbatches = args.resolved_microbatches(world)
+        eval_sets = kwargs.get("eval_dataset")
+        eval_sets = eval_sets if isinstance(eval_sets, dict) else {"eval_dataset": eval_sets}
         raise_if_any(
             args.pipeline_problems(world)
             + model_problems(
@@ -96,6 +102,8 @@ class PipeTrainer(Trainer):
                 stages_per_rank=args.resolved_stages_per_rank(),
                 explicit_split=not isinstance(args.pipeline_split, str),
             )
+            + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
+            + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
         )
         self.engine = PipelineEngine(
             model,
@@ -291,6 +299,47 @@ class PipeTrainer(Trainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, written where `get_last_checkpoint` cannot see it, then renamed into place.
+
+        Every rank writes its part into `<output_dir>/.hf_pipe-saving/checkpoint-N`; once all have finished, rank 0
+        renames it to `<output_dir>/checkpoint-N` (one atomic rename). A process killed during the save leaves only
+        the staging folder, which no resume picks up and the next save clears.
+        """
+        run_dir = self._get_output_dir(trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        dist.barrier(group=self.engine.group)
+        self.args.output_dir = staging_root  # Trainer derives the checkpoint folder from it
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        dist.barrier(group=self.engine.group)  # every rank's files are complete
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            if os.path.isdir(final):  # saved again at the same step (e.g. at the end of training)
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+        dist.barrier(group=self.engine.group)
+        # Trainer looked for the best checkpoint in the staging folder; point every rank at the real one.
+        if self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(final, TRAINER_STATE_NAME))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        dist.barrier(group=self.engine.group)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # One optimizer state per pipeline rank (each holds different parameters); the scheduler is the same on all.

@@ -50,3 +50,30 @@ def model_problems(config: Any, *, pp_size: int, stages_per_rank: int, explicit_
             f"{stages_per_rank} stage(s) per rank)."
         )
     return problems
+
+
+def dataset_problems(dataset: Any, setting: str, config: Any) -> list[str]:
+    """An empty dataset, or rows longer than the model has positions for (found from the Arrow column, no scan)."""
+    if dataset is None:
+        return []
+    problems = []
+    try:
+        rows = len(dataset)
+    except TypeError:  # iterable datasets have no length
+        return []
+    if rows == 0:
+        problems.append(f"{setting} is empty (0 rows): check the data files and any filtering before training.")
+        return problems
+    positions = getattr(config, "max_position_embeddings", None)
+    column = getattr(dataset, "column_names", None)
+    if positions and column and "input_ids" in column:
+        import pyarrow.compute as pc
+
+        longest = pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0
+        if longest > positions:
+            problems.append(
+                f"{setting} has sequences of {longest} tokens but the model has max_position_embeddings={positions}; "
+                f"truncate when tokenizing (truncation=True, max_length={positions}) or use a model with more "
+                "positions."
+            )
+    return problems

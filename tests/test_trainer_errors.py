@@ -20,20 +20,21 @@ def _args(**overrides):
 
 
 def _errors_for(cases: list[dict]) -> list[str | None]:
-    """Each case: PipeTrainingArguments overrides, optionally with a `model` entry (a tiny_model name + kwargs)."""
+    """Each case: PipeTrainingArguments overrides, optionally with a `model` (tiny_model args, or a function) and a
+    `dataset` (lm_dataset kwargs)."""
     from hf_pipe import PipeTrainer
 
     messages = []
     for case in cases:
         case = dict(case)
         model_spec = case.pop("model", None)
+        dataset = case.pop("dataset", None)
         try:
             args = _args(**case)
             if model_spec is not None:
                 model = model_spec() if callable(model_spec) else tiny_model(*model_spec)
-                PipeTrainer(
-                    model=model, args=args, train_dataset=lm_dataset(16), data_collator=PadCollator("causal_lm")
-                )
+                train = lm_dataset(**dataset) if dataset is not None else lm_dataset(16)
+                PipeTrainer(model=model, args=args, train_dataset=train, data_collator=PadCollator("causal_lm"))
             messages.append(None)
         except PipelineConfigError as err:
             messages.append(str(err))
@@ -69,6 +70,11 @@ CASES = [
     ({"pipeline_schedule": "interleaved1f1b", "model": ("gpt2", 0)}, None),  # a good setting passes
     ({"pipeline_schedule": "interleaved1f1b", "model": _gpt2_three_blocks}, "= 4 stages, but the model has 3 blocks"),
     ({"model": _t5}, "model_type='t5' has no family adapter"),
+    ({"model": ("gpt2", 0), "dataset": {"n": 0}}, "train_dataset is empty (0 rows)"),
+    (
+        {"model": ("gpt2", 0), "dataset": {"n": 8, "min_len": 80, "max_len": 80}},
+        "has sequences of 80 tokens but the model has max_position_embeddings=64",
+    ),
 ]
 
 
