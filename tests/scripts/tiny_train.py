@@ -1,0 +1,88 @@
+"""A tiny PipeTrainer run for the launcher tests, with optional fault injection (test code, not library code).
+
+    torchrun --nproc_per_node 2 tests/scripts/tiny_train.py OUTPUT_DIR [--fail raise|kill|kill_in_save]
+        [--fail_rank R] [--fail_step S] [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from transformers import TrainerCallback  # noqa: E402
+
+from hf_pipe import PipeTrainer, PipeTrainingArguments  # noqa: E402
+from tests._data import PadCollator, lm_dataset  # noqa: E402
+from tests._models import tiny_model  # noqa: E402
+
+
+def _mark_and_fail(output_dir: str, how: str) -> None:
+    with open(os.path.join(output_dir, "failed_at"), "w") as f:
+        f.write(str(time.time()))
+    if how == "raise":
+        raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FailAt(TrainerCallback):
+    def __init__(self, output_dir: str, how: str, rank: int, step: int):
+        self.output_dir, self.how, self.rank, self.step = output_dir, how, rank, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.how in ("raise", "kill") and state.global_step == self.step and args.process_index == self.rank:
+            _mark_and_fail(self.output_dir, self.how)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("--fail", choices=["raise", "kill", "kill_in_save"])
+    parser.add_argument("--fail_rank", type=int, default=1)
+    parser.add_argument("--fail_step", type=int, default=3)
+    parser.add_argument("--resume", action="store_true")
+    opts = parser.parse_args()
+    args = PipeTrainingArguments(
+        output_dir=opts.output_dir,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        max_grad_norm=0.5,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        seed=7,
+        disable_tqdm=True,
+        pipeline_schedule="1f1b",
+        pipeline_microbatches=4,
+        ddp_timeout=60,
+    )
+    if opts.fail == "kill_in_save" and int(os.environ["RANK"]) == opts.fail_rank:
+        # die after writing this rank's optimizer state into the checkpoint being saved at fail_step
+        original = PipeTrainer._save_optimizer_and_scheduler
+
+        def dying_save(self, output_dir):
+            original(self, output_dir)
+            if self.state.global_step == opts.fail_step:
+                _mark_and_fail(opts.output_dir, "kill")
+
+        PipeTrainer._save_optimizer_and_scheduler = dying_save
+    callbacks = [FailAt(opts.output_dir, opts.fail, opts.fail_rank, opts.fail_step)] if opts.fail else None
+    trainer = PipeTrainer(
+        model=tiny_model("gpt2"),
+        args=args,
+        train_dataset=lm_dataset(48, seed=0),
+        data_collator=PadCollator("causal_lm"),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=True if opts.resume else None)
+    trainer.save_model(os.path.join(opts.output_dir, "final"))
+
+
+if __name__ == "__main__":
+    main()
