@@ -221,6 +221,13 @@ class PipeTrainer(Trainer):
             loss = self.engine.train_step(inputs, num_items=normalizer)
         if self.engine.recorded is not None and not self._timeline_written:
             self._write_timeline(self.engine.recorded)
+        if normalizer == 0:
+            logger.warning(
+                "step %d: a batch with no label tokens (all -100): its loss is NaN (0/0) and it adds no gradient, "
+                "as with Trainer (which leaves NaN out of the logged loss).", self.state.global_step + 1,
+            )  # fmt: skip
+        elif not torch.isfinite(loss):
+            logger.warning("step %d: non-finite loss %s", self.state.global_step + 1, loss.item())
         # The engine returns the batch's share of the step loss, as Trainer's training_step does.
         return loss.to(self.args.device)
 

@@ -85,3 +85,51 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"SIGKILL at step 5, resumed from checkpoint-4: worst final-weight difference {worst}")
     assert worst == 0.0
+
+
+def _masked_run(output_dir: str, pipelined: bool) -> dict:
+    """Sequential batches of 8; the second and sixth batches have every label at -100."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_pipe import PipeTrainer, PipeTrainingArguments
+    from tests._data import PadCollator, lm_dataset
+    from tests._models import tiny_model
+
+    class MaskingCollator(PadCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            if all(f["mask"] for f in features):
+                batch["labels"][:] = -100
+            return batch
+
+    masked = [8 <= i < 16 or 40 <= i < 48 for i in range(48)]
+    dataset = lm_dataset(48).add_column("mask", masked)
+    common = dict(
+        output_dir=output_dir, per_device_train_batch_size=8, logging_steps=1, report_to=[], learning_rate=1e-2,
+        max_grad_norm=0.5, train_sampling_strategy="sequential", remove_unused_columns=False, use_cpu=True,
+    )  # fmt: skip
+    if pipelined:
+        args, cls = PipeTrainingArguments(**common, pipeline_schedule="1f1b", pipeline_microbatches=4), PipeTrainer
+    else:
+        args, cls = TrainingArguments(**common), Trainer
+    trainer = cls(
+        model=tiny_model("gpt2"), args=args, train_dataset=dataset, data_collator=MaskingCollator("causal_lm")
+    )
+    trainer.train()
+    trainer.save_model(os.path.join(output_dir, "final"))
+    return {"logs": [(e["loss"], e["grad_norm"]) for e in trainer.state.log_history if "loss" in e]}
+
+
+def test_batches_without_labels_behave_as_with_trainer(tmp_path):
+    from tests._dist import run_distributed
+
+    (ref,) = run_distributed(_masked_run, 1, str(tmp_path / "ref"), False, launcher_env=True)
+    mine = run_distributed(_masked_run, 2, str(tmp_path / "pp"), True, launcher_env=True)[0]
+    assert [g for _, g in ref["logs"]][1] == 0.0 and [g for _, g in ref["logs"]][5] == 0.0
+    for (loss, norm), (ref_loss, ref_norm) in zip(mine["logs"], ref["logs"], strict=True):
+        assert loss == pytest.approx(ref_loss, rel=2e-4, abs=1e-7) and norm == pytest.approx(
+            ref_norm, rel=2e-4, abs=1e-7
+        )
+    a, b = _final_weights(tmp_path / "ref" / "final"), _final_weights(tmp_path / "pp" / "final")
+    assert all(torch.isfinite(t).all() for t in b.values())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-4

@@ -1,7 +1,7 @@
 """A tiny PipeTrainer run for the launcher tests, with optional fault injection (test code, not library code).
 
-    torchrun --nproc_per_node 2 tests/scripts/tiny_train.py OUTPUT_DIR [--fail raise|kill|kill_in_save]
-        [--fail_rank R] [--fail_step S] [--resume]
+torchrun --nproc_per_node 2 tests/scripts/tiny_train.py OUTPUT_DIR [--fail raise|kill|kill_in_save]
+    [--fail_rank R] [--fail_step S] [--resume]
 """
 
 from __future__ import annotations
