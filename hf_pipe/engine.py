@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .checkpoint import canonical_state_names
 from .errors import raise_if_any
@@ -38,6 +40,23 @@ from .validate import pipeline_problems
 
 # Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
 _SHAPE_CACHE_SIZE = 16
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 (DTensor) tensor, or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Data-parallel replicas of the pipeline: the replicas of this rank's stages, and every replica's pipeline."""
+
+    group: dist.ProcessGroup
+    mesh: Any  # the 1-D "dp" DeviceMesh (FSDP2 shards over it)
+    size: int
+    rank: int
+    mode: str  # "ddp" or "fsdp"
+    pipelines: list[list[int]]  # global ranks of each replica's pipeline, stage-rank order
 
 
 def default_device() -> torch.device:
@@ -71,8 +90,10 @@ class PipelineEngine:
         group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         batch_size: int | None = None,
+        data_parallel: DataParallel | None = None,
     ):
         self.group = group if group is not None else dist.group.WORLD
+        self.dp = data_parallel
         self.pp_size = dist.get_world_size(self.group)
         self.pp_rank = dist.get_rank(self.group)
         self.schedule_name = schedule.lower()
@@ -111,6 +132,9 @@ class PipelineEngine:
         ]
         for module in self.modules:
             module.to(self.device)
+        # What the schedule runs: the stages themselves, or their DDP / FSDP2 wrappers over the replicas.
+        self._runnable: list[nn.Module] = [self._wrap_data_parallel(m) for m in self.modules]
+        # after wrapping: FSDP2 replaces each parameter by its sharded version
         self._tied = self._setup_tied(groups)
         self.loss = PipelineLoss(self.plan.task, model.config)
         self.has_first = 0 in self.stage_indices
@@ -140,11 +164,14 @@ class PipelineEngine:
                     yield names[name], p
 
     def local_state(self) -> dict[str, torch.Tensor]:
-        """This rank's parameters and persistent buffers under the names HF saves them under."""
+        """This rank's parameters and persistent buffers under the names HF saves them under, whole.
+
+        Collective over the data-parallel replicas under FSDP2 (shards are gathered): call it on every rank.
+        """
         state: dict[str, torch.Tensor] = {}
         for module, names in zip(self.modules, self.state_names):
             for key, tensor in module.state_dict().items():
-                state[names[key]] = tensor
+                state[names[key]] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         return state
 
     def load_local_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -152,7 +179,10 @@ class PipelineEngine:
         with torch.no_grad():
             for module, names in zip(self.modules, self.state_names):
                 for key, tensor in module.state_dict(keep_vars=True).items():
-                    tensor.copy_(tensors[names[key]])
+                    value = tensors[names[key]].to(device=self.device, dtype=tensor.dtype)
+                    if isinstance(tensor, DTensor):
+                        value = distribute_tensor(value, tensor.device_mesh, tensor.placements)
+                    tensor.copy_(value)
 
     def _setup_tied(self, groups: list[list[str]]) -> list[tuple[nn.Parameter, dist.ProcessGroup | None, bool]]:
         """Tied weights whose copies sit on several ranks: (local param, group of owner ranks, counts in the norm).
@@ -161,17 +191,41 @@ class PipelineEngine:
         """
         tied = []
         local = dict(self.named_parameters())
+        # every replica's pipeline, as global ranks (one pipeline when there is no data parallelism)
+        pipelines = (
+            self.dp.pipelines if self.dp else [[dist.get_global_rank(self.group, r) for r in range(self.pp_size)]]
+        )
         for fqns in groups:
             stages = owner_stages(self.plan, fqns)
             ranks = sorted({self.stage_to_rank[s] for s in stages})
             if len(ranks) < 2:
                 continue
-            global_ranks = [dist.get_global_rank(self.group, r) for r in ranks]
-            pg = dist.new_group(global_ranks)
+            mine = None
+            for pipeline in pipelines:
+                pg = dist.new_group([pipeline[r] for r in ranks])
+                if dist.get_rank() in pipeline:
+                    mine = pg
             param = next((local[f] for f in fqns if f in local), None)
             if param is not None:
-                tied.append((param, pg, self.pp_rank == ranks[0]))
+                tied.append((param, mine, self.pp_rank == ranks[0]))
         return tied
+
+    def _wrap_data_parallel(self, module: nn.Module) -> nn.Module:
+        """DDP or FSDP2 over the data-parallel replicas of this stage; torch's stages drive both (no_sync, reshard)."""
+        if self.dp is None or self.dp.size == 1:
+            return module
+        if self.dp.mode == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            return fully_shard(module, mesh=self.dp.mesh)
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        # No buffer broadcast: it is a collective in every forward, and torch also runs the forward on metadata
+        # while inferring stage shapes; the buffers here (rotary tables, position ids) never change anyway.
+        return DistributedDataParallel(
+            module, process_group=self.dp.group, device_ids=device_ids, broadcast_buffers=False
+        )
 
     # -- steps -----------------------------------------------------------------------------------------------
     def _schedule_for(self, batch: Mapping[str, torch.Tensor], training: bool):
@@ -194,7 +248,7 @@ class PipelineEngine:
             return self._schedules[key]
         stages = [
             TimedPipelineStage(module, index, self.num_stages, self.device, group=self.group, timeline=self.timeline)
-            for module, index in zip(self.modules, self.stage_indices)
+            for module, index in zip(self._runnable, self.stage_indices)
         ]
         if name == "forward" and self.stages_per_rank > 1:
             sched = forward_only_schedule(stages, self.stage_to_rank, count, self.loss)
@@ -209,9 +263,34 @@ class PipelineEngine:
 
     def _split_batch(self, batch: Mapping[str, Any]):
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self.dp is not None and self.dp.size > 1:
+            batch = self._pad_to_replicas(batch)
         labels = batch.pop("labels", None)
         input_ids = batch.pop("input_ids")
         return input_ids, labels, batch
+
+    def _pad_to_replicas(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Pad the sequence to the longest among the data-parallel replicas (masked, labels -100).
+
+        A new batch shape makes torch infer stage shapes by running each stage once; with DDP or FSDP2 that run
+        talks to the replicas, so they must meet new shapes at the same steps. Padded positions are masked out of
+        attention and loss: the result is the same, up to rounding.
+        """
+        ids = batch["input_ids"]
+        longest = torch.tensor(ids.shape[1], device=self.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.dp.group)
+        extra = int(longest) - ids.shape[1]
+        if extra == 0:
+            return batch
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.ones_like(ids)
+        fill = {"labels": -100}
+        return {
+            k: torch.nn.functional.pad(v, (0, extra), value=fill.get(k, 0))
+            if torch.is_tensor(v) and v.dim() == 2 and v.shape == ids.shape
+            else v
+            for k, v in batch.items()
+        }
 
     def _run(self, batch: Mapping[str, Any], training: bool, num_items: int | None):
         input_ids, labels, extra = self._split_batch(batch)
@@ -263,7 +342,8 @@ class PipelineEngine:
         for param, pg, _ in self._tied:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, group=pg)
+            # under FSDP2 each copy is sharded alike over the replicas: the local shards line up
+            dist.all_reduce(_local(param.grad), group=pg)
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients over all stages, each tied weight counted once."""
@@ -271,7 +351,9 @@ class PipelineEngine:
         squares = torch.zeros((), device=self.device, dtype=torch.float32)
         for p in self.parameters():
             if p.grad is not None and id(p) not in counted_elsewhere:
-                squares += p.grad.detach().float().pow(2).sum()
+                squares += _local(p.grad).detach().float().pow(2).sum()
+        if self.dp is not None and self.dp.mode == "fsdp" and self.dp.size > 1:
+            dist.all_reduce(squares, group=self.dp.group)  # each replica holds a shard of every gradient
         dist.all_reduce(squares, group=self.group)
         return squares.sqrt()
 
@@ -282,5 +364,5 @@ class PipelineEngine:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for p in self.parameters():
                 if p.grad is not None:
-                    p.grad.detach().mul_(coef.to(p.grad.dtype))
+                    _local(p.grad).detach().mul_(coef.to(p.grad.dtype))
         return norm

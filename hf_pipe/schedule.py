@@ -20,6 +20,7 @@ from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
     _Action,
     _add_send_recv,
+    _add_unshard_reshard,
     _ComputationType,
     _PipelineSchedule,
     _PipelineScheduleRuntime,
@@ -87,8 +88,9 @@ def forward_only_schedule(
     schedule.stage_index_to_group_rank = dict(stage_to_rank)
     for stage in stages:
         stage.stage_index_to_group_rank = schedule.stage_index_to_group_rank
+    with_unshard = {rank: _add_unshard_reshard(actions) for rank, actions in order.items()}  # FSDP2 stages
     schedule.pipeline_order_with_comms = _add_send_recv(
-        order, stage_to_rank=lambda s: stage_to_rank[s], num_stages=num_stages
+        with_unshard, stage_to_rank=lambda s: stage_to_rank[s], num_stages=num_stages
     )
     return schedule
 

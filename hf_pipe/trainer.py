@@ -23,7 +23,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import read_tensors, save_pipeline_model
-from .engine import PipelineEngine
+from .engine import DataParallel, PipelineEngine
 from .errors import raise_if_any
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM
@@ -35,10 +35,6 @@ logger = logging.getLogger(__name__)
 
 SCHEDULER_NAME = "scheduler.pt"
 STAGING_DIR = ".hf_pipe-saving"
-
-
-def _optimizer_name(rank: int) -> str:
-    return f"optimizer-pp{rank:05d}.pt"
 
 
 class PipelineModule(nn.Module):
@@ -105,6 +101,7 @@ class PipeTrainer(Trainer):
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
         )
+        pp_group, self.data_parallel = _pipeline_mesh(world, pp, args.pipeline_data_parallel)
         self.engine = PipelineEngine(
             model,
             schedule=args.pipeline_schedule,
@@ -112,6 +109,8 @@ class PipeTrainer(Trainer):
             stages_per_rank=args.resolved_stages_per_rank(),
             split=args.pipeline_split,
             batch_size=args.per_device_train_batch_size,
+            group=pp_group,
+            data_parallel=self.data_parallel,
         )
         self.pipeline = PipelineModule(self.engine, model.config)
         self._tied_reduced = False
@@ -129,9 +128,27 @@ class PipeTrainer(Trainer):
         # Not `self.model`, so Trainer neither DDP-wraps it (the ranks hold different stages) nor moves it.
         return self.pipeline
 
+    @property
+    def _sharded(self) -> bool:
+        return self.data_parallel is not None and self.data_parallel.mode == "fsdp"
+
+    @property
+    def _optimizer_file(self) -> str:
+        name = f"optimizer-pp{self.engine.pp_rank:05d}"
+        return f"{name}-dp{self._dp_rank:05d}.pt" if self._sharded else f"{name}.pt"
+
+    @property
+    def _dp_size(self) -> int:
+        return self.data_parallel.size if self.data_parallel else 1
+
+    @property
+    def _dp_rank(self) -> int:
+        return self.data_parallel.rank if self.data_parallel else 0
+
     def _get_dataloader(self, *args: Any, **kwargs: Any):
-        # Trainer shards batches over all processes; the stages of one pipeline must all see the same batches.
-        # Same accelerate preparation (seedable sampler, RNG sync, device placement), over one data-parallel rank.
+        # Trainer shards batches over all processes; the stages of one pipeline must all see the same batches, and
+        # only the data-parallel replicas get different ones. Same accelerate preparation (seedable sampler, RNG
+        # sync, device placement), sharded over the replicas.
         self.accelerator.prepare = self._prepare_unsharded
         try:
             return super()._get_dataloader(*args, **kwargs)
@@ -143,8 +160,8 @@ class PipeTrainer(Trainer):
         prepared = prepare_data_loader(
             dataloader,
             acc.device,
-            num_processes=1,
-            process_index=0,
+            num_processes=self._dp_size,
+            process_index=self._dp_rank,
             split_batches=acc.split_batches,
             put_on_device=acc.device_placement,
             rng_types=acc.rng_types.copy(),
@@ -165,11 +182,16 @@ class PipeTrainer(Trainer):
         if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
             return None
         labels = [b["labels"][..., 1:] if self._loss_shifts_labels else b["labels"] for b in batch_samples]
-        return sum(int(label.ne(-100).sum()) for label in labels)
+        count = sum(int(label.ne(-100).sum()) for label in labels)
+        if self.args.average_tokens_across_devices and self._dp_size > 1:
+            total = torch.tensor(count, device=self.engine.device)
+            dist.all_reduce(total, group=self.data_parallel.group)  # over the replicas, as Trainer over processes
+            count = int(total)
+        return count
 
     def get_total_train_batch_size(self, args: PipeTrainingArguments) -> int:
-        # Samples per optimizer step: one pipeline's batch, not one per process.
-        return self._train_batch_size * args.gradient_accumulation_steps
+        # Samples per optimizer step: one batch per pipeline replica, not one per process.
+        return self._train_batch_size * args.gradient_accumulation_steps * self._dp_size
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         # Every rank already holds the whole batch's predictions: gathering over processes would repeat them.
@@ -182,10 +204,17 @@ class PipeTrainer(Trainer):
         Trainer repeats each batch's loss by the dataloader's batch size; accelerate trims the padding of the last
         batch back to the dataset's remainder, and so must we, or a short last batch would weigh as a full one.
         """
+        if self._dp_size > 1:
+            data = recursively_apply(self._gather_over_replicas, data)
         state = self.accelerator.gradient_state
         if state.end_of_dataloader and state.remainder > 0:
             return recursively_apply(lambda t: t[: state.remainder], data)
         return data
+
+    def _gather_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self._dp_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.data_parallel.group)
+        return torch.cat(parts, dim=0)
 
     # -- the step ----------------------------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None):
@@ -197,9 +226,18 @@ class PipeTrainer(Trainer):
         # Causal-LM heads divide by `num_items_in_batch` (Trainer's count over the whole accumulated step; note that
         # Trainer counts unshifted labels when `config.loss_type` is unset, and we follow it); the other heads of
         # our families take a per-batch mean and ignore it.
+        # With `average_tokens_across_devices`, Trainer scales such a loss by the process count to undo DDP's
+        # averaging (for every head, in training and evaluation alike); the replicas play the processes' part here.
+        dp_scale = 1
+        if (
+            self.args.average_tokens_across_devices
+            and self.model_accepts_loss_kwargs
+            and num_items_in_batch is not None
+        ):
+            dp_scale = self._dp_size
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.engine.plan.task == CAUSAL_LM:
-            return float(num_items_in_batch)
-        normalizer = float(self.engine.loss.count(labels))
+            return float(num_items_in_batch) / dp_scale
+        normalizer = float(self.engine.loss.count(labels)) / dp_scale
         if not training:
             return normalizer
         scaled_for_ga = self.loss_is_scaled_for_ga
@@ -295,13 +333,12 @@ class PipeTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """One ordinary HF checkpoint (`from_pretrained` loads it on one device); every rank writes its stages."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        save_pipeline_model(
-            self.engine.local_state(),
-            self.model,
-            output_dir,
-            group=self.engine.group,
-            processing_class=self.processing_class,
-        )
+        state = self.engine.local_state()  # collective over the replicas under FSDP2
+        if self._dp_rank == 0:  # replicas hold the same weights: the first one writes
+            save_pipeline_model(
+                state, self.model, output_dir, group=self.engine.group, processing_class=self.processing_class
+            )
+        dist.barrier()
         if self.args.should_save:
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         if self.args.push_to_hub and not _internal_call:
@@ -319,20 +356,20 @@ class PipeTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(staging_root, ignore_errors=True)
-        dist.barrier(group=self.engine.group)
+        dist.barrier()
         self.args.output_dir = staging_root  # Trainer derives the checkpoint folder from it
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
-        dist.barrier(group=self.engine.group)  # every rank's files are complete
+        dist.barrier()  # every rank's files are complete
         final = os.path.join(run_dir, name)
         if self.args.should_save:
             if os.path.isdir(final):  # saved again at the same step (e.g. at the end of training)
                 shutil.rmtree(final)
             os.replace(os.path.join(staging_root, name), final)
             shutil.rmtree(staging_root, ignore_errors=True)
-        dist.barrier(group=self.engine.group)
+        dist.barrier()
         # Trainer looked for the best checkpoint in the staging folder; point every rank at the real one.
         if self.state.best_global_step:
             best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
@@ -346,20 +383,22 @@ class PipeTrainer(Trainer):
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
-        dist.barrier(group=self.engine.group)
+        dist.barrier()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # One optimizer state per pipeline rank (each holds different parameters); the scheduler is the same on all.
+        # One optimizer state per pipeline rank (each holds different parameters) — per replica too under FSDP2,
+        # where each holds a shard; the scheduler is the same on all.
         os.makedirs(output_dir, exist_ok=True)
-        torch.save(self.optimizer.state_dict(), os.path.join(output_dir, _optimizer_name(self.engine.pp_rank)))
+        if self._dp_rank == 0 or self._sharded:
+            torch.save(self.optimizer.state_dict(), os.path.join(output_dir, self._optimizer_file))
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-        dist.barrier(group=self.engine.group)
+        dist.barrier()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, _optimizer_name(self.engine.pp_rank))
+        path = os.path.join(checkpoint, self._optimizer_file)
         if not os.path.isfile(path):
             return
         self.optimizer.load_state_dict(torch.load(path, map_location=self.engine.device, weights_only=True))
@@ -377,6 +416,25 @@ class PipeTrainer(Trainer):
     def _load_stage_weights(self, checkpoint: str) -> None:
         names = sorted(self.engine.local_state())
         self.engine.load_local_state(read_tensors(checkpoint, names))
+
+
+def _pipeline_mesh(world: int, pp: int, mode: str) -> tuple[dist.ProcessGroup, DataParallel | None]:
+    """This rank's pipeline group and, with several replicas, its data-parallel side, from a ("dp", "pp") mesh."""
+    if world == pp:
+        return dist.group.WORLD, None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (world // pp, pp), mesh_dim_names=("dp", "pp"))
+    data_parallel = DataParallel(
+        group=mesh.get_group("dp"),
+        mesh=mesh["dp"],
+        size=world // pp,
+        rank=mesh.get_local_rank("dp"),
+        mode=mode,
+        pipelines=mesh.mesh.tolist(),
+    )
+    return mesh.get_group("pp"), data_parallel
 
 
 def _init_single_process_group() -> None:

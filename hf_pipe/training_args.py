@@ -54,6 +54,15 @@ class PipelineArguments:
         },
     )
 
+    pipeline_data_parallel: str = field(
+        default="ddp",
+        metadata={
+            "help": "How data-parallel replicas of the pipeline (world size = pipeline_parallel_size × replicas) "
+            "share gradients: 'ddp' (each replica holds its stages whole, gradients all-reduced) or 'fsdp' (each "
+            "stage sharded over the replicas with FSDP2 fully_shard).",
+            "choices": ["ddp", "fsdp"],
+        },
+    )
     pipeline_trace_dir: str | None = field(
         default=None,
         metadata={
@@ -105,18 +114,17 @@ class PipelineArguments:
                 f"pipeline_parallel_size={pp} does not divide the {world_size} launched processes; use one of "
                 f"{fits}, or launch a multiple of {pp} processes."
             )
-        elif world_size // pp > 1:
-            problems.append(
-                f"{world_size} processes with pipeline_parallel_size={pp} would be {world_size // pp} data-parallel "
-                f"pipeline replicas, which this version does not run yet; launch {pp} processes or set "
-                f"pipeline_parallel_size={world_size}."
-            )
         if self.pipeline_parallel_size and self.pipeline_parallel_size > world_size:
             problems.append(
                 f"pipeline_parallel_size={self.pipeline_parallel_size} but only {world_size} process(es) were launched "
                 "(note: `accelerate launch --cpu --num_processes N` starts one process on a CPU-only machine); "
                 f"launch {self.pipeline_parallel_size} with `torchrun --nproc_per_node {self.pipeline_parallel_size}` "
                 f"or `accelerate launch --multi_gpu --num_processes {self.pipeline_parallel_size}`."
+            )
+        if self.pipeline_data_parallel not in ("ddp", "fsdp"):
+            problems.append(
+                f"pipeline_data_parallel={self.pipeline_data_parallel!r} is not a data-parallel mode; valid options "
+                "are ['ddp', 'fsdp']."
             )
         problems += check_schedule(
             self.pipeline_schedule,

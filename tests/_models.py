@@ -123,7 +123,7 @@ CASES = {
 
 def tiny_model(name: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     config_cls, model_cls, kwargs = CASES[name]
-    config = config_cls(vocab_size=VOCAB, **{**kwargs, **overrides})
+    config = config_cls(**{"vocab_size": VOCAB, **kwargs, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config)
     model.train()
