@@ -6,7 +6,7 @@ no local stage owns are swapped for meta tensors, so a rank holds only its share
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,22 +14,6 @@ from torch import nn
 
 from .families import FamilyAdapter
 from .split import SplitPlan
-
-
-def stage_to_rank(num_stages: int, pp_size: int, style: str) -> list[int]:
-    """Rank of each stage: `loop` (stage s on rank s % pp) or `v` (rank r holds stages r and 2·pp-1-r).
-
-    Matches `torch.distributed.pipelining`'s own mapping for the schedule styles.
-    """
-    if style == "v":
-        per_rank = num_stages // pp_size
-        ranks = []
-        for s in range(num_stages):
-            lap, pos = divmod(s, pp_size)
-            ranks.append(pos if lap % 2 == 0 else pp_size - 1 - pos)
-        assert len(ranks) == pp_size * per_rank  # noqa: S101 - internal invariant, not user input
-        return ranks
-    return [s % pp_size for s in range(num_stages)]
 
 
 class StageModule(nn.Module):
@@ -123,8 +107,3 @@ def owner_stages(plan: SplitPlan, fqns: Sequence[str]) -> list[int]:
 
 def _under(fqn: str, module: str) -> bool:
     return fqn == module or fqn.startswith(module + ".")
-
-
-def local_fqn_map(model_fqns: Mapping[int, list[str]], stage: nn.Module) -> dict[str, str]:
-    """Stage parameter name -> the model FQN it was built from (the first name, for tied weights)."""
-    return {name: model_fqns[id(p)][0] for name, p in stage.named_parameters()}

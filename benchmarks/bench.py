@@ -1,0 +1,247 @@
+"""Step time, throughput, bubble and memory of PipeTrainer against the alternatives, on the same model and data.
+
+    python benchmarks/bench.py                 # the full table (a few minutes on 2 cores)
+    python benchmarks/bench.py --smoke         # a tiny model, 3 steps per run: checks the harness only
+
+Runs, each in fresh processes, one thread per rank: Trainer on one process (1 thread, and all threads); PipeTrainer
+on 2 ranks with every schedule (2 or 4 stages); a hand-written torch.distributed.pipelining loop on the same stages
+(the overhead baseline); Trainer + FSDP on the same number of ranks. Prints a table and writes `bench.json` and
+`bench.png` to --out. Ratios are only meaningful within one run of this script: the machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FULL = dict(layers=8, hidden=256, inner=688, vocab=2048, seq=128, batch=16, microbatches=8, steps=12, warmup=3)
+SMOKE = dict(layers=4, hidden=64, inner=128, vocab=256, seq=32, batch=8, microbatches=4, steps=3, warmup=1)
+
+
+def _model(cfg):
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["inner"],
+        num_hidden_layers=cfg["layers"], num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=cfg["seq"], tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _dataset(cfg, n):
+    import datasets
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, cfg["vocab"], (n, cfg["seq"]), generator=g)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def _tensor_bytes(params, optimizer) -> int:
+    import torch
+
+    total = sum(p.numel() * p.element_size() * (2 if p.grad is not None else 1) for p in params)
+    for state in optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+    return total
+
+
+def _result(times, cfg, tensor_bytes, extra=None) -> dict:
+    steady = times[cfg["warmup"] :]
+    return {
+        "step_s": statistics.median(steady),
+        "tokens_per_s": cfg["batch"] * cfg["seq"] / statistics.median(steady),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tensor_mib": tensor_bytes / 2**20,
+        **(extra or {}),
+    }
+
+
+def run_trainer(cfg, spec) -> dict:
+    """Trainer or PipeTrainer; step times from a callback around each optimizer step."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    from hf_pipe import PipeTrainer, PipeTrainingArguments
+
+    torch.set_num_threads(spec.get("threads", 1))
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.t)
+
+    common = dict(
+        output_dir=os.path.join(spec["out"], spec["name"]), per_device_train_batch_size=cfg["batch"],
+        max_steps=cfg["steps"], logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True,
+        use_cpu=True, learning_rate=1e-4,
+    )  # fmt: skip
+    if spec["kind"] == "pipe":
+        args = PipeTrainingArguments(**common, pipeline_schedule=spec["schedule"],
+                                     pipeline_microbatches=cfg["microbatches"],
+                                     pipeline_trace_dir=os.path.join(spec["out"], spec["name"], "trace"),
+                                     pipeline_trace_steps=2)  # fmt: skip
+        cls = PipeTrainer
+    else:
+        if spec["kind"] == "fsdp":
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+            common.update(fsdp="full_shard", fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+        args, cls = TrainingArguments(**common), Trainer
+    trainer = cls(model=_model(cfg), args=args, train_dataset=_dataset(cfg, cfg["batch"] * cfg["steps"] * 2),
+                  data_collator=default_data_collator, callbacks=[Timer()])  # fmt: skip
+    trainer.train()
+    extra = {}
+    bubble = [e for e in trainer.state.log_history if "pipeline_bubble_measured" in e]
+    if bubble:
+        extra = {"bubble_measured": bubble[0]["pipeline_bubble_measured"]}
+    params = list(trainer.model_wrapped.parameters())
+    return _result(times, cfg, _tensor_bytes(params, trainer.optimizer), extra)
+
+
+def run_handwritten(cfg, spec) -> dict:
+    """torch.distributed.pipelining by hand on the same stages: Schedule1F1B, AdamW, no Trainer."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    from hf_pipe.families import get_family
+    from hf_pipe.split import plan_split
+    from hf_pipe.stage import build_stage_modules
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _model(cfg)
+    plan = plan_split(model, world)
+    (module,) = build_stage_modules(model, get_family("llama"), plan, [rank])
+    stage = PipelineStage(module, rank, world, torch.device("cpu"))
+
+    def loss_fn(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[:-1], labels.flatten()[1:], reduction="sum")
+
+    schedule = Schedule1F1B(stage, n_microbatches=cfg["microbatches"], loss_fn=loss_fn, scale_grads=True)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    data = torch.tensor(_dataset(cfg, cfg["batch"])["input_ids"])
+    times = []
+    for _ in range(cfg["steps"]):
+        start = time.perf_counter()
+        opt.zero_grad()
+        if rank == 0:
+            schedule.step(data)
+        else:
+            schedule.step(target=data)
+        opt.step()
+        times.append(time.perf_counter() - start)
+    result = _result(times, cfg, _tensor_bytes(list(module.parameters()), opt))
+    dist.destroy_process_group()
+    return result
+
+
+RUNS = [
+    {"name": "trainer-1proc-1thread", "kind": "trainer", "ranks": 0, "threads": 1},
+    {"name": "trainer-1proc-all-threads", "kind": "trainer", "ranks": 0, "threads": os.cpu_count() or 1},
+    *[{"name": f"pipe-2ranks-{s}", "kind": "pipe", "ranks": 2, "schedule": s}
+      for s in ("gpipe", "1f1b", "interleaved1f1b", "interleavedzerobubble", "zbvzerobubble", "dualpipev")],
+    {"name": "handwritten-torch-1f1b-2ranks", "kind": "handwritten", "ranks": 2},
+    {"name": "trainer-fsdp-2ranks", "kind": "fsdp", "ranks": 2},
+]  # fmt: skip
+
+
+def _ideal(spec, cfg) -> float | None:
+    if spec["kind"] != "pipe":
+        return None
+    from hf_pipe.estimate import ideal_speedup
+    from hf_pipe.schedule import default_stages_per_rank
+
+    return ideal_speedup(spec["schedule"], 2, default_stages_per_rank(spec["schedule"]), cfg["microbatches"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    cfg = SMOKE if opts.smoke else FULL
+    if opts.worker:
+        spec = json.loads(opts.worker)
+        result = (run_handwritten if spec["kind"] == "handwritten" else run_trainer)(cfg, spec)
+        rank = int(os.environ.get("RANK", 0))
+        with open(os.path.join(opts.out, f"{spec['name']}.rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        return 0
+
+    os.makedirs(opts.out, exist_ok=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    rows = []
+    for spec in RUNS:
+        spec = {**spec, "out": opts.out}
+        me = [os.path.abspath(__file__), "--out", opts.out, "--worker", json.dumps(spec)] + (["--smoke"] * opts.smoke)
+        cmd = [torchrun, "--nproc_per_node", str(spec["ranks"])] + me if spec["ranks"] else [sys.executable] + me
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode:
+            print(f"{spec['name']}: FAILED\n{(proc.stdout + proc.stderr)[-2000:]}")
+            continue
+        ranks = [json.load(open(os.path.join(opts.out, f"{spec['name']}.rank{r}.json"))) for r in range(max(1, spec["ranks"]))]
+        rows.append({"name": spec["name"], "ideal_speedup": _ideal(spec, cfg),
+                     "step_s": max(r["step_s"] for r in ranks), "per_rank": ranks})  # fmt: skip
+    base = next(r["step_s"] for r in rows if r["name"] == "trainer-1proc-1thread")
+    hand = next((r["step_s"] for r in rows if r["name"].startswith("handwritten")), None)
+    print(f"Llama {cfg['layers']} blocks, hidden {cfg['hidden']}, seq {cfg['seq']}, batch {cfg['batch']}, "
+          f"{cfg['microbatches']} microbatches; median of steps {cfg['warmup'] + 1}-{cfg['steps']}")  # fmt: skip
+    print(f"{'run':34} {'step s':>7} {'tok/s':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'bubble':>7} "
+          f"{'RSS MiB':>8} {'tensor MiB':>10}")  # fmt: skip
+    for r in rows:
+        r["speedup"] = base / r["step_s"]
+        r["of_ideal"] = r["speedup"] / r["ideal_speedup"] if r["ideal_speedup"] else None
+        r["vs_handwritten"] = r["step_s"] / hand if hand and r["name"] == "pipe-2ranks-1f1b" else None
+        bubble = r["per_rank"][0].get("bubble_measured")
+        print(f"{r['name']:34} {r['step_s']:7.3f} {cfg['batch'] * cfg['seq'] / r['step_s']:7.0f} {r['speedup']:8.2f} "
+              f"{r['ideal_speedup'] or 0:6.2f} {100 * (r['of_ideal'] or 0):7.0f}% "
+              f"{'' if bubble is None else f'{100 * bubble:6.1f}%':>7} "
+              f"{max(p['peak_rss_mib'] for p in r['per_rank']):8.0f} {max(p['tensor_mib'] for p in r['per_rank']):10.1f}")  # fmt: skip
+    pipe = next((r for r in rows if r["name"] == "pipe-2ranks-1f1b"), None)
+    if pipe and hand:
+        print(f"PipeTrainer 1F1B vs hand-written torch 1F1B: {100 * (pipe['step_s'] / hand - 1):+.1f}% step time")
+    with open(os.path.join(opts.out, "bench.json"), "w") as f:
+        json.dump({"config": cfg, "rows": rows}, f, indent=2)
+    _chart(rows, os.path.join(opts.out, "bench.png"))
+    return 0
+
+
+def _chart(rows, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    names = [r["name"] for r in rows]
+    ax.barh(names, [r["speedup"] for r in rows], color="tab:blue", label="measured speed-up")
+    ax.scatter([r["ideal_speedup"] or float("nan") for r in rows], names, color="tab:red", zorder=3, label="ideal")
+    ax.set_xlabel("speed-up over Trainer, one process, one thread")
+    ax.invert_yaxis()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
