@@ -198,7 +198,10 @@ def main() -> int:
         if proc.returncode:
             print(f"{spec['name']}: FAILED\n{(proc.stdout + proc.stderr)[-2000:]}")
             continue
-        ranks = [json.load(open(os.path.join(opts.out, f"{spec['name']}.rank{r}.json"))) for r in range(max(1, spec["ranks"]))]
+        ranks = [
+            json.load(open(os.path.join(opts.out, f"{spec['name']}.rank{r}.json")))
+            for r in range(max(1, spec["ranks"]))
+        ]
         rows.append({"name": spec["name"], "ideal_speedup": _ideal(spec, cfg),
                      "step_s": max(r["step_s"] for r in ranks), "per_rank": ranks})  # fmt: skip
     base = next(r["step_s"] for r in rows if r["name"] == "trainer-1proc-1thread")

@@ -90,7 +90,9 @@ def worker(out_dir: str, device: str, pipeline: dict | None) -> None:
     if trainer.is_world_process_zero():
         logs = [e for e in trainer.state.log_history if "loss" in e and "grad_norm" in e]
         with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"logs": logs, "eval_loss": metrics["eval_loss"], "step_s": statistics.median(timer.times[2:])}, f)
+            json.dump(
+                {"logs": logs, "eval_loss": metrics["eval_loss"], "step_s": statistics.median(timer.times[2:])}, f
+            )
 
 
 def compare(ref_dir: str, run_dir: str) -> dict:
@@ -154,7 +156,9 @@ def main() -> int:
         result = compare(ref_dir, run_dir)
         ok = max(result["loss"], result["grad_norm"], result["eval_loss"]) < 2e-4 and result["weights_abs"] < 5e-4
         failed |= not ok
-        print(f"{'OK ' if ok else 'BAD'} {n} ranks {pipeline}: " + ", ".join(f"{k} {v:.3g}" for k, v in result.items()))
+        print(
+            f"{'OK ' if ok else 'BAD'} {n} ranks {pipeline}: " + ", ".join(f"{k} {v:.3g}" for k, v in result.items())
+        )
     return 1 if failed else 0
 
 
