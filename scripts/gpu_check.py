@@ -48,11 +48,16 @@ def _data(n: int, seed: int):
 def worker(out_dir: str, device: str, pipeline: dict | None) -> None:
     """One run; the Trainer reference when `pipeline` is None. Writes logs and the checkpoint to out_dir."""
     import torch
-    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer, TrainingArguments
-    from transformers import TrainerCallback
+    from tokenizers import Tokenizer, models
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from hf_pipe import PipeTrainer, PipeTrainingArguments
-    from tokenizers import Tokenizer, models
 
     class StepTimer(TrainerCallback):
         def __init__(self):
