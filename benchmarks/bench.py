@@ -175,6 +175,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
+    parser.add_argument("--runs", default="", help="Comma-separated run names to keep (default: all).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     cfg = SMOKE if opts.smoke else FULL
@@ -189,7 +190,8 @@ def main() -> int:
     os.makedirs(opts.out, exist_ok=True)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     rows = []
-    for spec in RUNS:
+    wanted = {r for r in opts.runs.split(",") if r} | {"trainer-1proc-1thread"}  # the baseline every ratio needs
+    for spec in RUNS if not opts.runs else [r for r in RUNS if r["name"] in wanted]:
         spec = {**spec, "out": opts.out}
         me = [os.path.abspath(__file__), "--out", opts.out, "--worker", json.dumps(spec)] + (["--smoke"] * opts.smoke)
         cmd = [torchrun, "--nproc_per_node", str(spec["ranks"])] + me if spec["ranks"] else [sys.executable] + me

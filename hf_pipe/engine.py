@@ -348,10 +348,10 @@ class PipelineEngine:
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients over all stages, each tied weight counted once."""
         counted_elsewhere = {id(p) for p, _, counts in self._tied if not counts}
-        squares = torch.zeros((), device=self.device, dtype=torch.float32)
-        for p in self.parameters():
-            if p.grad is not None and id(p) not in counted_elsewhere:
-                squares += _local(p.grad).detach().float().pow(2).sum()
+        grads = [_local(p.grad) for p in self.parameters() if p.grad is not None and id(p) not in counted_elsewhere]
+        # torch's own fused (foreach) norm over this rank's gradients, then the sum of squares over ranks
+        local = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads else None
+        squares = local.float().pow(2) if local is not None else torch.zeros((), device=self.device)
         if self.dp is not None and self.dp.mode == "fsdp" and self.dp.size > 1:
             dist.all_reduce(squares, group=self.dp.group)  # each replica holds a shard of every gradient
         dist.all_reduce(squares, group=self.group)
@@ -361,8 +361,11 @@ class PipelineEngine:
         """Clip all gradients by the global norm, as `torch.nn.utils.clip_grad_norm_` does on one device."""
         norm = self.grad_norm()
         if max_norm and max_norm > 0:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for p in self.parameters():
-                if p.grad is not None:
-                    _local(p.grad).detach().mul_(coef.to(p.grad.dtype))
+            params = [p for p in self.parameters() if p.grad is not None]
+            if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2: scale each local shard
+                coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+                for p in params:
+                    _local(p.grad).mul_(coef.to(p.grad.dtype))
+            else:  # torch's own clipping with the global norm (fused foreach kernels)
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return norm
