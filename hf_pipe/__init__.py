@@ -8,7 +8,7 @@ from .families import FamilyAdapter, register_family, registered_families
 from .schedule import SCHEDULES, schedule_class
 from .split import SplitPlan, StagePlan, annotate_split_points, plan_split
 from .trainer import PipelineModule, PipeTrainer
-from .training_args import PipeTrainingArguments
+from .training_args import PipelineArguments, PipeTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "PipelineConfigError",
     "PipeTrainer",
     "PipeTrainingArguments",
+    "PipelineArguments",
     "PipelineEngine",
     "PipelineModule",
     "SplitPlan",

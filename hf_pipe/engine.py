@@ -262,7 +262,8 @@ class PipelineEngine:
         return sched
 
     def _split_batch(self, batch: Mapping[str, Any]):
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        # non-blocking: on GPUs the host-to-device copy of the next tensors overlaps with this one's
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         if self.dp is not None and self.dp.size > 1:
             batch = self._pad_to_replicas(batch)
         labels = batch.pop("labels", None)
