@@ -29,6 +29,7 @@ from .loss import PipelineLoss
 from .schedule import (
     default_stages_per_rank,
     forward_only_schedule,
+    largest_divisor_at_most,
     placement,
     schedule_class,
     schedule_for_batch,
@@ -240,7 +241,7 @@ class PipelineEngine:
             )
         else:  # forward only: any count of equal microbatches works
             name = "forward"
-            count = max(d for d in range(1, min(self.microbatches, batch_size) + 1) if batch_size % d == 0)
+            count = largest_divisor_at_most(batch_size, self.microbatches)
         shapes = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v))
         key = (name, count, shapes)
         if key in self._schedules:

@@ -60,6 +60,16 @@ def placement(name: str) -> str:
     return "v" if name.lower() in V_SCHEDULES else "loop"
 
 
+def divisors(n: int) -> list[int]:
+    """Every divisor of `n`, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of `n` not above `limit`: how many equal microbatches a batch of `n` splits into."""
+    return max(d for d in divisors(n) if d <= limit)
+
+
 def default_stages_per_rank(name: str) -> int:
     return 2 if is_multi_stage(name) else 1
 
@@ -104,7 +114,7 @@ def schedule_for_batch(
     equal microbatches not above the configured one, and when the schedule cannot run that count it runs on a
     schedule with the same stage placement that can (GPipe, LoopedBFS or ZBV) — the gradients are the same.
     """
-    count = max(d for d in range(1, min(microbatches, batch_size) + 1) if batch_size % d == 0)
+    count = largest_divisor_at_most(batch_size, microbatches)
     if not check_schedule(name, pp_size=pp_size, stages_per_rank=stages_per_rank, microbatches=count):
         return name, count
     if not is_multi_stage(name):
@@ -146,10 +156,9 @@ def check_schedule(
         problems.append(f"pipeline_microbatches={microbatches} must be at least 1.")
         return problems
     if batch_size is not None and batch_size % microbatches:
-        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
         problems.append(
             f"pipeline_microbatches={microbatches} does not divide per_device_train_batch_size={batch_size}; use "
-            f"{', '.join(map(str, divisors))} microbatches, or a batch size divisible by {microbatches}."
+            f"{', '.join(map(str, divisors(batch_size)))} microbatches, or a batch size divisible by {microbatches}."
         )
     # torch refuses these at the first step, after every rank has built its stages; say it up front instead.
     if name in ("1f1b", "dualpipev") and microbatches < num_stages:

@@ -9,7 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from .errors import raise_if_any
-from .schedule import SCHEDULES, check_schedule, default_stages_per_rank
+from .schedule import SCHEDULES, check_schedule, default_stages_per_rank, divisors, largest_divisor_at_most
 from .split import POLICIES
 
 
@@ -94,7 +94,7 @@ class PipelineArguments:
         if self.pipeline_microbatches:
             return self.pipeline_microbatches
         stages = self.resolved_pipeline_size(world_size) * self.resolved_stages_per_rank()
-        return max(d for d in range(1, min(2 * stages, batch_size) + 1) if batch_size % d == 0)
+        return largest_divisor_at_most(batch_size, 2 * stages)
 
     def pipeline_problems(self, world_size: int, batch_size: int) -> list[str]:
         """Every problem with the pipeline settings that needs no model, each with its fix."""
@@ -109,10 +109,9 @@ class PipelineArguments:
             problems.append(f"pipeline_parallel_size={self.pipeline_parallel_size} must be at least 1.")
             return problems
         if world_size % pp:
-            fits = [d for d in range(1, world_size + 1) if world_size % d == 0]
             problems.append(
                 f"pipeline_parallel_size={pp} does not divide the {world_size} launched processes; use one of "
-                f"{fits}, or launch a multiple of {pp} processes."
+                f"{divisors(world_size)}, or launch a multiple of {pp} processes."
             )
         if self.pipeline_parallel_size and self.pipeline_parallel_size > world_size:
             problems.append(
