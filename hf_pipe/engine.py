@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .checkpoint import canonical_state_names
 from .errors import raise_if_any
+from .families import get_family
 from .loss import PipelineLoss
 from .schedule import (
     default_stages_per_rank,
@@ -34,10 +35,11 @@ from .schedule import (
     schedule_class,
     schedule_for_batch,
 )
-from .split import SplitPolicy, plan_split, resolve_family
-from .stage import StageModule, build_stage_modules, owner_stages, tied_groups
+from .split import SplitPolicy, plan_blocks, plan_split, resolve_family
+from .stage import build_stage_modules, free_unowned_parameters, owner_stages, tied_groups
 from .timeline import Action, TimedPipelineStage, Timeline
-from .validate import pipeline_problems
+from .trace import TracedStage, block_split_spec, fake_copy, share_tensors, trace_stages
+from .validate import FRONTENDS, pipeline_problems
 
 # Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
 _SHAPE_CACHE_SIZE = 16
@@ -58,6 +60,17 @@ class DataParallel:
     rank: int
     mode: str  # "ddp" or "fsdp"
     pipelines: list[list[int]]  # global ranks of each replica's pipeline, stage-rank order
+
+
+def resolve_frontend(frontend: str, model: nn.Module) -> str:
+    """ "module" or "trace": `"auto"` takes the module split where the model's family has an adapter."""
+    frontend = frontend.lower()
+    if frontend not in FRONTENDS:
+        return frontend  # reported by pipeline_problems with the valid options
+    if frontend == "auto":
+        config = getattr(model, "config", None)
+        return "module" if config is not None and get_family(getattr(config, "model_type", "")) else "trace"
+    return frontend
 
 
 def default_device() -> torch.device:
@@ -92,6 +105,8 @@ class PipelineEngine:
         device: torch.device | str | None = None,
         batch_size: int | None = None,
         data_parallel: DataParallel | None = None,
+        frontend: str = "auto",
+        task: str | None = None,
     ):
         self.group = group if group is not None else dist.group.WORLD
         self.dp = data_parallel
@@ -102,48 +117,99 @@ class PipelineEngine:
         self.stages_per_rank = stages_per_rank or default_stages_per_rank(schedule)
         self.num_stages = self.pp_size * self.stages_per_rank
         self.microbatches = microbatches or self.num_stages
+        self.frontend = resolve_frontend(frontend, model)
+        config = getattr(model, "config", None)
         raise_if_any(
             pipeline_problems(
-                model.config,
+                config,
                 schedule=schedule,
                 pp_size=self.pp_size,
                 stages_per_rank=self.stages_per_rank,
                 microbatches=self.microbatches,
                 batch_size=batch_size,
                 explicit_split=not isinstance(split, str),
+                frontend=self.frontend,
+                data_parallel=data_parallel.mode if data_parallel and data_parallel.size > 1 else None,
             )
         )
         self.device = torch.device(device) if device is not None else default_device()
-        self.adapter = resolve_family(model.config.model_type)
-        self.plan = plan_split(model, self.num_stages, split)
+        if self.frontend == "module":
+            self.plan = plan_split(model, self.num_stages, split, task=task)
+        else:
+            self.plan = plan_blocks(model, self.num_stages, split, task=task)
         if self.plan.task is None:
             raise ValueError(
-                f"{type(model).__name__} has no head to train; pass a model with one "
-                "(ForCausalLM / LMHeadModel, ForMaskedLM, ForSequenceClassification)."
+                f"{type(model).__name__} has no head to train; pass a model with one (ForCausalLM / LMHeadModel, "
+                "ForMaskedLM, ForSequenceClassification), or task='causal_lm' / 'masked_lm' / 'seq_cls' for a "
+                "model of your own whose forward returns logits."
             )
-        self.config = model.config
+        self.config = config
         self.stage_to_rank = generate_stage_to_rank_mapping(self.pp_size, self.num_stages, placement(schedule))
         self.stage_indices = [s for s in range(self.num_stages) if self.stage_to_rank[s] == self.pp_rank]
         canonical = canonical_state_names(model)
         groups = tied_groups(model)
-        self.modules: list[StageModule] = build_stage_modules(model, self.adapter, self.plan, self.stage_indices)
+        if self.frontend == "module":
+            self.adapter = resolve_family(config.model_type)
+            self.modules: list[nn.Module] = build_stage_modules(model, self.adapter, self.plan, self.stage_indices)
+            tied = [(fqns, owner_stages(self.plan, fqns)) for fqns in groups]
+            for module in self.modules:
+                module.to(self.device)
+        else:
+            self.modules, tied = self._trace_frontend(model, groups)
         # Stage-local state key -> the model FQN HF saves it under (a tied weight: the name HF keeps).
         self.state_names = [
-            {k: canonical[id(t)] for k, t in m.state_dict(keep_vars=True).items()} for m in self.modules
+            {k: canonical[id(t)] for k, t in m.state_dict(keep_vars=True).items() if id(t) in canonical}
+            for m in self.modules
         ]
-        for module in self.modules:
-            module.to(self.device)
         # What the schedule runs: the stages themselves, or their DDP / FSDP2 wrappers over the replicas.
         self._runnable: list[nn.Module] = [self._wrap_data_parallel(m) for m in self.modules]
         # after wrapping: FSDP2 replaces each parameter by its sharded version
-        self._tied = self._setup_tied(groups)
-        self.loss = PipelineLoss(self.plan.task, model.config)
+        self._tied = self._setup_tied(tied)
+        self.loss = PipelineLoss(self.plan.task, config)
         self.has_first = 0 in self.stage_indices
         self.has_last = self.num_stages - 1 in self.stage_indices
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()
         self.timeline = Timeline(self.pp_rank)
         #: every rank's recorded actions, set when the steps armed with `record_timeline` have run
         self.recorded: list[Action] | None = None
+
+    def _trace_frontend(self, model: nn.Module, groups: list[list[str]]):
+        """Trace once at a small shape: export errors surface now, and the trace tells which weights each stage
+        uses. This rank keeps its stages' weights (on its device) and frees the rest; later traces (one per batch
+        shape, `_traced_modules`) run on a fake copy made before freeing and point at the same weights."""
+        self._model = model
+        self._fake = fake_copy(model, self.device)
+        self._split_spec = block_split_spec(self.plan.blocks, self.plan.layer_starts)
+        positions = getattr(self.config, "max_position_embeddings", None) or 8
+        probe = torch.zeros(1, min(8, positions), dtype=torch.long, device=self.device)
+        pipe = trace_stages(model, self._split_spec, (probe,), fake=self._fake, training=True)
+        used = [{id(p) for p in pipe.get_stage_module(i).parameters()} for i in range(self.num_stages)]
+        tied = [
+            (fqns, [i for i in range(self.num_stages) if id(model.get_parameter(fqns[0])) in used[i]])
+            for fqns in groups
+        ]
+        modules = [pipe.get_stage_module(i) for i in self.stage_indices]
+        free_unowned_parameters(model, modules)
+        with torch.no_grad():  # this rank's weights and every buffer to the device, in place: the objects stay
+            for module in model.modules():
+                for param in module._parameters.values():
+                    if param is not None and param.device.type != "meta":
+                        param.data = param.data.to(self.device)
+                for name, buffer in module._buffers.items():
+                    if buffer is not None:
+                        module._buffers[name] = buffer.to(self.device)
+        for index, module in zip(self.stage_indices, modules):
+            share_tensors(module, model, index)
+        return modules, tied
+
+    def _traced_modules(self, batch: Mapping[str, torch.Tensor], count: int, training: bool) -> list[nn.Module]:
+        """This rank's stage modules traced at the microbatch shape of `batch` split `count` ways."""
+        # labels stay out of the graph: the loss is the schedule's, on the last stage
+        chunk = {k: v.tensor_split(count)[0] for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}
+        input_ids = chunk.pop("input_ids")
+        pipe = trace_stages(self._model, self._split_spec, (input_ids,), chunk, fake=self._fake, training=training)
+        self._pipe_info = pipe.info()
+        return [pipe.get_stage_module(i) for i in self.stage_indices]
 
     # -- parameters ------------------------------------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -185,7 +251,9 @@ class PipelineEngine:
                         value = distribute_tensor(value, tensor.device_mesh, tensor.placements)
                     tensor.copy_(value)
 
-    def _setup_tied(self, groups: list[list[str]]) -> list[tuple[nn.Parameter, dist.ProcessGroup | None, bool]]:
+    def _setup_tied(
+        self, groups: list[tuple[list[str], list[int]]]
+    ) -> list[tuple[nn.Parameter, dist.ProcessGroup | None, bool]]:
         """Tied weights whose copies sit on several ranks: (local param, group of owner ranks, counts in the norm).
 
         `new_group` is collective over the world, so every rank walks the same groups in the same order.
@@ -196,8 +264,7 @@ class PipelineEngine:
         pipelines = (
             self.dp.pipelines if self.dp else [[dist.get_global_rank(self.group, r) for r in range(self.pp_size)]]
         )
-        for fqns in groups:
-            stages = owner_stages(self.plan, fqns)
+        for fqns, stages in groups:
             ranks = sorted({self.stage_to_rank[s] for s in stages})
             if len(ranks) < 2:
                 continue
@@ -213,8 +280,8 @@ class PipelineEngine:
 
     def _wrap_data_parallel(self, module: nn.Module) -> nn.Module:
         """DDP or FSDP2 over the data-parallel replicas of this stage; torch's stages drive both (no_sync, reshard)."""
-        if self.dp is None or self.dp.size == 1:
-            return module
+        if self.dp is None or self.dp.size == 1 or self.frontend == "trace":
+            return module  # traced stages: gradients averaged in `reduce_tied_gradients`
         if self.dp.mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
@@ -247,10 +314,18 @@ class PipelineEngine:
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
-        stages = [
-            TimedPipelineStage(module, index, self.num_stages, self.device, group=self.group, timeline=self.timeline)
-            for module, index in zip(self._runnable, self.stage_indices)
-        ]
+        if self.frontend == "trace":  # traced stages are specialised to one shape: trace this one
+            stages = [
+                TracedStage(module, index, self._pipe_info, self.device, self.group, timeline=self.timeline)
+                for module, index in zip(self._traced_modules(batch, count, training), self.stage_indices)
+            ]
+        else:
+            stages = [
+                TimedPipelineStage(
+                    module, index, self.num_stages, self.device, group=self.group, timeline=self.timeline
+                )
+                for module, index in zip(self._runnable, self.stage_indices)
+            ]
         if name == "forward" and self.stages_per_rank > 1:
             sched = forward_only_schedule(stages, self.stage_to_rank, count, self.loss)
         else:
@@ -340,7 +415,18 @@ class PipelineEngine:
 
     # -- gradients -------------------------------------------------------------------------------------------
     def reduce_tied_gradients(self) -> None:
-        """Sum the gradients of tied weights over the ranks holding a copy, so the copies stay one parameter."""
+        """Sum the gradients of tied weights over the ranks holding a copy, so the copies stay one parameter.
+
+        Traced stages with data parallelism also average every gradient over the replicas here (as DDP would; a
+        DDP wrapper per traced shape would hook each weight once per shape).
+        """
+        if self.frontend == "trace" and self.dp is not None and self.dp.size > 1:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:
+                flat = torch._utils._flatten_dense_tensors(grads).div_(self.dp.size)
+                dist.all_reduce(flat, group=self.dp.group)
+                for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                    grad.copy_(reduced)
         for param, pg, _ in self._tied:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)

@@ -41,6 +41,7 @@ class SplitPlan:
     policy: str
     num_layers: int
     stages: tuple[StagePlan, ...]
+    blocks: str = ""  # FQN of the block list the stages split (`model.layers`)
 
     @property
     def num_stages(self) -> int:
@@ -226,6 +227,37 @@ def _check_starts(starts: Sequence[int], num_layers: int, num_stages: int, setti
     return starts
 
 
+def _choose_starts(
+    split: SplitPolicy,
+    marks: Mapping[str, SplitPoint] | None,
+    layer_fqns: Sequence[str],
+    layer_cost: Sequence[float],
+    first: float,
+    last: float,
+    num_stages: int,
+) -> tuple[str, list[int]]:
+    """(policy name, block index each stage begins at) for a split setting; marks on the model win over "auto"."""
+    num_layers = len(layer_fqns)
+    if isinstance(split, Mapping):
+        return "split points", _check_starts(_starts_from_marks(split, layer_fqns), num_layers, num_stages, "split")
+    if isinstance(split, str) and split.lower() == "auto" and marks:
+        starts = _starts_from_marks(marks, layer_fqns)
+        return "split points", _check_starts(starts, num_layers, num_stages, "annotate_split_points")
+    if isinstance(split, str) and split.lower() in POLICIES:
+        if split.lower() == "auto":
+            counts = _balanced_counts(layer_cost, first, last, num_stages)
+        else:
+            base, extra = divmod(num_layers, num_stages)
+            counts = [base + (1 if k < extra else 0) for k in range(num_stages)]
+        return split.lower(), [sum(counts[:k]) for k in range(num_stages)]
+    if isinstance(split, str):
+        raise PipelineConfigError(
+            f"pipeline_split={split!r} is not a split policy; valid options are {list(POLICIES)}, a list of block "
+            "indices where stages begin, or SplitPoint marks."
+        )
+    return "explicit", _check_starts(split, num_layers, num_stages, "pipeline_split")
+
+
 def plan_split(
     model_or_config: Any,
     num_stages: int,
@@ -271,30 +303,9 @@ def plan_split(
     layer_fqns = [f"{body}{adapter.layers}.{i}" for i in range(num_layers)]
 
     marks = getattr(model_or_config, _SPLIT_POINTS_ATTR, None) if is_model else None
-    if isinstance(split, Mapping):
-        policy, starts = (
-            "split points",
-            _check_starts(_starts_from_marks(split, layer_fqns), num_layers, num_stages, "split"),
-        )
-    elif isinstance(split, str) and split.lower() == "auto" and marks:
-        policy = "split points"
-        starts = _check_starts(_starts_from_marks(marks, layer_fqns), num_layers, num_stages, "annotate_split_points")
-    elif isinstance(split, str) and split.lower() == "auto":
-        policy = "auto"
-        counts = _balanced_counts([flops.layer] * num_layers, flops.embeddings, flops.head, num_stages)
-        starts = [sum(counts[:k]) for k in range(num_stages)]
-    elif isinstance(split, str) and split.lower() == "uniform":
-        policy = "uniform"
-        base, extra = divmod(num_layers, num_stages)
-        counts = [base + (1 if k < extra else 0) for k in range(num_stages)]
-        starts = [sum(counts[:k]) for k in range(num_stages)]
-    elif isinstance(split, str):
-        raise PipelineConfigError(
-            f"pipeline_split={split!r} is not a split policy; valid options are {list(POLICIES)}, a list of block "
-            "indices where stages begin, or SplitPoint marks."
-        )
-    else:
-        policy, starts = "explicit", _check_starts(split, num_layers, num_stages, "pipeline_split")
+    policy, starts = _choose_starts(
+        split, marks, layer_fqns, [flops.layer] * num_layers, flops.embeddings, flops.head, num_stages
+    )
 
     meta = model_or_config if is_model else _meta_model(config, task)
     bounds = [*starts, num_layers]
@@ -305,4 +316,60 @@ def plan_split(
         cost = len(layers) * flops.layer + (flops.embeddings if first else 0.0) + (flops.head if last else 0.0)
         modules = stage_modules(adapter, task, layers, first, last)
         stages.append(StagePlan(k, layers, tuple(modules), cost, _param_count(meta, modules)))
-    return SplitPlan(config.model_type, task, policy, num_layers, tuple(stages))
+    return SplitPlan(config.model_type, task, policy, num_layers, tuple(stages), f"{body}{adapter.layers}")
+
+
+def find_blocks(model: nn.Module) -> str:
+    """FQN of the model's repeated blocks: the `nn.ModuleList` of same-class modules holding the most parameters."""
+    best: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name)
+    if best is None:
+        raise PipelineConfigError(
+            f"{type(model).__name__} has no nn.ModuleList of repeated blocks to split at: mark the stage boundaries "
+            "with hf_pipe.annotate_split_points(model, {fqn: SplitPoint.BEGINNING}) or pipe_split() in its forward."
+        )
+    return best[1]
+
+
+def plan_blocks(
+    model: nn.Module, num_stages: int, split: SplitPolicy = "auto", *, task: str | None = None
+) -> SplitPlan:
+    """Stage boundaries at the blocks of any model, with or without a family adapter (the trace frontend's plan).
+
+    A registered family is planned as `plan_split` does. Any other model is split at its repeated blocks
+    (`find_blocks`); `"auto"` then balances an estimate from the weights: a block's forward costs about two FLOPs
+    per token per weight, and the last stage also runs the output embedding (the LM head), if the model has one.
+    Embedding lookups cost next to nothing.
+    """
+    config = getattr(model, "config", None)
+    if config is not None and get_family(getattr(config, "model_type", "")) is not None:
+        return plan_split(model, num_stages, split, task=task)
+    prefix = find_blocks(model)
+    blocks = model.get_submodule(prefix)
+    layer_fqns = [f"{prefix}.{i}" for i in range(len(blocks))]
+    if num_stages < 1 or num_stages > len(blocks):
+        raise PipelineConfigError(
+            f"{num_stages} pipeline stages (pipeline_parallel_size × pipeline_stages_per_rank) for a model with "
+            f"{len(blocks)} blocks ({prefix}): every stage needs at least one block; use between 1 and "
+            f"{len(blocks)} stages."
+        )
+    cost = [2.0 * _param_count(model, [fqn]) for fqn in layer_fqns]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_cost = 2.0 * head.weight.numel() if head is not None else 0.0
+    marks = getattr(model, _SPLIT_POINTS_ATTR, None)
+    policy, starts = _choose_starts(split, marks, layer_fqns, cost, 0.0, head_cost, num_stages)
+    bounds = [*starts, len(blocks)]
+    stages = []
+    for k in range(num_stages):
+        layers = tuple(range(bounds[k], bounds[k + 1]))
+        modules = tuple(layer_fqns[i] for i in layers)
+        flops = sum(cost[i] for i in layers) + (head_cost if k == num_stages - 1 else 0.0)
+        stages.append(StagePlan(k, layers, modules, flops, _param_count(model, modules)))
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    if task is None:
+        task = task_of(type(model).__name__)
+    return SplitPlan(model_type, task, policy, len(blocks), tuple(stages), prefix)

@@ -69,15 +69,15 @@ class Timeline:
         return [a for actions in per_rank for a in actions]
 
 
-class TimedPipelineStage(PipelineStage):
-    """torch's `PipelineStage`, timing each compute action into a `Timeline` while it records."""
+class TimedStageMixin:
+    """Times each compute action of a torch pipeline stage into a `Timeline` while it records."""
 
-    def __init__(self, *args: Any, timeline: Timeline, **kwargs: Any):
+    def __init__(self, *args: Any, timeline: Timeline | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.timeline = timeline
 
     def _timed(self, kind: str, microbatch: int, fn, *args, **kwargs):
-        if not self.timeline.recording:
+        if self.timeline is None or not self.timeline.recording:
             return fn(*args, **kwargs)
         start = time.time()
         out = fn(*args, **kwargs)
@@ -95,6 +95,10 @@ class TimedPipelineStage(PipelineStage):
 
     def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False):
         return self._timed("W", bwd_chunk_id, super().backward_weight_one_chunk, bwd_chunk_id, last_backward)
+
+
+class TimedPipelineStage(TimedStageMixin, PipelineStage):
+    """torch's `PipelineStage` (module-split stages), timed."""
 
 
 def measured_bubble(actions: list[Action]) -> float:

@@ -7,6 +7,8 @@ from typing import Any
 from .families import get_family, registered_families
 from .schedule import check_schedule
 
+FRONTENDS = ("auto", "module", "trace")
+
 
 def pipeline_problems(
     config: Any,
@@ -17,19 +19,46 @@ def pipeline_problems(
     microbatches: int,
     batch_size: int | None = None,
     explicit_split: bool = False,
+    frontend: str = "module",
+    data_parallel: str | None = None,
 ) -> list[str]:
     """Every incompatibility between a model config and the pipeline settings, each with its fix."""
     problems = check_schedule(
         schedule, pp_size=pp_size, stages_per_rank=stages_per_rank, microbatches=microbatches, batch_size=batch_size
     )
     return problems + model_problems(
-        config, pp_size=pp_size, stages_per_rank=stages_per_rank, explicit_split=explicit_split
+        config,
+        pp_size=pp_size,
+        stages_per_rank=stages_per_rank,
+        explicit_split=explicit_split,
+        frontend=frontend,
+        data_parallel=data_parallel,
     )
 
 
-def model_problems(config: Any, *, pp_size: int, stages_per_rank: int, explicit_split: bool = False) -> list[str]:
-    """Problems between the model and the pipeline shape: a family without an adapter, more stages than blocks."""
+def model_problems(
+    config: Any,
+    *,
+    pp_size: int,
+    stages_per_rank: int,
+    explicit_split: bool = False,
+    frontend: str = "module",
+    data_parallel: str | None = None,
+) -> list[str]:
+    """Problems between the model and the pipeline shape: a family without an adapter, more stages than blocks.
+
+    With the trace frontend the blocks are found on the model itself (`split.plan_blocks` checks the count)."""
     problems: list[str] = []
+    if frontend not in FRONTENDS:
+        return [f"pipeline_frontend={frontend!r} is not a frontend; valid options are {list(FRONTENDS)}."]
+    if frontend == "trace":
+        if data_parallel == "fsdp":
+            problems.append(
+                "pipeline_data_parallel='fsdp' shards the weights of module-split stages only; with "
+                "pipeline_frontend='trace' use pipeline_data_parallel='ddp', or pipeline_frontend='module' for a "
+                "family with an adapter."
+            )
+        return problems
     adapter = get_family(config.model_type)
     if adapter is None:
         how = "an explicit pipeline_split still needs one to run stages" if explicit_split else "no split policy"

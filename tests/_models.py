@@ -118,10 +118,79 @@ CASES = {
             max_position_embeddings=64,
         ),
     ),
+    # no family adapter: pipelined by the trace frontend only
+    "gpt_neox": (
+        transformers.GPTNeoXConfig,
+        transformers.GPTNeoXForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        ),
+    ),
 }
 
 
-def tiny_model(name: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+class TinyBlock(torch.nn.Module):
+    """Pre-norm causal self-attention and MLP: a user's own block, not a transformers class."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = torch.nn.LayerNorm(hidden)
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
+        self.proj = torch.nn.Linear(hidden, hidden)
+        self.norm2 = torch.nn.LayerNorm(hidden)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(), torch.nn.Linear(2 * hidden, hidden)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, t, h))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyDecoder(torch.nn.Module):
+    """A causal LM of the user's own (no config, no family): embeddings, a ModuleList of blocks, a head.
+
+    Returns the logits, or (loss, logits) with HF's shifted causal-LM loss when given labels.
+    """
+
+    def __init__(self, vocab: int = VOCAB, hidden: int = HIDDEN, layers: int = LAYERS, heads: int = 4):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.blocks = torch.nn.ModuleList([TinyBlock(hidden, heads) for _ in range(layers)])
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        t = input_ids.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+        mask = (
+            causal[None, None] if attention_mask is None else causal[None, None] & attention_mask[:, None, None].bool()
+        )
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, mask)
+        logits = self.head(self.norm(x))
+        if labels is None:
+            return logits
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), shifted.reshape(-1), ignore_index=-100), logits
+
+
+def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    if name == "custom":
+        torch.manual_seed(seed)
+        layers = overrides.get("num_hidden_layers", LAYERS)
+        return TinyDecoder(layers=layers).train()
     config_cls, model_cls, kwargs = CASES[name]
     config = config_cls(**{"vocab_size": VOCAB, **kwargs, **overrides})
     torch.manual_seed(seed)
@@ -154,11 +223,12 @@ def reference_step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     """Loss and gradients of the whole model on the whole batch in one process (HF's own forward and loss)."""
     model.zero_grad(set_to_none=True)
     out = model(**batch)
-    out.loss.backward()
+    loss = out[0] if isinstance(out, tuple) else out.loss
+    loss.backward()
     grads = {
         n: p.grad.detach().clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None
     }
-    return out.loss.detach(), grads
+    return loss.detach(), grads
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:

@@ -23,14 +23,22 @@ def _optimizer(params):
     return torch.optim.SGD(params, lr=0.5, momentum=0.9)
 
 
-def _pipeline_worker(name: str, cases: list[tuple[str, int]], layers: int, microbatches: int) -> list[dict]:
+def _pipeline_worker(
+    name: str, cases: list[tuple[str, int]], layers: int, microbatches: int, frontend: str
+) -> list[dict]:
     from hf_pipe.engine import PipelineEngine
 
     out = []
     for schedule, stages_per_rank in cases:
         model = tiny_model(name, **_layers(name, layers))
         engine = PipelineEngine(
-            model, schedule=schedule, microbatches=microbatches, stages_per_rank=stages_per_rank, device="cpu"
+            model,
+            schedule=schedule,
+            microbatches=microbatches,
+            stages_per_rank=stages_per_rank,
+            device="cpu",
+            frontend=frontend,
+            task="causal_lm" if name == "custom" else None,
         )
         opt = _optimizer(list(engine.parameters()))
         record = {"schedule": schedule, "stages_per_rank": stages_per_rank, "losses": [], "grads": [], "norms": []}
@@ -73,14 +81,19 @@ def _recorder(errs: dict[str, float]):
 
 
 def check_against_reference(
-    name: str, world_size: int, cases: list[tuple[str, int]], layers: int = 4, microbatches: int = MICROBATCHES
+    name: str,
+    world_size: int,
+    cases: list[tuple[str, int]],
+    layers: int = 4,
+    microbatches: int = MICROBATCHES,
+    frontend: str = "module",
 ) -> dict[str, float]:
     """Run `cases` ((schedule, stages per rank), ...) on `world_size` ranks; assert and return the worst differences."""
-    ranks = run_distributed(_pipeline_worker, world_size, name, cases, layers, microbatches)
+    ranks = run_distributed(_pipeline_worker, world_size, name, cases, layers, microbatches, frontend)
     ref = _reference(name, layers)
     worst = {}
     for c, (schedule, spr) in enumerate(cases):
-        label = f"{name} {schedule} {world_size * spr} stages"
+        label = f"{name} {frontend} {schedule} {world_size * spr} stages"
         errs = {"loss": 0.0, "grad norm": 0.0, "grads": 0.0, "weights": 0.0}
         note = _recorder(errs)
 
