@@ -238,7 +238,8 @@ class PipelineEngine:
         state: dict[str, torch.Tensor] = {}
         for module, names in zip(self.modules, self.state_names):
             for key, tensor in module.state_dict().items():
-                state[names[key]] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                if key in names:  # traced stages also list the model's non-persistent buffers
+                    state[names[key]] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         return state
 
     def load_local_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -246,6 +247,8 @@ class PipelineEngine:
         with torch.no_grad():
             for module, names in zip(self.modules, self.state_names):
                 for key, tensor in module.state_dict(keep_vars=True).items():
+                    if key not in names:
+                        continue
                     value = tensors[names[key]].to(device=self.device, dtype=tensor.dtype)
                     if isinstance(tensor, DTensor):
                         value = distribute_tensor(value, tensor.device_mesh, tensor.placements)

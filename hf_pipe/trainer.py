@@ -23,7 +23,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import read_tensors, save_pipeline_model
-from .engine import DataParallel, PipelineEngine
+from .engine import DataParallel, PipelineEngine, resolve_frontend
 from .errors import raise_if_any
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM
@@ -90,6 +90,7 @@ class PipeTrainer(Trainer):
         microbatches = args.resolved_microbatches(world)
         eval_sets = kwargs.get("eval_dataset")
         eval_sets = eval_sets if isinstance(eval_sets, dict) else {"eval_dataset": eval_sets}
+        frontend = resolve_frontend(args.pipeline_frontend, model)
         raise_if_any(
             args.pipeline_problems(world)
             + model_problems(
@@ -97,7 +98,10 @@ class PipeTrainer(Trainer):
                 pp_size=pp,
                 stages_per_rank=args.resolved_stages_per_rank(),
                 explicit_split=not isinstance(args.pipeline_split, str),
+                frontend=frontend,
+                data_parallel=args.pipeline_data_parallel if world > pp else None,
             )
+            + _traced_model_problems(frontend, args)
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
         )
@@ -111,6 +115,7 @@ class PipeTrainer(Trainer):
             batch_size=args.per_device_train_batch_size,
             group=pp_group,
             data_parallel=self.data_parallel,
+            frontend=frontend,
         )
         self.pipeline = PipelineModule(self.engine, model.config)
         self._tied_reduced = False
@@ -220,6 +225,17 @@ class PipeTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None):
         # Over this rank's parameters only, with Trainer's own weight-decay grouping.
         return super().create_optimizer(model=self.pipeline)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        # Trainer decides by module type (no decay inside LayerNorm) and by name; traced stages keep neither the
+        # module types nor always the names, so decide on the whole model and map its FQNs to the stage names.
+        decay = set(super().get_decay_parameter_names(self.model))
+        return [
+            f"stages.{i}.{local}"
+            for i, names in enumerate(self.engine.state_names)
+            for local, fqn in names.items()
+            if fqn in decay
+        ]
 
     def _loss_normalizer(self, labels: torch.Tensor, num_items_in_batch: Any, training: bool = True) -> float:
         """What Trainer would divide this batch's loss sum by, so the loss and gradients match Trainer's."""
@@ -443,3 +459,14 @@ def _init_single_process_group() -> None:
 
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="hf_pipe-"), "store"), 1)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=0, world_size=1)
+
+
+def _traced_model_problems(frontend: str, args: PipeTrainingArguments) -> list[str]:
+    """Trainer options the trace frontend cannot honour."""
+    if frontend == "trace" and args.gradient_checkpointing:
+        return [
+            "gradient_checkpointing=True with pipeline_frontend='trace' (or 'auto' for a model without a family "
+            "adapter): the graph is fixed when it is exported, so Trainer's checkpointing switch cannot reach it; "
+            "use pipeline_frontend='module' with a family adapter, or set gradient_checkpointing=False."
+        ]
+    return []

@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 from .errors import raise_if_any
 from .schedule import SCHEDULES, check_schedule, default_stages_per_rank, divisors, largest_divisor_at_most
 from .split import POLICIES
+from .validate import FRONTENDS
 
 
 def _launched_world_size() -> int:
@@ -54,6 +55,15 @@ class PipelineArguments:
         },
     )
 
+    pipeline_frontend: str = field(
+        default="auto",
+        metadata={
+            "help": "How stages are made: 'module' (split at the modules of a family with an adapter: any batch "
+            "shape, no tracing), 'trace' (torch.export through torch.distributed.pipelining: any exportable model, "
+            "traced once per batch shape), or 'auto' (module where an adapter is registered, trace otherwise).",
+            "choices": ["auto", "module", "trace"],
+        },
+    )
     pipeline_data_parallel: str = field(
         default="ddp",
         metadata={
@@ -80,6 +90,7 @@ class PipelineArguments:
             except ValueError:
                 pass  # reported by pipeline_problems with the valid options
         self.pipeline_schedule = self.pipeline_schedule.lower()
+        self.pipeline_frontend = self.pipeline_frontend.lower()
 
     # Settings derived from the launch: the world size is only known once the processes exist.
     def resolved_pipeline_size(self, world_size: int) -> int:
@@ -119,6 +130,10 @@ class PipelineArguments:
                 "(note: `accelerate launch --cpu --num_processes N` starts one process on a CPU-only machine); "
                 f"launch {self.pipeline_parallel_size} with `torchrun --nproc_per_node {self.pipeline_parallel_size}` "
                 f"or `accelerate launch --multi_gpu --num_processes {self.pipeline_parallel_size}`."
+            )
+        if self.pipeline_frontend not in FRONTENDS:
+            problems.append(
+                f"pipeline_frontend={self.pipeline_frontend!r} is not a frontend; valid options are {list(FRONTENDS)}."
             )
         if self.pipeline_data_parallel not in ("ddp", "fsdp"):
             problems.append(

@@ -14,7 +14,13 @@ from tests._models import tiny_model
 LOSS_TOL = 2e-4
 WEIGHT_TOL = 5e-4
 
-TASKS = {"gpt2": "causal_lm", "llama": "causal_lm", "bert-cls": "seq_cls", "llama-tied": "causal_lm"}
+TASKS = {
+    "gpt2": "causal_lm",
+    "llama": "causal_lm",
+    "bert-cls": "seq_cls",
+    "llama-tied": "causal_lm",
+    "gpt_neox": "causal_lm",
+}
 
 
 def _common_args(output_dir: str, **overrides) -> dict:
@@ -116,7 +122,9 @@ def compare(
     ref_weights = auto.from_pretrained(tmp_path / "ref" / "final").state_dict()
     worst = {}
     for i, pipeline in enumerate(pipelines):
-        label = f"{name} {pipeline.get('pipeline_schedule', '1f1b')} x{world}"
+        label = (
+            f"{name} {pipeline.get('pipeline_frontend', 'auto')} {pipeline.get('pipeline_schedule', '1f1b')} x{world}"
+        )
         errs = {"loss": 0.0, "grad_norm": 0.0, "eval_loss": 0.0, "weights": 0.0}
         for rank in per_rank:
             run = rank[i]
@@ -163,3 +171,20 @@ def test_pipetrainer_four_ranks(tmp_path):
 def test_gradient_accumulation(tmp_path):
     print(compare("gpt2", tmp_path, 2, [{"pipeline_schedule": "1f1b"}], gradient_accumulation_steps=2))
     print(compare("bert-cls", tmp_path / "cls", 2, [{"pipeline_schedule": "1f1b"}], gradient_accumulation_steps=2))
+
+
+TRACED = [
+    {"pipeline_frontend": "trace", "pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
+    {"pipeline_frontend": "trace", "pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4},
+]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert-cls"])
+def test_pipetrainer_trace_frontend(name, tmp_path):
+    """Traced stages (one trace per padded length, for training and for evaluation) match Trainer too."""
+    print(compare(name, tmp_path, 2, TRACED))
+
+
+def test_pipetrainer_family_without_adapter(tmp_path):
+    """GPT-NeoX has no adapter: pipeline_frontend='auto' traces it."""
+    print(compare("gpt_neox", tmp_path, 2, [{"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}]))
