@@ -7,6 +7,7 @@ from .errors import PipelineConfigError
 from .families import FamilyAdapter, register_family, registered_families
 from .schedule import SCHEDULES, schedule_class
 from .split import SplitPlan, StagePlan, annotate_split_points, plan_split
+from .trace import TraceError, pipe_split, pipeline
 from .trainer import PipelineModule, PipeTrainer
 from .training_args import PipelineArguments, PipeTrainingArguments
 
@@ -24,7 +25,10 @@ __all__ = [
     "SplitPlan",
     "SplitPoint",
     "StagePlan",
+    "TraceError",
     "annotate_split_points",
+    "pipe_split",
+    "pipeline",
     "plan_split",
     "register_family",
     "registered_families",

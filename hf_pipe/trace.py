@@ -37,7 +37,7 @@ from torch.distributed.pipelining.stage import _PipelineStage
 from torch.fx.graph import CodeGen
 
 from .errors import PipelineConfigError
-from .split import SplitPolicy, plan_blocks
+from .split import _SPLIT_POINTS_ATTR, SplitPolicy, plan_blocks
 from .timeline import TimedStageMixin
 
 __all__ = ["TraceError", "TracedStage", "build_stage", "pipe_split", "pipeline", "trace_stages"]
@@ -67,6 +67,10 @@ def fake_copy(model: nn.Module, device: torch.device) -> tuple[nn.Module, FakeTe
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree's deprecation note while copying HF outputs specs
         copied = copy.deepcopy(model, memo)
+    for module in copied.modules():  # marks from annotate_split_points are installed on the copy when it is traced
+        if "_orig_forward" in module.__dict__:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_orig_forward")
     config = getattr(copied, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         # Training never uses a KV cache, and a DynamicCache in the output is not exportable.
@@ -429,7 +433,9 @@ def pipeline(
             raise ValueError("split_policy needs num_stages")
         plan = plan_blocks(model, num_stages, split_policy)
         split_spec = block_split_spec(plan.blocks, plan.layer_starts)
-    return trace_stages(model, split_spec or {}, mb_args, mb_kwargs)
+    if split_spec is None:  # marks left by annotate_split_points (pipe_split() calls in the forward stay anyway)
+        split_spec = getattr(model, _SPLIT_POINTS_ATTR, {})
+    return trace_stages(model, split_spec, mb_args, mb_kwargs)
 
 
 class TracedStage(TimedStageMixin, _PipelineStage):

@@ -26,7 +26,7 @@ from .checkpoint import read_tensors, save_pipeline_model
 from .engine import DataParallel, PipelineEngine, resolve_frontend
 from .errors import raise_if_any
 from .estimate import bubble_fraction
-from .families import CAUSAL_LM
+from .families import CAUSAL_LM, task_of
 from .timeline import measured_bubble, write_timeline
 from .training_args import PipeTrainingArguments
 from .validate import dataset_problems, model_problems
@@ -101,7 +101,7 @@ class PipeTrainer(Trainer):
                 frontend=frontend,
                 data_parallel=args.pipeline_data_parallel if world > pp else None,
             )
-            + _traced_model_problems(frontend, args)
+            + _traced_model_problems(frontend, args, model)
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
         )
@@ -461,12 +461,21 @@ def _init_single_process_group() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=0, world_size=1)
 
 
-def _traced_model_problems(frontend: str, args: PipeTrainingArguments) -> list[str]:
-    """Trainer options the trace frontend cannot honour."""
-    if frontend == "trace" and args.gradient_checkpointing:
-        return [
+def _traced_model_problems(frontend: str, args: PipeTrainingArguments, model: nn.Module) -> list[str]:
+    """A traced model without a head hf_pipe has a loss for; Trainer options the trace frontend cannot honour."""
+    if frontend != "trace":
+        return []
+    problems = []
+    if task_of(type(model).__name__) is None:
+        problems.append(
+            f"{type(model).__name__} has no head PipeTrainer can train (a ...ForCausalLM / LMHeadModel, "
+            "...ForMaskedLM or ...ForSequenceClassification): its loss runs on the last stage with HF's semantics. "
+            "Load the model with one of those heads."
+        )
+    if args.gradient_checkpointing:
+        problems.append(
             "gradient_checkpointing=True with pipeline_frontend='trace' (or 'auto' for a model without a family "
             "adapter): the graph is fixed when it is exported, so Trainer's checkpointing switch cannot reach it; "
             "use pipeline_frontend='module' with a family adapter, or set gradient_checkpointing=False."
-        ]
-    return []
+        )
+    return problems

@@ -69,7 +69,13 @@ CASES = [
     ),
     ({"pipeline_schedule": "interleaved1f1b", "model": ("gpt2", 0)}, None),  # a good setting passes
     ({"pipeline_schedule": "interleaved1f1b", "model": _gpt2_three_blocks}, "= 4 stages, but the model has 3 blocks"),
-    ({"model": _t5}, "model_type='t5' has no family adapter"),
+    ({"model": _t5, "pipeline_frontend": "module"}, "model_type='t5' has no family adapter"),
+    ({"model": _t5}, "T5ForConditionalGeneration has no head PipeTrainer can train"),  # 'auto' would trace it
+    ({"pipeline_frontend": "jit"}, "pipeline_frontend='jit' is not a frontend; valid options are"),
+    (
+        {"model": ("gpt2", 0), "pipeline_frontend": "trace", "gradient_checkpointing": True},
+        "gradient_checkpointing=True with pipeline_frontend='trace'",
+    ),
     ({"model": ("gpt2", 0), "dataset": {"n": 0}}, "train_dataset is empty (0 rows)"),
     (
         {"model": ("gpt2", 0), "dataset": {"n": 8, "min_len": 80, "max_len": 80}},

@@ -64,6 +64,19 @@ def test_unknown_family():
     assert "model_type='t5' has no family adapter" in msg[0] and "register_family" in msg[0]
 
 
+def test_traced_stages_cannot_be_sharded_by_fsdp():
+    msg = pipeline_problems(
+        transformers.T5Config(),
+        schedule="1f1b",
+        pp_size=2,
+        stages_per_rank=1,
+        microbatches=2,
+        frontend="trace",
+        data_parallel="fsdp",
+    )
+    assert len(msg) == 1 and "pipeline_data_parallel='fsdp'" in msg[0] and "pipeline_data_parallel='ddp'" in msg[0]
+
+
 def test_every_problem_is_reported_at_once():
     found = problems(schedule="dualpipev", stages_per_rank=1, microbatches=3, batch_size=8, pp_size=8)
     with pytest.raises(PipelineConfigError) as info:
