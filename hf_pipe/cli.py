@@ -15,7 +15,8 @@ from typing import Any
 
 from .errors import raise_if_any
 from .estimate import format_summary, plan_summary
-from .split import plan_split
+from .families import CAUSAL_LM, get_family, task_of
+from .split import meta_model, plan_blocks, plan_split
 from .training_args import PipelineArguments
 from .validate import model_problems
 
@@ -71,6 +72,9 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
     world = plan_args.world_size or pp
     batch = plan_args.per_device_train_batch_size
     stages_per_rank = pipeline.resolved_stages_per_rank()
+    frontend = pipeline.pipeline_frontend
+    if frontend == "auto":
+        frontend = "module" if get_family(config.model_type) is not None else "trace"
     raise_if_any(
         pipeline.pipeline_problems(world, batch)
         + model_problems(
@@ -78,11 +82,16 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
             pp_size=pp,
             stages_per_rank=stages_per_rank,
             explicit_split=not isinstance(pipeline.pipeline_split, str),
+            frontend=frontend,
         )
     )
     microbatches = pipeline.resolved_microbatches(world, batch)
     seq_len = plan_args.seq_len or min(getattr(config, "max_position_embeddings", 1024) or 1024, 2048)
-    plan = plan_split(config, pp * stages_per_rank, pipeline.pipeline_split, seq_len=seq_len)
+    if frontend == "module":
+        plan = plan_split(config, pp * stages_per_rank, pipeline.pipeline_split, seq_len=seq_len)
+    else:  # the trace frontend splits the model's own block list: plan it on a meta-device model
+        task = task_of(config.architectures[0]) if getattr(config, "architectures", None) else CAUSAL_LM
+        plan = plan_blocks(meta_model(config, task), pp * stages_per_rank, pipeline.pipeline_split)
     return plan_summary(
         plan,
         config,

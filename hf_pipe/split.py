@@ -122,7 +122,7 @@ def _resolve_task(model_or_config: Any, config: Any, adapter: FamilyAdapter, tas
     return next(iter(adapter.heads))
 
 
-def _meta_model(config: Any, task: str | None) -> nn.Module:
+def meta_model(config: Any, task: str | None) -> nn.Module:
     import transformers
 
     auto = {
@@ -307,7 +307,7 @@ def plan_split(
         split, marks, layer_fqns, [flops.layer] * num_layers, flops.embeddings, flops.head, num_stages
     )
 
-    meta = model_or_config if is_model else _meta_model(config, task)
+    meta = model_or_config if is_model else meta_model(config, task)
     bounds = [*starts, num_layers]
     stages = []
     for k in range(num_stages):
@@ -358,17 +358,23 @@ def plan_blocks(
             f"{len(blocks)} stages."
         )
     cost = [2.0 * _param_count(model, [fqn]) for fqn in layer_fqns]
+    names = {id(m): n for n, m in model.named_modules()}
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_cost = 2.0 * head.weight.numel() if head is not None else 0.0
     marks = getattr(model, _SPLIT_POINTS_ATTR, None)
     policy, starts = _choose_starts(split, marks, layer_fqns, cost, 0.0, head_cost, num_stages)
+    # weights outside the blocks: the input embeddings on the first stage, the rest (final norm, head) on the last
+    first_extra = [names[id(embed)]] if embed is not None else []
+    last_extra = [names[id(head)]] if head is not None and names[id(head)] not in first_extra else []
     bounds = [*starts, len(blocks)]
     stages = []
     for k in range(num_stages):
         layers = tuple(range(bounds[k], bounds[k + 1]))
-        modules = tuple(layer_fqns[i] for i in layers)
-        flops = sum(cost[i] for i in layers) + (head_cost if k == num_stages - 1 else 0.0)
-        stages.append(StagePlan(k, layers, modules, flops, _param_count(model, modules)))
+        first, last = k == 0, k == num_stages - 1
+        modules = (first_extra if first else []) + [layer_fqns[i] for i in layers] + (last_extra if last else [])
+        flops = sum(cost[i] for i in layers) + (head_cost if last else 0.0)
+        stages.append(StagePlan(k, layers, tuple(modules), flops, _param_count(model, modules)))
     model_type = getattr(config, "model_type", None) or type(model).__name__
     if task is None:
         task = task_of(type(model).__name__)

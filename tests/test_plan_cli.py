@@ -84,3 +84,18 @@ def test_plan_cli_table_and_errors(tmp_path, capsys):
 
     with pytest.raises(PipelineConfigError, match="= 16 stages, but the model has 8 blocks"):
         main(["plan", "--model_type", "llama", "--config", "num_hidden_layers=8", "--pipeline_parallel_size", "16"])
+
+
+def test_plan_for_a_family_without_adapter(capsys):
+    """`auto` resolves to the trace frontend, which splits the model's own block list (found on a meta model)."""
+    from hf_pipe.cli import main
+
+    config = "num_hidden_layers=8,hidden_size=256,intermediate_size=1024,num_attention_heads=4,vocab_size=1000"
+    assert main(["plan", "--model_type", "gpt_neox", "--config", config, "--pipeline_parallel_size", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "gpt_neox (causal_lm): 2 stages on 2 ranks" in table
+    assert "embed_in" in table and "lm_head" in table  # embeddings on the first stage, the head on the last
+    from hf_pipe import PipelineConfigError
+
+    with pytest.raises(PipelineConfigError, match="model_type='gpt_neox' has no family adapter"):
+        main(["plan", "--model_type", "gpt_neox", "--config", config, "--pipeline_frontend", "module"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from transformers import TrainerCallback
 
@@ -23,13 +24,14 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _run(output_dir: str, stop_at: int | None, resume: str | None) -> dict:
+def _run(output_dir: str, stop_at: int | None, resume: str | None, frontend: str = "module") -> dict:
     from hf_pipe import PipeTrainer, PipeTrainingArguments
 
     args = PipeTrainingArguments(
         **_common_args(output_dir, save_strategy="steps", save_steps=2, save_total_limit=2),
         pipeline_schedule="interleaved1f1b",
         pipeline_microbatches=4,
+        pipeline_frontend=frontend,
     )
     trainer = PipeTrainer(
         model=tiny_model("gpt2"),
@@ -44,18 +46,19 @@ def _run(output_dir: str, stop_at: int | None, resume: str | None) -> dict:
     return {"logs": logs, "files": sorted(os.listdir(output_dir))}
 
 
-def test_stop_and_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("frontend", ["module", "trace"])
+def test_stop_and_resume_matches_uninterrupted(tmp_path, frontend):
     from transformers import AutoModelForCausalLM
 
-    full = run_distributed(_run, 2, str(tmp_path / "full"), None, None, launcher_env=True)[0]
-    stopped = run_distributed(_run, 2, str(tmp_path / "run"), 3, None, launcher_env=True)[0]
+    full = run_distributed(_run, 2, str(tmp_path / "full"), None, None, frontend, launcher_env=True)[0]
+    stopped = run_distributed(_run, 2, str(tmp_path / "run"), 3, None, frontend, launcher_env=True)[0]
     assert [e["step"] for e in stopped["logs"]] == [1, 2, 3]
     checkpoint = tmp_path / "run" / "checkpoint-2"
     expected = {"config.json", "model.safetensors.index.json", "scheduler.pt", "trainer_state.json"}
     expected |= {"optimizer-pp00000.pt", "optimizer-pp00001.pt", "rng_state_0.pth", "rng_state_1.pth"}
     assert expected <= set(os.listdir(checkpoint))
     assert torch.load(checkpoint / "scheduler.pt", weights_only=True)["last_epoch"] == 2
-    resumed = run_distributed(_run, 2, str(tmp_path / "run"), None, str(checkpoint), launcher_env=True)[0]
+    resumed = run_distributed(_run, 2, str(tmp_path / "run"), None, str(checkpoint), frontend, launcher_env=True)[0]
     # the log history comes back from the checkpoint (steps 1-2), then the resumed steps follow
     assert [e["step"] for e in resumed["logs"]] == [1, 2, 3, 4, 5, 6]
     for mine, theirs in zip(resumed["logs"][2:], full["logs"][2:]):
