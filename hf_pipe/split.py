@@ -32,6 +32,8 @@ class StagePlan:
     modules: tuple[str, ...]
     flops_per_token: float
     params: int
+    #: (block, half) for each block only half of which is on this stage: 0 the attention half, 1 the MLP half
+    halves: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,9 @@ class SplitPlan:
         return len(self.stages)
 
     @property
-    def layer_starts(self) -> list[int]:
-        """The block index each stage begins at — the form an explicit split takes."""
-        return [s.layers[0] for s in self.stages]
+    def layer_starts(self) -> list[float]:
+        """The block index each stage begins at — the form an explicit split takes; `4.5` is block 4's MLP half."""
+        return [s.layers[0] + 0.5 if (s.layers[0], 1) in s.halves else s.layers[0] for s in self.stages]
 
     @property
     def imbalance(self) -> float:
@@ -68,9 +70,11 @@ class SplitPlan:
         total = sum(s.flops_per_token for s in self.stages)
         rows = [f"{self.model_type} ({self.task or 'body'}), {self.num_stages} stages, policy {self.policy}:"]
         for s in self.stages:
-            extra = [m.rsplit(".", 1)[-1] for m in s.modules if not _is_layer(m, s.layers)]
+            extra = [m.rsplit(".", 1)[-1] for m in s.modules if not _is_layer(m, s.layers) and not _in_half(m, s)]
+            halves = "".join(f", block {b} {('attention', 'MLP')[part]} half only" for b, part in s.halves)
             rows.append(
-                f"  stage {s.index}: layers {s.layers[0]}-{s.layers[-1]} ({len(s.layers)})"
+                f"  stage {s.index}: layers {s.layers[0]}-{s.layers[-1]} ({len(s.layers) - len(s.halves) / 2:g}"
+                f"{halves})"
                 f"{' + ' + ', '.join(extra) if extra else ''}; {s.params / 1e6:.2f}M params, "
                 f"{100 * s.flops_per_token / total:.1f}% of FLOPs"
             )
@@ -80,6 +84,10 @@ class SplitPlan:
 
 def _is_layer(fqn: str, layers: tuple[int, ...]) -> bool:
     return fqn.rsplit(".", 1)[-1] in {str(i) for i in layers}
+
+
+def _in_half(fqn: str, stage: StagePlan) -> bool:
+    return any(f".{b}." in f".{fqn}." for b, _ in stage.halves)
 
 
 def annotate_split_points(model: nn.Module, spec: Mapping[str, SplitPoint]) -> None:
@@ -135,13 +143,23 @@ def meta_model(config: Any, task: str | None) -> nn.Module:
 
 
 def stage_modules(
-    adapter: FamilyAdapter, task: str | None, layers: Sequence[int], first: bool, last: bool
+    adapter: FamilyAdapter,
+    task: str | None,
+    layers: Sequence[int],
+    first: bool,
+    last: bool,
+    halves: Sequence[tuple[int, int]] = (),
 ) -> list[str]:
-    """The module FQNs (from the root model) a stage owns."""
+    """The module FQNs (from the root model) a stage owns; of a block in `halves`, only that half's sub-modules."""
     body = f"{adapter.base_prefix}." if task is not None else ""
     fqns = [f"{body}{p}" for p in adapter.embeddings.values()] if first else []
     fqns += [f"{body}{p}" for p in adapter.shared.values()]
-    fqns += [f"{body}{adapter.layers}.{i}" for i in layers]
+    half_of = dict(halves)
+    for i in layers:
+        if i in half_of:
+            fqns += [f"{body}{adapter.layers}.{i}.{name}" for name in adapter.halves[half_of[i]]]
+        else:
+            fqns.append(f"{body}{adapter.layers}.{i}")
     if last:
         fqns += [f"{body}{p}" for p in adapter.final.values()]
         fqns += list(adapter.heads.get(task, {}).values()) if task is not None else []
@@ -190,6 +208,14 @@ def _balanced_counts(layer_cost: Sequence[float], first: float, last: float, num
     return counts[::-1]
 
 
+def _max_cost(cost: Sequence[float], counts: Sequence[int], first: float, last: float) -> float:
+    bounds = [sum(counts[:k]) for k in range(len(counts) + 1)]
+    stage_costs = [sum(cost[bounds[k] : bounds[k + 1]]) for k in range(len(counts))]
+    stage_costs[0] += first
+    stage_costs[-1] += last
+    return max(stage_costs)
+
+
 def _starts_from_marks(marks: Mapping[str, SplitPoint], layer_fqns: Sequence[str]) -> list[int]:
     index = {fqn: i for i, fqn in enumerate(layer_fqns)}
     starts = {0}
@@ -205,13 +231,21 @@ def _starts_from_marks(marks: Mapping[str, SplitPoint], layer_fqns: Sequence[str
     return sorted(starts)
 
 
-def _check_starts(starts: Sequence[int], num_layers: int, num_stages: int, setting: str) -> list[int]:
-    starts = list(starts)
+def _check_starts(
+    starts: Sequence[float], num_layers: int, num_stages: int, setting: str, halves: bool = False
+) -> list[float]:
+    starts = [int(s) if isinstance(s, float) and s.is_integer() else s for s in starts]
     if starts and starts[0] != 0:
         starts = [0, *starts]
     problems = []
-    if any(not isinstance(s, int) for s in starts):
-        problems.append(f"{setting}={starts} must be a list of integer block indices.")
+    whole_or_half = all(isinstance(s, int) or (isinstance(s, float) and (2 * s).is_integer()) for s in starts)
+    if any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in starts) or not whole_or_half:
+        problems.append(f"{setting}={starts} must be a list of block indices (k.5: block k's MLP half).")
+    elif not halves and any(isinstance(s, float) for s in starts):
+        problems.append(
+            f"{setting}={starts}: a stage can begin mid-block (k.5) only in families whose adapter defines "
+            "halves (gpt2, bert, the Llama family, with the module frontend); use whole block indices."
+        )
     elif any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= num_layers:
         problems.append(
             f"{setting}={starts} must be strictly increasing block indices in [0, {num_layers}), "
@@ -235,8 +269,14 @@ def _choose_starts(
     first: float,
     last: float,
     num_stages: int,
-) -> tuple[str, list[int]]:
-    """(policy name, block index each stage begins at) for a split setting; marks on the model win over "auto"."""
+    first_half: float = 0.0,
+    halves: bool = False,
+) -> tuple[str, list[float]]:
+    """(policy name, block index each stage begins at) for a split setting; marks on the model win over "auto".
+
+    With `first_half` (the cost of a block's attention half), `"auto"` may also begin a stage at a block's MLP half
+    (start `k + 0.5`), when that lowers the most expensive stage by more than 1%.
+    """
     num_layers = len(layer_fqns)
     if isinstance(split, Mapping):
         return "split points", _check_starts(_starts_from_marks(split, layer_fqns), num_layers, num_stages, "split")
@@ -246,6 +286,12 @@ def _choose_starts(
     if isinstance(split, str) and split.lower() in POLICIES:
         if split.lower() == "auto":
             counts = _balanced_counts(layer_cost, first, last, num_stages)
+            if first_half:
+                halves = [c for cost in layer_cost for c in (first_half, cost - first_half)]
+                units = _balanced_counts(halves, first, last, num_stages)
+                if _max_cost(halves, units, first, last) < 0.99 * _max_cost(layer_cost, counts, first, last):
+                    starts = [sum(units[:k]) for k in range(num_stages)]
+                    return "auto", [u // 2 if u % 2 == 0 else u / 2 for u in starts]
         else:
             base, extra = divmod(num_layers, num_stages)
             counts = [base + (1 if k < extra else 0) for k in range(num_stages)]
@@ -255,7 +301,7 @@ def _choose_starts(
             f"pipeline_split={split!r} is not a split policy; valid options are {list(POLICIES)}, a list of block "
             "indices where stages begin, or SplitPoint marks."
         )
-    return "explicit", _check_starts(split, num_layers, num_stages, "pipeline_split")
+    return "explicit", _check_starts(split, num_layers, num_stages, "pipeline_split", halves)
 
 
 def plan_split(
@@ -265,6 +311,7 @@ def plan_split(
     *,
     task: str | None = None,
     seq_len: int | None = None,
+    sub_blocks: bool = True,
 ) -> SplitPlan:
     """Decide the stage boundaries of a model or config, without a process group and without allocating weights.
 
@@ -277,6 +324,9 @@ def plan_split(
             `"auto"`.
         task: `"causal_lm"`, `"masked_lm"` or `"seq_cls"`; read from the model class or `config.architectures`.
         seq_len: sequence length the attention cost is estimated at (default: the model's positions, at most 2048).
+        sub_blocks: let `"auto"` begin a stage at a block's MLP half (families whose adapter defines `halves`), when
+            that lowers the most expensive stage by more than 1%: with few blocks per stage a whole block is too
+            coarse to balance the LM head.
 
     Example:
         >>> plan = plan_split(LlamaConfig(num_hidden_layers=32), 4)
@@ -303,19 +353,33 @@ def plan_split(
     layer_fqns = [f"{body}{adapter.layers}.{i}" for i in range(num_layers)]
 
     marks = getattr(model_or_config, _SPLIT_POINTS_ATTR, None) if is_model else None
+    halves_ok = sub_blocks and bool(adapter.halves)
     policy, starts = _choose_starts(
-        split, marks, layer_fqns, [flops.layer] * num_layers, flops.embeddings, flops.head, num_stages
+        split,
+        marks,
+        layer_fqns,
+        [flops.layer] * num_layers,
+        flops.embeddings,
+        flops.head,
+        num_stages,
+        flops.first_half if halves_ok else 0.0,
+        halves_ok,
     )
 
     meta = model_or_config if is_model else meta_model(config, task)
-    bounds = [*starts, num_layers]
+    half_cost = (flops.first_half, flops.layer - flops.first_half)
+    # in half-block units: unit 2k is block k's attention half, 2k + 1 its MLP half
+    bounds = [round(2 * start) for start in starts] + [2 * num_layers]
     stages = []
     for k in range(num_stages):
-        layers = tuple(range(bounds[k], bounds[k + 1]))
+        units = range(bounds[k], bounds[k + 1])
+        layers = tuple(sorted({u // 2 for u in units}))
+        halves = tuple((b, u % 2) for b in layers for u in units if u // 2 == b and 2 * b + 1 - u % 2 not in units)
         first, last = k == 0, k == num_stages - 1
-        cost = len(layers) * flops.layer + (flops.embeddings if first else 0.0) + (flops.head if last else 0.0)
-        modules = stage_modules(adapter, task, layers, first, last)
-        stages.append(StagePlan(k, layers, tuple(modules), cost, _param_count(meta, modules)))
+        cost = sum(half_cost[part] for _, part in halves) + (len(layers) - len(halves)) * flops.layer
+        cost += (flops.embeddings if first else 0.0) + (flops.head if last else 0.0)
+        modules = stage_modules(adapter, task, layers, first, last, halves)
+        stages.append(StagePlan(k, layers, tuple(modules), cost, _param_count(meta, modules), halves))
     return SplitPlan(config.model_type, task, policy, num_layers, tuple(stages), f"{body}{adapter.layers}")
 
 
@@ -347,7 +411,7 @@ def plan_blocks(
     """
     config = getattr(model, "config", None)
     if config is not None and get_family(getattr(config, "model_type", "")) is not None:
-        return plan_split(model, num_stages, split, task=task)
+        return plan_split(model, num_stages, split, task=task, sub_blocks=False)  # traced splits: whole blocks
     prefix = find_blocks(model)
     blocks = model.get_submodule(prefix)
     layer_fqns = [f"{prefix}.{i}" for i in range(len(blocks))]

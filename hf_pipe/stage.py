@@ -51,17 +51,46 @@ class StageModule(nn.Module):
                 parts.update({role: model.get_submodule(path) for role, path in adapter.heads[plan.task].items()})
         self.parts = nn.ModuleDict(parts)
         blocks = body.get_submodule(adapter.layers)
-        self.blocks = nn.ModuleList([blocks[i] for i in self.layer_ids])
+        half_of = dict(stage.halves)
+        self.blocks = nn.ModuleList(
+            [BlockHalf(blocks[i], half_of[i], adapter) if i in half_of else blocks[i] for i in self.layer_ids]
+        )
 
     def forward(self, x: torch.Tensor, **batch: Any) -> torch.Tensor:
         hidden = self.adapter.embed(self.parts, x, batch) if self.is_first else x
         context = self.adapter.context(self.config, self.parts, hidden, batch)
         for index, block in zip(self.layer_ids, self.blocks):
-            hidden = self.adapter.layer(block, index, hidden, context)
+            if isinstance(block, BlockHalf):
+                hidden = block(index, hidden, context)
+            else:
+                hidden = self.adapter.layer(block, index, hidden, context)
         if self.is_last and self.task is not None:
             return self.adapter.head(self.parts, hidden, self.task)
         # A fresh tensor, not a view: zero-bubble schedules detach stage outputs in place.
         return hidden if hidden._base is None else hidden.clone()
+
+
+class BlockHalf(nn.Module):
+    """One half of a block (attention or MLP) on a stage that begins or ends mid-block.
+
+    Registers only that half's sub-modules, so the stage owns, saves and optimizes only those weights; the block
+    itself is kept unregistered to run the half as the block would (with its gradient checkpointing, if enabled).
+    """
+
+    def __init__(self, block: nn.Module, part: int, adapter: FamilyAdapter):
+        super().__init__()
+        self.part = part
+        self.adapter = adapter
+        self.owned = nn.ModuleDict({name: block.get_submodule(name) for name in adapter.halves[part]})
+        object.__setattr__(self, "block", block)
+
+    def forward(self, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        def run(h: torch.Tensor) -> torch.Tensor:
+            return self.adapter.half(self.block, self.part, index, h, context)
+
+        if getattr(self.block, "gradient_checkpointing", False) and self.block.training:
+            return self.block._gradient_checkpointing_func(run, hidden)
+        return run(hidden)
 
 
 def build_stage_modules(

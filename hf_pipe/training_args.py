@@ -50,8 +50,9 @@ class PipelineArguments:
     pipeline_split: str = field(
         default="auto",
         metadata={
-            "help": "Stage boundaries: 'auto' (balance estimated FLOPs), 'uniform' (equal block counts), or the "
-            "block indices where stages begin, e.g. '0,6,12,18' (a list of ints from Python)."
+            "help": "Stage boundaries: 'auto' (balance estimated FLOPs; may begin a stage at a block's MLP half), "
+            "'uniform' (equal block counts), or the block indices where stages begin, e.g. '0,6,12,18', with k.5 "
+            "for block k's MLP half: '0,6.5,12,18' (a list from Python)."
         },
     )
 
@@ -86,7 +87,8 @@ class PipelineArguments:
         """Lower-case the schedule; turn a '0,6,12' split into block indices."""
         if isinstance(self.pipeline_split, str) and self.pipeline_split.lower() not in POLICIES:
             try:
-                self.pipeline_split = [int(s) for s in self.pipeline_split.replace(" ", "").split(",") if s]
+                starts = [float(s) for s in self.pipeline_split.replace(" ", "").split(",") if s]
+                self.pipeline_split = [int(s) if s.is_integer() else s for s in starts]
             except ValueError:
                 pass  # reported by pipeline_problems with the valid options
         self.pipeline_schedule = self.pipeline_schedule.lower()

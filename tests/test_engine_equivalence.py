@@ -23,19 +23,18 @@ def _optimizer(params):
     return torch.optim.SGD(params, lr=0.5, momentum=0.9)
 
 
-def _pipeline_worker(
-    name: str, cases: list[tuple[str, int]], layers: int, microbatches: int, frontend: str
-) -> list[dict]:
+def _pipeline_worker(name: str, cases: list[tuple], layers: int, microbatches: int, frontend: str) -> list[dict]:
     from hf_pipe.engine import PipelineEngine
 
     out = []
-    for schedule, stages_per_rank in cases:
+    for schedule, stages_per_rank, *split in cases:
         model = tiny_model(name, **_layers(name, layers))
         engine = PipelineEngine(
             model,
             schedule=schedule,
             microbatches=microbatches,
             stages_per_rank=stages_per_rank,
+            split=split[0] if split else "auto",
             device="cpu",
             frontend=frontend,
             task="causal_lm" if name == "custom" else None,
@@ -92,8 +91,8 @@ def check_against_reference(
     ranks = run_distributed(_pipeline_worker, world_size, name, cases, layers, microbatches, frontend)
     ref = _reference(name, layers)
     worst = {}
-    for c, (schedule, spr) in enumerate(cases):
-        label = f"{name} {frontend} {schedule} {world_size * spr} stages"
+    for c, (schedule, spr, *split) in enumerate(cases):
+        label = f"{name} {frontend} {schedule} {world_size * spr} stages{f' split {split[0]}' if split else ''}"
         errs = {"loss": 0.0, "grad norm": 0.0, "grads": 0.0, "weights": 0.0}
         note = _recorder(errs)
 
@@ -162,3 +161,10 @@ def test_fewer_microbatches_than_stages():
     """Schedules torch runs with fewer microbatches than stages (peers hang here) give the same gradients."""
     print(check_against_reference("gpt2", 2, [("gpipe", 1), ("zbvzerobubble", 2), ("loopedbfs", 2)], microbatches=1))
     print(check_against_reference("llama", 2, [("interleaved1f1b", 2), ("interleavedzerobubble", 2)], microbatches=2))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-mlm", "bert-cls"])
+def test_stages_that_begin_mid_block(name):
+    """Half-block splits (a stage ends after a block's attention, the next runs its MLP) give the same gradients."""
+    cases = [("1f1b", 1, [0, 1.5]), ("interleaved1f1b", 2, [0, 0.5, 2, 3.5]), ("zbvzerobubble", 2, [0, 1.5, 2.5, 3])]
+    print(check_against_reference(name, 2, cases))

@@ -17,7 +17,9 @@ class _CountSteps(TrainerCallback):
 
 
 def test_gradient_checkpointing(tmp_path):
-    print(compare("llama", tmp_path, 2, [{"pipeline_schedule": "1f1b"}], gradient_checkpointing=True))
+    # also with a stage boundary inside block 1: its halves are checkpointed one by one
+    pipelines = [{"pipeline_schedule": "1f1b"}, {"pipeline_schedule": "1f1b", "pipeline_split": "0,1.5"}]
+    print(compare("llama", tmp_path, 2, pipelines, gradient_checkpointing=True))
 
 
 def test_bf16(tmp_path):

@@ -45,6 +45,8 @@ class FlopsPerToken:
     embeddings: float
     layer: float
     head: float
+    #: the first half of a block (attention), for families that can end a stage mid-block; 0: cannot
+    first_half: float = 0.0
 
 
 class FamilyAdapter:
@@ -62,6 +64,9 @@ class FamilyAdapter:
     shared: Mapping[str, str] = {}
     #: per task, head modules relative to the *root* model, by role.
     heads: Mapping[str, Mapping[str, str]]
+    #: the sub-modules of each half of a block (attention, then MLP), for families whose stages may begin mid-block;
+    #: `half` runs one of them. Empty: stages begin at whole blocks only.
+    halves: tuple[tuple[str, ...], tuple[str, ...]] | tuple[()] = ()
 
     def num_layers(self, config: Any) -> int:
         return config.num_hidden_layers
@@ -77,6 +82,10 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def layer(self, block: nn.Module, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def half(self, block: nn.Module, part: int, index: int, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        """Half `part` (0: attention, 1: MLP) of block `index`, residual included, exactly as the block computes it."""
         raise NotImplementedError
 
     def head(self, parts: Mapping[str, nn.Module], hidden: torch.Tensor, task: str) -> torch.Tensor:

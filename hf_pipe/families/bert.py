@@ -15,17 +15,19 @@ class BertAdapter(FamilyAdapter):
         MASKED_LM: {"cls": "cls"},
         SEQ_CLS: {"pooler": "bert.pooler", "dropout": "dropout", "classifier": "classifier"},
     }
+    halves = (("attention",), ("intermediate", "output"))
 
     def flops_per_token(self, config, task, seq_len):
         h, v, inner = config.hidden_size, config.vocab_size, config.intermediate_size
-        layer = 2.0 * (4 * h * h + 2 * h * inner) + attention_flops(h, seq_len)
+        attention = 2.0 * 4 * h * h + attention_flops(h, seq_len)
+        layer = attention + 2.0 * 2 * h * inner
         if task == MASKED_LM:
             head = 2.0 * (h * h + h * v) + softmax_loss_flops(v)
         elif task == SEQ_CLS:  # pooler and classifier run once per sequence
             head = 2.0 * (h * h + h * config.num_labels) / seq_len
         else:
             head = 0.0
-        return FlopsPerToken(embeddings=3.0 * h, layer=layer, head=head)
+        return FlopsPerToken(embeddings=3.0 * h, layer=layer, head=head, first_half=attention)
 
     def embed(self, parts, input_ids, batch):
         return parts["embeddings"](
@@ -38,6 +40,12 @@ class BertAdapter(FamilyAdapter):
 
     def layer(self, block, index, hidden, context):
         return block(hidden, context)
+
+    def half(self, block, part, index, hidden, context):
+        # BertLayer.forward without cross-attention (an encoder): post-norm, each half ends in its own LayerNorm
+        if part == 0:
+            return block.attention(hidden, context)[0]
+        return block.output(block.intermediate(hidden), hidden)
 
     def head(self, parts, hidden, task):
         if task == MASKED_LM:

@@ -13,13 +13,15 @@ class Gpt2Adapter(FamilyAdapter):
     embeddings = {"wte": "wte", "wpe": "wpe", "drop": "drop"}
     final = {"ln_f": "ln_f"}
     heads = {CAUSAL_LM: {"lm_head": "lm_head"}}
+    halves = (("ln_1", "attn"), ("ln_2", "mlp"))
 
     def flops_per_token(self, config, task, seq_len):
         h, v = config.n_embd, config.vocab_size
         inner = config.n_inner or 4 * h
-        layer = 2.0 * (4 * h * h + 2 * h * inner) + attention_flops(h, seq_len)
+        attention = 2.0 * 4 * h * h + attention_flops(h, seq_len)
+        layer = attention + 2.0 * 2 * h * inner
         head = 2.0 * h * v + softmax_loss_flops(v) if task == CAUSAL_LM else 0.0
-        return FlopsPerToken(embeddings=2.0 * h, layer=layer, head=head)
+        return FlopsPerToken(embeddings=2.0 * h, layer=layer, head=head, first_half=attention)
 
     def embed(self, parts, input_ids, batch):
         hidden = parts["wte"](input_ids) + parts["wpe"](positions(input_ids))
@@ -41,6 +43,14 @@ class Gpt2Adapter(FamilyAdapter):
     def layer(self, block, index, hidden, context):
         mask, position_ids = context
         return block(hidden, attention_mask=mask, position_ids=position_ids)
+
+    def half(self, block, part, index, hidden, context):
+        # GPT2Block.forward (no cross-attention), one residual branch at a time
+        mask, position_ids = context
+        if part == 0:
+            attention, _ = block.attn(block.ln_1(hidden), attention_mask=mask, position_ids=position_ids)
+            return attention + hidden
+        return hidden + block.mlp(block.ln_2(hidden))
 
     def head(self, parts, hidden, task):
         return parts["lm_head"](parts["ln_f"](hidden))

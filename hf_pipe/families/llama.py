@@ -16,15 +16,17 @@ class LlamaAdapter(FamilyAdapter):
     final = {"norm": "norm"}
     shared = {"rotary_emb": "rotary_emb"}
     heads = {CAUSAL_LM: {"lm_head": "lm_head"}}
+    halves = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
 
     def flops_per_token(self, config, task, seq_len):
         h, v, inner = config.hidden_size, config.vocab_size, config.intermediate_size
         head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
         q = config.num_attention_heads * head_dim
         kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
-        layer = 2.0 * (h * (q + 2 * kv) + q * h + 3 * h * inner) + attention_flops(q, seq_len)
+        attention = 2.0 * (h * (q + 2 * kv) + q * h) + attention_flops(q, seq_len)
+        layer = attention + 2.0 * 3 * h * inner
         head = 2.0 * h * v + softmax_loss_flops(v) if task == CAUSAL_LM else 0.0
-        return FlopsPerToken(embeddings=float(h), layer=layer, head=head)
+        return FlopsPerToken(embeddings=float(h), layer=layer, head=head, first_half=attention)
 
     def _layer_types(self, config):
         # Qwen2/Qwen3 name each layer's attention; Mistral slides every layer when `sliding_window` is set.
@@ -56,6 +58,19 @@ class LlamaAdapter(FamilyAdapter):
     def layer(self, block, index, hidden, context):
         masks, rotary, position_ids = context
         return block(hidden, attention_mask=masks[index], position_embeddings=rotary, position_ids=position_ids)
+
+    def half(self, block, part, index, hidden, context):
+        # LlamaDecoderLayer.forward, one residual branch at a time
+        masks, rotary, position_ids = context
+        if part == 0:
+            attention, _ = block.self_attn(
+                hidden_states=block.input_layernorm(hidden),
+                attention_mask=masks[index],
+                position_ids=position_ids,
+                position_embeddings=rotary,
+            )
+            return hidden + attention
+        return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
     def head(self, parts, hidden, task):
         return parts["lm_head"](parts["norm"](hidden))
