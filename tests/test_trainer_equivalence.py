@@ -125,6 +125,7 @@ def compare(
         label = (
             f"{name} {pipeline.get('pipeline_frontend', 'auto')} {pipeline.get('pipeline_schedule', '1f1b')} x{world}"
         )
+        label += f" split {pipeline['pipeline_split']}" if "pipeline_split" in pipeline else ""
         errs = {"loss": 0.0, "grad_norm": 0.0, "eval_loss": 0.0, "weights": 0.0}
         for rank in per_rank:
             run = rank[i]
