@@ -69,6 +69,15 @@ def _result(times, cfg, tensor_bytes, extra=None) -> dict:
     }
 
 
+def _split(cfg, spec):
+    """`auto`, or for the "whole" runs the best split at whole blocks (what `auto` did before half-block stages)."""
+    if spec.get("split") != "whole":
+        return "auto"
+    from hf_pipe import plan_split
+
+    return plan_split(_model(cfg), spec["ranks"], sub_blocks=False).layer_starts
+
+
 def run_trainer(cfg, spec) -> dict:
     """Trainer or PipeTrainer; step times from a callback around each optimizer step."""
     import torch
@@ -94,6 +103,8 @@ def run_trainer(cfg, spec) -> dict:
     if spec["kind"] == "pipe":
         args = PipeTrainingArguments(**common, pipeline_schedule=spec["schedule"],
                                      pipeline_microbatches=cfg["microbatches"],
+                                     pipeline_frontend=spec.get("frontend", "auto"),
+                                     pipeline_split=_split(cfg, spec),
                                      pipeline_trace_dir=os.path.join(spec["out"], spec["name"], "trace"),
                                      pipeline_trace_steps=2)  # fmt: skip
         cls = PipeTrainer
@@ -157,6 +168,9 @@ RUNS = [
     {"name": "trainer-1proc-all-threads", "kind": "trainer", "ranks": 0, "threads": os.cpu_count() or 1},
     *[{"name": f"pipe-2ranks-{s}", "kind": "pipe", "ranks": 2, "schedule": s}
       for s in ("gpipe", "1f1b", "interleaved1f1b", "interleavedzerobubble", "zbvzerobubble", "dualpipev")],
+    # the same 1F1B with stages at whole blocks (the head makes the last stage 8% costlier), and traced stages
+    {"name": "pipe-2ranks-1f1b-whole-blocks", "kind": "pipe", "ranks": 2, "schedule": "1f1b", "split": "whole"},
+    {"name": "pipe-2ranks-1f1b-traced", "kind": "pipe", "ranks": 2, "schedule": "1f1b", "frontend": "trace"},
     {"name": "handwritten-torch-1f1b-2ranks", "kind": "handwritten", "ranks": 2},
     {"name": "trainer-fsdp-2ranks", "kind": "fsdp", "ranks": 2},
 ]  # fmt: skip

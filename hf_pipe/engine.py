@@ -12,6 +12,8 @@ gradient norm. torch.distributed.pipelining runs the schedule; what it leaves to
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -43,6 +45,10 @@ from .validate import FRONTENDS, pipeline_problems
 
 # Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
 _SHAPE_CACHE_SIZE = 16
+# Traced shapes after which the trace frontend suggests padding to a multiple.
+_MANY_TRACES = 8
+
+logger = logging.getLogger(__name__)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -207,8 +213,16 @@ class PipelineEngine:
         # labels stay out of the graph: the loss is the schedule's, on the last stage
         chunk = {k: v.tensor_split(count)[0] for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}
         input_ids = chunk.pop("input_ids")
+        start = time.perf_counter()
         pipe = trace_stages(self._model, self._split_spec, (input_ids,), chunk, fake=self._fake, training=training)
         self._pipe_info = pipe.info()
+        self._traces = getattr(self, "_traces", 0) + 1
+        if self._traces == _MANY_TRACES and self.pp_rank == 0:
+            logger.warning(
+                "traced stages: %d batch shapes traced so far (the last took %.1f s); each new sequence length is "
+                "traced once. Pad batches to a few lengths (DataCollator pad_to_multiple_of=64) to trace less.",
+                self._traces, time.perf_counter() - start,
+            )  # fmt: skip
         return [pipe.get_stage_module(i) for i in self.stage_indices]
 
     # -- parameters ------------------------------------------------------------------------------------------

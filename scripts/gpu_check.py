@@ -5,8 +5,9 @@
 
 Runs a small Llama (tied embeddings) for a few AdamW steps with clipping: Trainer on one device, then PipeTrainer on
 2..N ranks with 1f1b and interleaved1f1b (and PP=2 × DP=2 with 4 GPUs), and prints the largest differences in
-logged loss, grad norm, eval loss and saved weights, with the median step time of each run. With a single GPU only
-the one-rank pipeline runs (NCCL puts one rank per GPU).
+logged loss, grad norm, eval loss and saved weights, with the median step time of each run. With a single GPU the
+pipelines run every stage on one rank (NCCL puts one rank per GPU): 1f1b, interleaved1f1b and zbvzerobubble with
+module-split stages, 1f1b and interleaved1f1b with traced stages.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "gpu_check"))
+    parser.add_argument("--ranks", type=int, default=0, help="Ranks to use (default: every GPU, at most 4; 2 on CPU).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="{}", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -133,7 +135,7 @@ def main() -> int:
 
     import torch
 
-    ranks = min(torch.cuda.device_count(), 4) if opts.device == "cuda" else 2
+    ranks = opts.ranks or (min(torch.cuda.device_count(), 4) if opts.device == "cuda" else 2)
     if opts.device == "cuda" and ranks == 0:
         print("no CUDA device visible")
         return 1
@@ -144,7 +146,15 @@ def main() -> int:
         [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1", *me[1:],
          "--worker", ref_dir, "--pipeline", "null"], check=True, env=env, cwd=ROOT,
     )  # fmt: skip
-    runs = [(1, {"pipeline_schedule": "1f1b"})] if ranks == 1 else [
+    # one GPU: every stage on one rank (NCCL takes one rank per GPU) — the device paths of both frontends
+    single = [
+        {"pipeline_schedule": "1f1b"},
+        {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4},
+        {"pipeline_schedule": "zbvzerobubble", "pipeline_microbatches": 4},
+        {"pipeline_schedule": "1f1b", "pipeline_frontend": "trace"},
+        {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4, "pipeline_frontend": "trace"},
+    ]
+    runs = [(1, p) for p in single] if ranks == 1 else [
         (2, {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}),
         (2, {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4}),
     ]  # fmt: skip

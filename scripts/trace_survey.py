@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/trace_survey.py                # every family; writes docs/trace-survey.md
     .venv/bin/python scripts/trace_survey.py bloom t5       # some families; prints the table only
-    .venv/bin/python scripts/trace_survey.py --timeout 300  # seconds allowed per family (default 240)
+    .venv/bin/python scripts/trace_survey.py --timeout 300  # seconds per run of a family (default 120)
 
 For each family a tiny model is built from its config only (hidden 64, 4 blocks, 4 heads, vocab 97, 64 positions,
 every dropout 0; a ForCausalLM head unless noted) and trained on 2 gloo CPU ranks with
@@ -100,8 +100,12 @@ FAMILIES: dict[str, Family] = {
     "falcon": Family(
         "FalconConfig", "FalconForCausalLM", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4)
     ),
-    "mistral": Family("MistralConfig", "MistralForCausalLM", dict(_LLAMA_LIKE, num_key_value_heads=2, sliding_window=8)),
-    "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM", dict(_LLAMA_LIKE, num_key_value_heads=2, tie_word_embeddings=True)),
+    "mistral": Family(
+        "MistralConfig", "MistralForCausalLM", dict(_LLAMA_LIKE, num_key_value_heads=2, sliding_window=8)
+    ),
+    "qwen2": Family(
+        "Qwen2Config", "Qwen2ForCausalLM", dict(_LLAMA_LIKE, num_key_value_heads=2, tie_word_embeddings=True)
+    ),
     "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM", dict(_LLAMA_LIKE, num_key_value_heads=2, head_dim=16)),
     "gemma": Family("GemmaConfig", "GemmaForCausalLM", dict(_LLAMA_LIKE, num_key_value_heads=2, head_dim=16)),
     "gemma2": Family(
@@ -111,7 +115,9 @@ FAMILIES: dict[str, Family] = {
         "sliding window 8, soft-capping",
     ),
     "bloom": Family("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_layer=4, n_head=4), "ALiBi"),
-    "gptj": Family("GPTJConfig", "GPTJForCausalLM", dict(n_embd=64, n_layer=4, n_head=4, n_positions=64, rotary_dim=8)),
+    "gptj": Family(
+        "GPTJConfig", "GPTJForCausalLM", dict(n_embd=64, n_layer=4, n_head=4, n_positions=64, rotary_dim=8)
+    ),
     "stablelm": Family("StableLmConfig", "StableLmForCausalLM", dict(_LLAMA_LIKE, num_key_value_heads=4)),
     "starcoder2": Family("Starcoder2Config", "Starcoder2ForCausalLM", dict(_LLAMA_LIKE, num_key_value_heads=2)),
     "olmo": Family("OlmoConfig", "OlmoForCausalLM", dict(_LLAMA_LIKE)),
@@ -130,6 +136,30 @@ FAMILIES: dict[str, Family] = {
         "T5ForConditionalGeneration",
         dict(d_model=64, d_kv=16, d_ff=128, num_layers=4, num_heads=4, decoder_start_token_id=0),
         "encoder-decoder",
+    ),
+    # beyond the first list: newer variants, a mixture of experts, ALBERT without weight sharing
+    "gemma3": Family(
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(_LLAMA_LIKE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8),
+        "text only, sliding window 8",
+    ),
+    "phi3": Family("Phi3Config", "Phi3ForCausalLM", dict(_LLAMA_LIKE, num_key_value_heads=2)),
+    "olmo2": Family("Olmo2Config", "Olmo2ForCausalLM", dict(_LLAMA_LIKE)),
+    "gpt_bigcode": Family(
+        "GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=64, n_layer=4, n_head=4, n_positions=64), "MQA"
+    ),
+    "mixtral": Family(
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(_LLAMA_LIKE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+        "4 experts, top-2",
+    ),
+    "albert_unshared": Family(
+        "AlbertConfig",
+        "AlbertForMaskedLM",
+        dict(_BERT_LIKE, embedding_size=64, num_hidden_groups=4),
+        "num_hidden_groups=4: a block per layer",
     ),
 }
 
@@ -204,8 +234,24 @@ def _key_line(tb: str) -> str:
 
 
 def error_record(tb: str, where: str) -> dict[str, str]:
-    tail = "\n".join(tb.rstrip().splitlines()[-14:])
-    return {"where": where, "first_line": _exception_line(tb), "key_line": _key_line(tb), "tail": tail}
+    lines = tb.rstrip().splitlines()[-14:]
+    while len(lines) > 1 and not lines[0].startswith(("  File", "Traceback")):
+        lines.pop(0)  # start the tail at a frame
+    return {"where": where, "first_line": _exception_line(tb), "key_line": _key_line(tb), "tail": "\n".join(lines)}
+
+
+# what a rank reports when its peer died first: a consequence, not the cause
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "gloo/transport")
+
+
+def relayed_error(error: Exception) -> dict[str, str]:
+    """The cause among the ranks' tracebacks that run_distributed relays (a rank whose peer died reports only that)."""
+    text = str(error)
+    if "--- rank " not in text:  # a hang (TimeoutError) with no traceback, or a process that died
+        return error_record(f"{type(error).__name__}: {text}", "(schedule run alone)")
+    blocks = [block.split(" ---\n", 1) for block in text.split("\n--- rank ")[1:]]
+    rank, tb = next(((r, t) for r, t in blocks if not any(m in _exception_line(t) for m in _PEER_GONE)), blocks[0])
+    return error_record(tb, f"rank {rank} (schedule run alone)")
 
 
 # -- the pipeline, on every rank -----------------------------------------------------------------------------------
@@ -228,9 +274,19 @@ def pipeline_worker(name: str, cases: list[tuple[str, int]], catch: bool) -> lis
             trace_times.append(time.perf_counter() - start)
 
     hf_pipe.engine.trace_stages = timed_trace  # the engine's own tracing, timed
+    export = hf_pipe.trace._trace
+    exported: list[bool] = []
+
+    def noted_export(*args, **kwargs):
+        pipe = export(*args, **kwargs)  # torch.export and the split: raises TraceError if export fails
+        exported.append(True)
+        return pipe
+
+    hf_pipe.trace._trace = noted_export
     out = []
     for schedule, stages_per_rank in cases:
         trace_times.clear()
+        exported.clear()
         record: dict[str, Any] = {"losses": [], "grads": [], "error": None, "where": "engine"}
         try:
             engine = PipelineEngine(
@@ -255,6 +311,7 @@ def pipeline_worker(name: str, cases: list[tuple[str, int]], catch: bool) -> lis
                 raise
             record["error"] = error_record(traceback.format_exc(), record["where"])
         record["trace_s"] = list(trace_times)
+        record["exported"] = bool(exported)
         out.append(record)
     return out
 
@@ -283,7 +340,9 @@ def reference(name: str, microbatched: bool = False) -> dict[str, list]:
                 part = loss_fn(model(**{k: v[i] for k, v in chunks.items()}).logits, target)
                 part.backward()
                 loss = loss + part.detach()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
+            grads = {
+                n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None
+            }
         out["losses"].append(loss.item())
         out["grads"].append(grads)
         opt.step()
@@ -321,11 +380,11 @@ def run_cases_alone(name: str, timeout: float) -> list[list[dict] | dict]:
     results: list[list[dict] | dict] = []
     for case in SCHEDULES:
         try:
-            results.append([r[0] for r in run_distributed(pipeline_worker, WORLD_SIZE, name, [case], False, timeout=timeout)])
+            results.append(
+                [r[0] for r in run_distributed(pipeline_worker, WORLD_SIZE, name, [case], False, timeout=timeout)]
+            )
         except Exception as error:  # RuntimeError with the ranks' tracebacks, or TimeoutError (a hang)
-            text = str(error)
-            tb = text.split("--- rank ", 1)[1].split("\n", 1)[1] if "--- rank " in text else f"{type(error).__name__}: {text}"
-            results.append(error_record(tb, "(run alone)"))
+            results.append(relayed_error(error))
     return results
 
 
@@ -338,7 +397,9 @@ def survey(name: str, timeout: float) -> dict[str, Any]:
         return row
     start = time.perf_counter()
     try:
-        per_case = list(zip(*run_distributed(pipeline_worker, WORLD_SIZE, name, list(SCHEDULES), True, timeout=timeout)))
+        per_case = list(
+            zip(*run_distributed(pipeline_worker, WORLD_SIZE, name, list(SCHEDULES), True, timeout=timeout))
+        )
         per_case = [list(ranks) for ranks in per_case]
     except Exception:  # one rank failed alone and its peer hung, or a process died: isolate the schedules
         per_case = run_cases_alone(name, timeout)
@@ -347,6 +408,8 @@ def survey(name: str, timeout: float) -> dict[str, Any]:
         errors = [ranks] if isinstance(ranks, dict) else [r["error"] for r in ranks if r["error"]]
         if errors:
             row["cases"][schedule] = {"error": errors[0]}
+            if not isinstance(ranks, dict):
+                row["cases"][schedule]["exported"] = any(r["exported"] for r in ranks)
             continue
         if ref is None:
             ref = reference(name)
@@ -354,6 +417,7 @@ def survey(name: str, timeout: float) -> dict[str, Any]:
         result = compare(ranks, ref)
         times = [t for r in ranks for t in r["trace_s"]]
         result["trace_s"] = sum(times) / len(times) if times else None
+        result["exported"] = True
         row["cases"][schedule] = result
     row["noise"] = noise
     row["wall_s"] = time.perf_counter() - start
@@ -367,12 +431,15 @@ def _short(text: str, width: int = 90) -> str:
 
 
 def _exported(row: dict) -> str:
-    errors = [c["error"] for c in row["cases"].values() if "error" in c]
+    cases = row["cases"].values()
+    if any(c.get("exported") for c in cases):
+        return "yes"
+    errors = [c["error"] for c in cases if "error" in c]
     if any("TraceError" in e["first_line"] for e in errors):
         return "no: " + _short(next(e["key_line"] for e in errors if "TraceError" in e["first_line"]), 70)
-    if len(errors) == len(SCHEDULES) and all(e["where"] == "engine" for e in errors):
-        return "not reached"  # failed before torch.export ran (or it is unknown whether it ran)
-    return "yes"
+    if any("exported" in c for c in cases):
+        return "not reached"  # hf_pipe stopped before torch.export ran
+    return "?"  # only errors relayed from schedules run alone, none an export error
 
 
 def _case_cell(case: dict | None) -> str:
@@ -423,12 +490,19 @@ def details(rows: list[dict]) -> str:
     """Every error (its first line and traceback tail) and every mismatch (where the worst gradient is)."""
     out = []
     for row in rows:
+        shown: dict[str, list[str]] = {}  # first line -> schedules: an error both schedules hit is shown once
+        for schedule, case in row["cases"].items():
+            if "error" in case:
+                shown.setdefault(case["error"]["first_line"], []).append(schedule)
         for schedule, case in row["cases"].items():
             if "error" in case:
                 e = case["error"]
+                schedules = shown.get(e["first_line"])
+                if schedules is None or schedules[0] != schedule:
+                    continue
                 out.append(
-                    f"### {row['name']} — {schedule}: error in {e['where']}\n\n`{_short(e['first_line'], 300)}`\n\n"
-                    f"```\n{e['tail']}\n```\n"
+                    f"### {row['name']} — {', '.join(schedules)}: error in {e['where']}\n\n"
+                    f"`{_short(e['first_line'], 300)}`\n\n```\n{e['tail']}\n```\n"
                 )
             elif not case["passed"]:
                 missing = f"; no rank holds gradients for {case['missing']}" if case["missing"] else ""
@@ -447,10 +521,11 @@ def header(elapsed: float) -> str:
         f"(torch {torch.__version__}, transformers {transformers.__version__}, {elapsed / 60:.1f} min on "
         f"{os.cpu_count()} CPU cores).\n\n"
         "Each family: a tiny model from its config (hidden 64, 4 blocks, 4 heads, vocab 97, 64 positions, dropout 0), "
-        f"`PipelineEngine(frontend=\"trace\")` on {WORLD_SIZE} gloo CPU ranks, {MICROBATCHES} microbatches of a "
+        f'`PipelineEngine(frontend="trace")` on {WORLD_SIZE} gloo CPU ranks, {MICROBATCHES} microbatches of a '
         f"batch of {BATCH_SIZE}, two training steps at sequence lengths {SEQ_LENS[0]} then {SEQ_LENS[1]} (SGD step "
         "between), loss and every gradient compared with the model trained in one process. "
-        f"Schedules: {', '.join(f'{s} ({spr} stage(s) per rank)' for s, spr in SCHEDULES)}.\n\n"
+        f"Schedules: {', '.join(f'{s} ({spr} stage(s) per rank)' for s, spr in SCHEDULES)}. The configs are "
+        "`FAMILIES` in the script; a family whose classes this transformers lacks is listed as skipped.\n\n"
         "- *exported*: torch.export captured the model (`no`: what it rejected; `not reached`: hf_pipe stopped "
         "before tracing).\n"
         "- *s / trace*: mean seconds of one `trace_stages` call (probe and per-shape traces).\n"
@@ -465,7 +540,7 @@ def header(elapsed: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("families", nargs="*", metavar="FAMILY", help=f"default: all of {', '.join(FAMILIES)}")
-    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per family run (default 240)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run of a family (default 120)")
     args = parser.parse_args()
     unknown = [n for n in args.families if n not in FAMILIES]
     if unknown:
