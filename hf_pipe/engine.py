@@ -184,6 +184,7 @@ class PipelineEngine:
         uses. This rank keeps its stages' weights (on its device) and frees the rest; later traces (one per batch
         shape, `_traced_modules`) run on a fake copy made before freeing and point at the same weights."""
         self._model = model
+        self._traces = 0  # shapes traced, for the advice to pad
         self._fake = fake_copy(model, self.device)
         self._split_spec = block_split_spec(self.plan.blocks, self.plan.layer_starts)
         positions = getattr(self.config, "max_position_embeddings", None) or 8
@@ -216,7 +217,7 @@ class PipelineEngine:
         start = time.perf_counter()
         pipe = trace_stages(self._model, self._split_spec, (input_ids,), chunk, fake=self._fake, training=training)
         self._pipe_info = pipe.info()
-        self._traces = getattr(self, "_traces", 0) + 1
+        self._traces += 1
         if self._traces == _MANY_TRACES and self.pp_rank == 0:
             logger.warning(
                 "traced stages: %d batch shapes traced so far (the last took %.1f s); each new sequence length is "
