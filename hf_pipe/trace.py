@@ -150,10 +150,23 @@ def _internal_value(submod: fx.GraphModule, index: int | None) -> fx.Node:
     return ret if index is None else ret[index]
 
 
-def _unview(value: Any) -> Any:
-    """A stage output that is a view is cloned: zero-bubble schedules `detach_()` stage outputs in place, which
-    raises "Can't detach views in-place" (OPT's blocks return views)."""
-    return value.clone() if isinstance(value, torch.Tensor) and value._is_view() else value
+def _fresh(value: Any) -> Any:
+    """What a stage sends is a dense tensor of its own: zero-bubble schedules `detach_()` stage outputs in place,
+    which raises "Can't detach views in-place" (OPT's blocks return views), and gloo receives only into contiguous
+    buffers (GPT-J's rotary sin/cos are strided halves of one tensor)."""
+    if isinstance(value, torch.Tensor) and (value._is_view() or not value.is_contiguous()):
+        return value.clone(memory_format=torch.contiguous_format)
+    return value
+
+
+def _dense_meta(meta: dict) -> dict:
+    """Node metadata whose example value is contiguous: torch allocates receive buffers with its strides."""
+    meta = copy.copy(meta)
+    value = meta.get("val")
+    if isinstance(value, FakeTensor) and not value.is_contiguous():
+        with value.fake_mode:
+            meta["val"] = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    return meta
 
 
 # -- skip connections ------------------------------------------------------------------------------------------------
@@ -219,7 +232,7 @@ def forward_skip_connections(pipe: Pipe) -> dict[int, list[Key]]:
             return placeholders[stage0_roots.index(key[1])].meta
         return _internal_value(submods[key[1]], key[2]).meta
 
-    metas = {key: copy.copy(meta_of(key)) for key in order}
+    metas = {key: _dense_meta(meta_of(key)) for key in order}
 
     for s, submod in enumerate(submods):
         sg = submod.graph
@@ -254,12 +267,13 @@ def forward_skip_connections(pipe: Pipe) -> dict[int, list[Key]]:
         if s < n - 1:
             out = _output_node(sg)
             own = {key: _internal_value(submod, key[2]) for key in live[s] if key[0] == "out" and key[1] == s}
+            sent = []
             with sg.inserting_before(out):
-                for key, node in own.items():
-                    fresh = sg.call_function(_unview, (node,))
-                    fresh.meta = copy.copy(node.meta)
-                    own[key] = fresh
-            out.args = (tuple(own[key] if key in own else local[key] for key in live[s]),)
+                for key in live[s]:
+                    fresh = sg.call_function(_fresh, (own.get(key, local.get(key)),))
+                    fresh.meta = _dense_meta(metas[key])
+                    sent.append(fresh)
+            out.args = (tuple(sent),)
         sg.lint()
         submod.recompile()
 
@@ -351,27 +365,36 @@ def _drop_dead_attrs(module: nn.Module) -> None:
 
 
 def share_tensors(module: nn.Module, model: nn.Module, index: int) -> None:
-    """Point every parameter and buffer of a stage module at the model's own tensor of the same FQN."""
+    """Point every parameter and buffer of a stage module at the model's own tensor of the same FQN.
+
+    Tensor constants export lifted from the forward (Falcon's `torch.tensor([-2])`) are no tensors of the model:
+    the fake tensor of such a constant carries its value, which the stage gets, on the traced device.
+    """
     for name in [n for n, _ in module.named_parameters(remove_duplicate=False)]:
         parent, _, leaf = name.rpartition(".")
         (module.get_submodule(parent) if parent else module)._parameters[leaf] = model.get_parameter(_model_fqn(name))
-    for name in [n for n, _ in module.named_buffers(remove_duplicate=False)]:
+    for name, buffer in list(module.named_buffers(remove_duplicate=False)):
         parent, _, leaf = name.rpartition(".")
         try:
             real = model.get_buffer(_model_fqn(name))
         except AttributeError:
-            raise NotImplementedError(
-                f"stage {index} holds a tensor {name!r} that is not a parameter or buffer of the model (a tensor "
-                "constant captured from the forward); register it as a buffer so the trace can find it"
-            ) from None
+            real = _constant(buffer, name, index)
         (module.get_submodule(parent) if parent else module)._buffers[leaf] = real
-    for sub in module.modules():  # constants lifted by export live as plain attributes
-        for attr, value in vars(sub).items():
+    for sub in module.modules():  # constants can also live as plain attributes
+        for attr, value in list(vars(sub).items()):
             if isinstance(value, FakeTensor):
-                raise NotImplementedError(
-                    f"stage {index} holds a tensor constant {attr!r} captured from the forward; register it as a "
-                    "buffer of the model so the trace can use the real tensor"
-                )
+                setattr(sub, attr, _constant(value, attr, index))
+
+
+def _constant(value: torch.Tensor, name: str, index: int) -> torch.Tensor:
+    if not isinstance(value, FakeTensor):
+        return value  # already made real
+    if value.constant is None:
+        raise NotImplementedError(
+            f"stage {index} holds a tensor {name!r} that is neither a parameter nor a buffer of the model and whose "
+            "value the trace does not know (a tensor captured by the forward); register it as a buffer"
+        )
+    return value.constant.to(value.device)
 
 
 # -- the public API --------------------------------------------------------------------------------------------------

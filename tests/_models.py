@@ -132,6 +132,33 @@ CASES = {
             attention_dropout=0.0,
         ),
     ),
+    # multi-query attention that indexes with Python lists: export lifts tensor constants out of the forward
+    "falcon": (
+        transformers.FalconConfig,
+        transformers.FalconForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        ),
+    ),  # fmt: skip
+    # rotary sin/cos are strided halves of one tensor and cross stage boundaries
+    "gptj": (
+        transformers.GPTJConfig,
+        transformers.GPTJForCausalLM,
+        dict(
+            n_embd=HIDDEN,
+            n_layer=LAYERS,
+            n_head=4,
+            n_positions=64,
+            rotary_dim=8,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
+    ),  # fmt: skip
 }
 
 

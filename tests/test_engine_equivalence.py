@@ -55,7 +55,7 @@ def _pipeline_worker(name: str, cases: list[tuple], layers: int, microbatches: i
 
 
 def _layers(name: str, layers: int) -> dict:
-    return {"n_layer": layers} if name == "gpt2" else {"num_hidden_layers": layers}
+    return {"n_layer": layers} if name in ("gpt2", "gptj") else {"num_hidden_layers": layers}
 
 
 def _reference(name: str, layers: int) -> dict:

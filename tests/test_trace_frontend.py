@@ -2,7 +2,8 @@
 
 Same check as the module-split engine tests: loss, every gradient, grad norm and weights after two optimizer steps
 at two sequence lengths (a retrace per shape), within 1e-5 relative — on families with an adapter traced anyway,
-on GPT-NeoX (no adapter) and on a user's own nn.Module.
+on GPT-NeoX, Falcon and GPT-J (no adapter) and on a user's own nn.Module. `scripts/trace_survey.py` runs the same
+check over 28 HF families (docs/trace-survey.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tests.test_engine_equivalence import check_against_reference
 TRACE_SCHEDULES = [("1f1b", 1), ("interleaved1f1b", 2)]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-cls", "gpt_neox", "custom"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-cls", "gpt_neox", "falcon", "gptj", "custom"])
 def test_trace_matches_one_process(name):
     print(check_against_reference(name, 2, TRACE_SCHEDULES, frontend="trace"))
 
