@@ -72,7 +72,7 @@ def _result(times, cfg, tensor_bytes, extra=None) -> dict:
 def _split(cfg, spec):
     """`auto`, or for the "whole" runs the best split at whole blocks (what `auto` did before half-block stages)."""
     if spec.get("split") != "whole":
-        return "auto"
+        return spec.get("split", "auto")
     from hf_pipe import plan_split
 
     return plan_split(_model(cfg), spec["ranks"], sub_blocks=False).layer_starts
@@ -120,6 +120,8 @@ def run_trainer(cfg, spec) -> dict:
     bubble = [e for e in trainer.state.log_history if "pipeline_bubble_measured" in e]
     if bubble:
         extra = {"bubble_measured": bubble[0]["pipeline_bubble_measured"]}
+    if spec["kind"] == "pipe":
+        extra["layer_starts"] = trainer.engine.plan.layer_starts
     params = list(trainer.model_wrapped.parameters())
     return _result(times, cfg, _tensor_bytes(params, trainer.optimizer), extra)
 
@@ -171,6 +173,8 @@ RUNS = [
     # the same 1F1B with stages at whole blocks (the head makes the last stage 8% costlier), and traced stages
     {"name": "pipe-2ranks-1f1b-whole-blocks", "kind": "pipe", "ranks": 2, "schedule": "1f1b", "split": "whole"},
     {"name": "pipe-2ranks-1f1b-traced", "kind": "pipe", "ranks": 2, "schedule": "1f1b", "frontend": "trace"},
+    # stages balanced by the pieces' times measured at start-up instead of FLOPs
+    {"name": "pipe-2ranks-1f1b-measured", "kind": "pipe", "ranks": 2, "schedule": "1f1b", "split": "measured"},
     {"name": "handwritten-torch-1f1b-2ranks", "kind": "handwritten", "ranks": 2},
     {"name": "trainer-fsdp-2ranks", "kind": "fsdp", "ranks": 2},
 ]  # fmt: skip
@@ -199,6 +203,11 @@ def main() -> int:
         rank = int(os.environ.get("RANK", 0))
         with open(os.path.join(opts.out, f"{spec['name']}.rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # leave together: a rank that exits while its peer still talks gets SIGABRT
+            dist.barrier()
+            dist.destroy_process_group()
         return 0
 
     os.makedirs(opts.out, exist_ok=True)
@@ -210,14 +219,17 @@ def main() -> int:
         me = [os.path.abspath(__file__), "--out", opts.out, "--worker", json.dumps(spec)] + (["--smoke"] * opts.smoke)
         cmd = [torchrun, "--nproc_per_node", str(spec["ranks"])] + me if spec["ranks"] else [sys.executable] + me
         env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))}
+        files = [os.path.join(opts.out, f"{spec['name']}.rank{r}.json") for r in range(max(1, spec["ranks"]))]
+        for path in files:
+            if os.path.exists(path):
+                os.remove(path)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode:
+        if not all(os.path.exists(path) for path in files):
             print(f"{spec['name']}: FAILED\n{(proc.stdout + proc.stderr)[-2000:]}")
             continue
-        ranks = [
-            json.load(open(os.path.join(opts.out, f"{spec['name']}.rank{r}.json")))
-            for r in range(max(1, spec["ranks"]))
-        ]
+        if proc.returncode:  # every rank finished and wrote its numbers; the failure came while leaving
+            print(f"{spec['name']}: exit status {proc.returncode} after the run (results kept)")
+        ranks = [json.load(open(path)) for path in files]
         rows.append({"name": spec["name"], "ideal_speedup": _ideal(spec, cfg),
                      "step_s": max(r["step_s"] for r in ranks), "per_rank": ranks})  # fmt: skip
     base = next(r["step_s"] for r in rows if r["name"] == "trainer-1proc-1thread")

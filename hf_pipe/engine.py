@@ -27,8 +27,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .checkpoint import canonical_state_names
 from .errors import raise_if_any
-from .families import get_family
+from .families import FlopsPerToken, get_family, task_of
 from .loss import PipelineLoss
+from .measure import measure_costs
 from .schedule import (
     default_stages_per_rank,
     forward_only_schedule,
@@ -140,7 +141,8 @@ class PipelineEngine:
         )
         self.device = torch.device(device) if device is not None else default_device()
         if self.frontend == "module":
-            self.plan = plan_split(model, self.num_stages, split, task=task)
+            costs = self._measured_costs(model, task, batch_size) if split == "measured" else None
+            self.plan = plan_split(model, self.num_stages, split, task=task, costs=costs)
         else:
             self.plan = plan_blocks(model, self.num_stages, split, task=task)
         if self.plan.task is None:
@@ -178,6 +180,26 @@ class PipelineEngine:
         self.timeline = Timeline(self.pp_rank)
         #: every rank's recorded actions, set when the steps armed with `record_timeline` have run
         self.recorded: list[Action] | None = None
+
+    def _measured_costs(self, model: nn.Module, task: str | None, batch_size: int | None) -> FlopsPerToken | None:
+        """The pieces' times on this machine (`measure.py`), averaged over every rank so that all plan alike.
+
+        Collective over the world (replicas must split alike). Timed at the microbatch size and at the model's
+        positions, at most 512.
+        """
+        adapter = resolve_family(model.config.model_type)
+        task = task or task_of(type(model).__name__)
+        if task is None:
+            return None
+        seq_len = min(getattr(model.config, "max_position_embeddings", None) or 512, 512)
+        microbatch = max(1, (batch_size or self.microbatches) // self.microbatches)
+        costs = measure_costs(
+            model, adapter, task, model.config, microbatch=microbatch, seq_len=seq_len, device=self.device
+        )
+        times = torch.tensor([costs.embeddings, costs.layer, costs.head, costs.first_half], device=self.device)
+        dist.all_reduce(times)
+        times /= dist.get_world_size()
+        return FlopsPerToken(*times.tolist())
 
     def _trace_frontend(self, model: nn.Module, groups: list[list[str]]):
         """Trace once at a small shape: export errors surface now, and the trace tells which weights each stage

@@ -17,11 +17,20 @@ from torch import nn
 from torch.distributed.pipelining import SplitPoint
 
 from .errors import PipelineConfigError
-from .families import CAUSAL_LM, MASKED_LM, SEQ_CLS, FamilyAdapter, get_family, registered_families, task_of
+from .families import (
+    CAUSAL_LM,
+    MASKED_LM,
+    SEQ_CLS,
+    FamilyAdapter,
+    FlopsPerToken,
+    get_family,
+    registered_families,
+    task_of,
+)
 
 #: What `split` accepts: a policy name, the layer indices where stages begin, or SplitPoint marks by module FQN.
 SplitPolicy = str | Sequence[int] | Mapping[str, SplitPoint]
-POLICIES = ("auto", "uniform")
+POLICIES = ("auto", "measured", "uniform")
 _SPLIT_POINTS_ATTR = "_hf_pipe_split_points"
 
 
@@ -284,14 +293,14 @@ def _choose_starts(
         starts = _starts_from_marks(marks, layer_fqns)
         return "split points", _check_starts(starts, num_layers, num_stages, "annotate_split_points")
     if isinstance(split, str) and split.lower() in POLICIES:
-        if split.lower() == "auto":
+        if split.lower() in ("auto", "measured"):  # "measured": the same search over costs timed at start-up
             counts = _balanced_counts(layer_cost, first, last, num_stages)
             if first_half:
                 halves = [c for cost in layer_cost for c in (first_half, cost - first_half)]
                 units = _balanced_counts(halves, first, last, num_stages)
                 if _max_cost(halves, units, first, last) < 0.99 * _max_cost(layer_cost, counts, first, last):
                     starts = [sum(units[:k]) for k in range(num_stages)]
-                    return "auto", [u // 2 if u % 2 == 0 else u / 2 for u in starts]
+                    return split.lower(), [u // 2 if u % 2 == 0 else u / 2 for u in starts]
         else:
             base, extra = divmod(num_layers, num_stages)
             counts = [base + (1 if k < extra else 0) for k in range(num_stages)]
@@ -312,6 +321,7 @@ def plan_split(
     task: str | None = None,
     seq_len: int | None = None,
     sub_blocks: bool = True,
+    costs: FlopsPerToken | None = None,
 ) -> SplitPlan:
     """Decide the stage boundaries of a model or config, without a process group and without allocating weights.
 
@@ -324,6 +334,8 @@ def plan_split(
             `"auto"`.
         task: `"causal_lm"`, `"masked_lm"` or `"seq_cls"`; read from the model class or `config.architectures`.
         seq_len: sequence length the attention cost is estimated at (default: the model's positions, at most 2048).
+        costs: per-token costs to balance instead of the FLOP estimate (`"measured"` passes timings, see
+            `measure.measure_costs`); `"measured"` without them plans like `"auto"`.
         sub_blocks: let `"auto"` begin a stage at a block's MLP half (families whose adapter defines `halves`), when
             that lowers the most expensive stage by more than 1%: with few blocks per stage a whole block is too
             coarse to balance the LM head.
@@ -348,7 +360,7 @@ def plan_split(
             f"{num_layers} blocks: every stage needs at least one block; use between 1 and {num_layers} stages."
         )
     seq_len = seq_len or min(getattr(config, "max_position_embeddings", 2048) or 2048, 2048)
-    flops = adapter.flops_per_token(config, task, seq_len)
+    flops = costs or adapter.flops_per_token(config, task, seq_len)
     body = f"{adapter.base_prefix}." if task is not None else ""
     layer_fqns = [f"{body}{adapter.layers}.{i}" for i in range(num_layers)]
 

@@ -51,6 +51,7 @@ class PipelineArguments:
         default="auto",
         metadata={
             "help": "Stage boundaries: 'auto' (balance estimated FLOPs; may begin a stage at a block's MLP half), "
+            "'measured' (the same, balancing the pieces' forward + backward times measured at start-up), "
             "'uniform' (equal block counts), or the block indices where stages begin, e.g. '0,6,12,18', with k.5 "
             "for block k's MLP half: '0,6.5,12,18' (a list from Python)."
         },

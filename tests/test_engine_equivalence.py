@@ -168,3 +168,28 @@ def test_stages_that_begin_mid_block(name):
     """Half-block splits (a stage ends after a block's attention, the next runs its MLP) give the same gradients."""
     cases = [("1f1b", 1, [0, 1.5]), ("interleaved1f1b", 2, [0, 0.5, 2, 3.5]), ("zbvzerobubble", 2, [0, 1.5, 2.5, 3])]
     print(check_against_reference(name, 2, cases))
+
+
+def _measured_plans() -> list:
+    from hf_pipe.engine import PipelineEngine
+
+    engine = PipelineEngine(
+        tiny_model("llama"), schedule="interleaved1f1b", microbatches=4, split="measured", device="cpu"
+    )
+    return [engine.plan.policy, engine.plan.layer_starts]
+
+
+def test_measured_split_is_one_plan_on_every_rank():
+    """`split="measured"` times the pieces on each rank and averages: every rank builds the same plan."""
+    from hf_pipe.measure import measure_costs
+    from hf_pipe.split import resolve_family
+
+    model = tiny_model("llama")
+    costs = measure_costs(model, resolve_family("llama"), "causal_lm", model.config, microbatch=2, seq_len=16,
+                          device=torch.device("cpu"))  # fmt: skip
+    assert 0 < costs.first_half < costs.layer and costs.head > 0 and costs.embeddings > 0
+    plans = run_distributed(_measured_plans, 2)
+    assert plans[0] == plans[1] and plans[0][0] == "measured" and len(plans[0][1]) == 4
+    print(plans[0], costs)
+    # and trains like one process
+    print(check_against_reference("gpt2", 2, [("1f1b", 1, "measured")]))
