@@ -147,7 +147,7 @@ def test_uniform_and_explicit_and_split_points():
         ([0, 3, 2], "strictly increasing"),
         ([0, 2], "defines 2 stages but the pipeline has 3"),
         ([0, 2, 9], "strictly increasing block indices in \\[0, 6\\)"),
-        ("balanced", "valid options are \\['auto', 'uniform'\\]"),
+        ("balanced", "valid options are \\['auto', 'measured', 'uniform'\\]"),
         ({"model.norm": SplitPoint.BEGINNING}, "is not a block of this model"),
     ],
 )
