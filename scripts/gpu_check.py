@@ -151,9 +151,17 @@ def main() -> int:
         {"pipeline_schedule": "1f1b"},
         {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4},
         {"pipeline_schedule": "zbvzerobubble", "pipeline_microbatches": 4},
+        {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4, "pipeline_split": "measured"},
         {"pipeline_schedule": "1f1b", "pipeline_frontend": "trace"},
         {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4, "pipeline_frontend": "trace"},
     ]
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13):
+        # torch < 2.13 asks for gradients of the boolean masks traced stages pass on (hf_pipe needs 2.13)
+        single = [
+            p
+            for p in single
+            if not (p.get("pipeline_frontend") == "trace" and "interleaved" in p["pipeline_schedule"])
+        ]
     runs = [(1, p) for p in single] if ranks == 1 else [
         (2, {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}),
         (2, {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4}),
