@@ -12,8 +12,6 @@ gradient norm. torch.distributed.pipelining runs the schedule; what it leaves to
 
 from __future__ import annotations
 
-import logging
-import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -39,17 +37,13 @@ from .schedule import (
     schedule_for_batch,
 )
 from .split import SplitPolicy, plan_blocks, plan_split, resolve_family
-from .stage import build_stage_modules, free_unowned_parameters, owner_stages, tied_groups
+from .stage import build_stage_modules, owner_stages, tied_groups
 from .timeline import Action, TimedPipelineStage, Timeline
-from .trace import TracedStage, block_split_spec, fake_copy, share_tensors, trace_stages
+from .trace import TracedStage, TracedStages
 from .validate import FRONTENDS, pipeline_problems
 
 # Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
 _SHAPE_CACHE_SIZE = 16
-# Traced shapes after which the trace frontend suggests padding to a multiple.
-_MANY_TRACES = 8
-
-logger = logging.getLogger(__name__)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -163,7 +157,10 @@ class PipelineEngine:
             for module in self.modules:
                 module.to(self.device)
         else:
-            self.modules, tied = self._trace_frontend(model, groups)
+            self._traced = TracedStages(
+                model, self.plan, self.stage_indices, self.device, groups, announce=self.pp_rank == 0
+            )
+            self.modules, tied = self._traced.modules, self._traced.tied
         # Stage-local state key -> the model FQN HF saves it under (a tied weight: the name HF keeps).
         self.state_names = [
             {k: canonical[id(t)] for k, t in m.state_dict(keep_vars=True).items() if id(t) in canonical}
@@ -200,53 +197,6 @@ class PipelineEngine:
         dist.all_reduce(times)
         times /= dist.get_world_size()
         return FlopsPerToken(*times.tolist())
-
-    def _trace_frontend(self, model: nn.Module, groups: list[list[str]]):
-        """Trace once at a small shape: export errors surface now, and the trace tells which weights each stage
-        uses. This rank keeps its stages' weights (on its device) and frees the rest; later traces (one per batch
-        shape, `_traced_modules`) run on a fake copy made before freeing and point at the same weights."""
-        self._model = model
-        self._traces = 0  # shapes traced, for the advice to pad
-        self._fake = fake_copy(model, self.device)
-        self._split_spec = block_split_spec(self.plan.blocks, self.plan.layer_starts)
-        positions = getattr(self.config, "max_position_embeddings", None) or 8
-        probe = torch.zeros(1, min(8, positions), dtype=torch.long, device=self.device)
-        pipe = trace_stages(model, self._split_spec, (probe,), fake=self._fake, training=True)
-        used = [{id(p) for p in pipe.get_stage_module(i).parameters()} for i in range(self.num_stages)]
-        tied = [
-            (fqns, [i for i in range(self.num_stages) if id(model.get_parameter(fqns[0])) in used[i]])
-            for fqns in groups
-        ]
-        modules = [pipe.get_stage_module(i) for i in self.stage_indices]
-        free_unowned_parameters(model, modules)
-        with torch.no_grad():  # this rank's weights and every buffer to the device, in place: the objects stay
-            for module in model.modules():
-                for param in module._parameters.values():
-                    if param is not None and param.device.type != "meta":
-                        param.data = param.data.to(self.device)
-                for name, buffer in module._buffers.items():
-                    if buffer is not None:
-                        module._buffers[name] = buffer.to(self.device)
-        for index, module in zip(self.stage_indices, modules):
-            share_tensors(module, model, index)
-        return modules, tied
-
-    def _traced_modules(self, batch: Mapping[str, torch.Tensor], count: int, training: bool) -> list[nn.Module]:
-        """This rank's stage modules traced at the microbatch shape of `batch` split `count` ways."""
-        # labels stay out of the graph: the loss is the schedule's, on the last stage
-        chunk = {k: v.tensor_split(count)[0] for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}
-        input_ids = chunk.pop("input_ids")
-        start = time.perf_counter()
-        pipe = trace_stages(self._model, self._split_spec, (input_ids,), chunk, fake=self._fake, training=training)
-        self._pipe_info = pipe.info()
-        self._traces += 1
-        if self._traces == _MANY_TRACES and self.pp_rank == 0:
-            logger.warning(
-                "traced stages: %d batch shapes traced so far (the last took %.1f s); each new sequence length is "
-                "traced once. Pad batches to a few lengths (DataCollator pad_to_multiple_of=64) to trace less.",
-                self._traces, time.perf_counter() - start,
-            )  # fmt: skip
-        return [pipe.get_stage_module(i) for i in self.stage_indices]
 
     # -- parameters ------------------------------------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -355,9 +305,10 @@ class PipelineEngine:
             self._schedules.move_to_end(key)
             return self._schedules[key]
         if self.frontend == "trace":  # traced stages are specialised to one shape: trace this one
+            modules, info = self._traced.for_batch(batch, count, training)
             stages = [
-                TracedStage(module, index, self._pipe_info, self.device, self.group, timeline=self.timeline)
-                for module, index in zip(self._traced_modules(batch, count, training), self.stage_indices)
+                TracedStage(module, index, info, self.device, self.group, timeline=self.timeline)
+                for module, index in zip(modules, self.stage_indices)
             ]
         else:
             stages = [

@@ -1,0 +1,228 @@
+"""Graph passes over torch's `Pipe` that the trace frontend needs and torch does not do (see `trace.py`).
+
+- `forward_skip_connections`: every stage receives only from the previous one and sends only to the next, so the
+  multi-stage-per-rank schedules run on traced stages; stage 0 takes the model's inputs in the model's order.
+- `accept_root_kwargs`: later stages accept the microbatch kwargs every schedule passes to every stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.distributed.pipelining._IR import Pipe, get_submod_name
+from torch.fx.graph import CodeGen
+
+# ("root", placeholder name) for a model input, ("out", producing stage, output index or None) for a stage output
+Key = tuple
+
+
+# -- the top-level graph, as torch's _PipelineStage reads it ---------------------------------------------------------
+def _stage_nodes(graph: fx.Graph) -> list[fx.Node]:
+    # _PipelineStage: the i-th call_module node of the top-level graph is stage i
+    return [n for n in graph.nodes if n.op == "call_module"]
+
+
+def _output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def _key_of(arg: fx.Node, stage_of: dict[fx.Node, int]) -> Key:
+    if arg.op == "placeholder":
+        return ("root", arg.name)
+    if arg.op == "call_function" and arg.target is operator.getitem and arg.args[0] in stage_of:
+        return ("out", stage_of[arg.args[0]], arg.args[1])
+    if arg.op == "call_module":
+        return ("out", stage_of[arg], None)
+    raise NotImplementedError(f"unexpected stage argument in the pipe graph: {arg.format_node()}")
+
+
+def _internal_value(submod: fx.GraphModule, index: int | None) -> fx.Node:
+    ret = _output_node(submod.graph).args[0]
+    return ret if index is None else ret[index]
+
+
+def _fresh(value: Any) -> Any:
+    """What a stage sends is a dense tensor of its own: zero-bubble schedules `detach_()` stage outputs in place,
+    which raises "Can't detach views in-place" (OPT's blocks return views), and gloo receives only into contiguous
+    buffers (GPT-J's rotary sin/cos are strided halves of one tensor)."""
+    if isinstance(value, torch.Tensor) and (value._is_view() or not value.is_contiguous()):
+        return value.clone(memory_format=torch.contiguous_format)
+    return value
+
+
+def _dense_meta(meta: dict) -> dict:
+    """Node metadata whose example value is contiguous: torch allocates receive buffers with its strides."""
+    meta = copy.copy(meta)
+    value = meta.get("val")
+    if isinstance(value, FakeTensor) and not value.is_contiguous():
+        with value.fake_mode:
+            meta["val"] = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    return meta
+
+
+# -- skip connections ------------------------------------------------------------------------------------------------
+def forward_skip_connections(pipe: Pipe) -> dict[int, list[Key]]:
+    """Rewrite `pipe.split_gm` so every stage receives only from the previous one and sends only to the next.
+
+    For each boundary k|k+1, the values made by a stage ≤ k (or model inputs) and used by a stage > k become, in one
+    fixed order, both the outputs of stage k and the inputs of stage k+1. The top-level graph is rebuilt with one
+    getitem per output index, created in index order: `_PipelineStage` derives its send order from that. torch
+    handles only adjacent stages (and rejects a float value with two consumers: "Backward of skip connections not
+    supported yet"); this pass is what lets the interleaved and zero-bubble schedules run on traced stages.
+    Returns {boundary k: the values crossing it}.
+    """
+    gm = pipe.split_gm
+    graph = gm.graph
+    stages = _stage_nodes(graph)
+    n = len(stages)
+    for i, node in enumerate(stages):
+        if node.target != get_submod_name(i) or node.kwargs:
+            raise NotImplementedError(f"stage {i} is called as {node.format_node()}")
+    stage_of = {node: i for i, node in enumerate(stages)}
+    submods = [gm.get_submodule(node.target) for node in stages]
+    roots = [p for p in graph.nodes if p.op == "placeholder"]
+    args_keys = [[_key_of(a, stage_of) for a in node.args] for node in stages]
+    stage0_roots = [k[1] for k in args_keys[0]]
+    if any(k[0] != "root" for k in args_keys[0]):
+        raise NotImplementedError("stage 0 consumes a value made by a stage")
+
+    producer: dict[Key, int] = {}
+    last_use: dict[Key, int] = {}
+    order: list[Key] = []
+    for i, keys in enumerate(args_keys):
+        if len(set(keys)) != len(keys):
+            raise NotImplementedError(f"stage {i} receives the same value twice")
+        for key in keys:
+            if key[0] == "root" and key[1] not in stage0_roots:
+                raise NotImplementedError(f"model input {key[1]!r} is used by stage {i} but not by stage 0")
+            producer[key] = 0 if key[0] == "root" else key[1]
+            if key not in last_use:
+                order.append(key)
+            last_use[key] = max(last_use.get(key, -1), i)
+    out_node = _output_node(graph)
+    for arg in out_node.all_input_nodes:
+        key = _key_of(arg, stage_of)
+        if key[0] != "out" or key[1] != n - 1:
+            raise NotImplementedError(
+                f"the model output uses {arg.format_node()}, which the last stage does not make (e.g. "
+                "output_hidden_states=True): only the last stage's outputs can be returned"
+            )
+
+    # values crossing each boundary: stage k+1's own inputs first (in its order), then those passing through
+    live = {
+        k: [
+            *args_keys[k + 1],
+            *(key for key in order if producer[key] <= k < last_use[key] and key not in args_keys[k + 1]),
+        ]
+        for k in range(n - 1)
+    }
+
+    def meta_of(key: Key) -> dict:
+        if key[0] == "root":
+            placeholders = [p for p in submods[0].graph.nodes if p.op == "placeholder"]
+            return placeholders[stage0_roots.index(key[1])].meta
+        return _internal_value(submods[key[1]], key[2]).meta
+
+    metas = {key: _dense_meta(meta_of(key)) for key in order}
+
+    for s, submod in enumerate(submods):
+        sg = submod.graph
+        placeholders = [p for p in sg.nodes if p.op == "placeholder"]
+        local: dict[Key, fx.Node] = {}
+        if s == 0:
+            local.update(zip(args_keys[0], placeholders, strict=True))
+            # Stage 0's forward takes the model's inputs by name (torch copies the model's signature onto it) but
+            # binds them to its placeholders in the model's input order, while torch's split left the
+            # placeholders in order of first use: BERT's `token_type_ids` then silently received the attention
+            # mask. Put them in the model's input order.
+            body = next(node for node in sg.nodes if node.op != "placeholder")
+            args_keys[0] = [key for key in (("root", p.name) for p in roots) if key in local]
+            for key in args_keys[0]:
+                body.prepend(local[key])
+        else:
+            old = dict(zip(args_keys[s], placeholders, strict=True))
+            taken = {node.name for node in sg.nodes}
+            with sg.inserting_before(next(node for node in sg.nodes if node.op != "placeholder")):
+                for j, key in enumerate(live[s - 1]):
+                    name = f"pp_in{j}"
+                    while name in taken:
+                        name += "_"
+                    taken.add(name)
+                    placeholder = sg.placeholder(name)
+                    placeholder.meta = copy.copy(metas[key])
+                    if key in old:
+                        old[key].replace_all_uses_with(placeholder)
+                    local[key] = placeholder
+            for placeholder in placeholders:
+                sg.erase_node(placeholder)
+        if s < n - 1:
+            out = _output_node(sg)
+            own = {key: _internal_value(submod, key[2]) for key in live[s] if key[0] == "out" and key[1] == s}
+            sent = []
+            with sg.inserting_before(out):
+                for key in live[s]:
+                    fresh = sg.call_function(_fresh, (own.get(key, local.get(key)),))
+                    fresh.meta = _dense_meta(metas[key])
+                    sent.append(fresh)
+            out.args = (tuple(sent),)
+        sg.lint()
+        submod.recompile()
+
+    top = fx.Graph()
+    env: dict[Key, fx.Node] = {}
+    for p in roots:
+        q = top.placeholder(p.target, default_value=p.args[0]) if p.args else top.placeholder(p.target)
+        q.meta = copy.copy(p.meta)
+        env[("root", p.name)] = q
+    new_nodes: list[fx.Node] = []
+    for s, node in enumerate(stages):
+        inputs = args_keys[0] if s == 0 else live[s - 1]
+        call = top.create_node("call_module", node.target, tuple(env[k] for k in inputs), {}, name=node.name)
+        call.meta = copy.copy(node.meta)
+        new_nodes.append(call)
+        if s < n - 1:
+            env = {k: v for k, v in env.items() if k[0] == "root"}
+            for j, key in enumerate(live[s]):
+                env[key] = top.call_function(operator.getitem, (call, j))
+    last_old, last_new = stages[-1], new_nodes[-1]
+    getitems: dict[Any, fx.Node] = {}
+
+    def remap(arg: fx.Node) -> fx.Node:
+        if arg is last_old:
+            return last_new
+        index = arg.args[1]
+        if index not in getitems:
+            getitems[index] = top.call_function(operator.getitem, (last_new, index))
+        return getitems[index]
+
+    top.output(fx.graph.map_arg(out_node.args[0], remap))
+    top._codegen = copy.deepcopy(graph._codegen)
+    top.lint()
+    gm.graph = top
+    gm.recompile()
+    pipe.executor = type(pipe.executor)(gm)  # Pipe.forward (one process) interprets the graph it captured
+    return live
+
+
+class _IgnoreRootKwargs(CodeGen):
+    """fx codegen whose forward also takes, and ignores, `**kwargs`."""
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def=False):
+        return super().gen_fn_def([*free_vars, "**_root_kwargs"], maybe_return_annotation, expanded_def=expanded_def)
+
+
+def accept_root_kwargs(pipe: Pipe) -> None:
+    """Every schedule calls each stage with the microbatch's keyword arguments (`attention_mask=`); torch's later
+    stages take only their activations. They get a `**_root_kwargs` catch-all (the values they need arrive from the
+    previous stage)."""
+    for i in range(1, pipe.num_stages):
+        module = pipe.get_stage_module(i)
+        if type(module.graph._codegen) is not CodeGen:
+            raise NotImplementedError(f"stage {i} has codegen {type(module.graph._codegen).__name__}")
+        module.graph._codegen = _IgnoreRootKwargs()
+        module.recompile()
