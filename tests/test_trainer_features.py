@@ -3,6 +3,7 @@ checkpointing per stage, periodic evaluation with load_best_model_at_end, callba
 
 from __future__ import annotations
 
+import pytest
 from transformers import TrainerCallback
 
 from tests.test_trainer_equivalence import compare
@@ -22,8 +23,10 @@ def test_gradient_checkpointing(tmp_path):
     print(compare("llama", tmp_path, 2, pipelines, gradient_checkpointing=True))
 
 
-def test_bf16(tmp_path):
-    """bf16 autocast in the same regions as Trainer.
+@pytest.mark.parametrize("frontend", ["module", "trace"])
+def test_bf16(tmp_path, frontend):
+    """bf16 autocast in the same regions as Trainer, on module-split and on traced stages (traced in fp32: the
+    autocast applies when the stages run).
 
     A bf16 matmul over a 2-row microbatch rounds differently from one over the whole 8-row batch (the same happens
     in one process: 4 microbatches vs 1 give gradients 2e-3 apart at the largest element), so the bound is bf16's.
@@ -32,8 +35,8 @@ def test_bf16(tmp_path):
     """
     print(
         compare(
-            "llama", tmp_path, 2, [{"pipeline_schedule": "1f1b"}], loss_tol=1e-3, weight_tol=1e-3,
-            bf16=True, gradient_checkpointing=True, optim="sgd", learning_rate=0.3,
+            "llama", tmp_path, 2, [{"pipeline_schedule": "1f1b", "pipeline_frontend": frontend}], loss_tol=1e-3,
+            weight_tol=1e-3, bf16=True, gradient_checkpointing=frontend == "module", optim="sgd", learning_rate=0.3,
         )
     )  # fmt: skip
 
