@@ -88,6 +88,11 @@ class PipelineEngine:
     Settings are checked on every rank before anything is built; `batch_size`, when given, is checked against
     `microbatches` too. A shorter batch (an epoch's last) still runs: see `schedule.schedule_for_batch`.
 
+    `frontend`: `"module"` splits a family with an adapter at its modules; `"trace"` exports any model (a family
+    without an adapter, or your own `nn.Module` whose forward takes `input_ids` and returns logits: pass `task=`
+    `"causal_lm"`, `"masked_lm"` or `"seq_cls"`); `"auto"` takes the module split where it can. `split="measured"`
+    times the pieces on every rank before planning (collective over the world).
+
     Example:
         >>> engine = PipelineEngine(model, schedule="1f1b", microbatches=4)
         >>> loss = engine.train_step(batch)       # same loss on every rank; grads in engine.parameters()
