@@ -8,6 +8,7 @@ The pipeline flags are `PipeTrainingArguments`' own, so a training command's fla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
     seq_len = plan_args.seq_len or min(getattr(config, "max_position_embeddings", 1024) or 1024, 2048)
     if frontend == "module":
         plan = plan_split(config, pp * stages_per_rank, pipeline.pipeline_split, seq_len=seq_len)
+        if plan.policy == "measured":  # no weights here to time: say that this plan is the FLOP estimate
+            plan = dataclasses.replace(plan, policy="measured (FLOP estimate here; training times the pieces)")
     else:  # the trace frontend splits the model's own block list: plan it on a meta-device model
         task = task_of(config.architectures[0]) if getattr(config, "architectures", None) else CAUSAL_LM
         plan = plan_blocks(meta_model(config, task), pp * stages_per_rank, pipeline.pipeline_split)
