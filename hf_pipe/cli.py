@@ -16,10 +16,10 @@ from typing import Any
 
 from .errors import raise_if_any
 from .estimate import format_summary, plan_summary
-from .families import CAUSAL_LM, get_family, task_of
+from .families import CAUSAL_LM, task_of
 from .split import meta_model, plan_blocks, plan_split
 from .training_args import PipelineArguments
-from .validate import model_problems
+from .validate import model_problems, resolve_frontend
 
 
 @dataclass
@@ -73,9 +73,7 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
     world = plan_args.world_size or pp
     batch = plan_args.per_device_train_batch_size
     stages_per_rank = pipeline.resolved_stages_per_rank()
-    frontend = pipeline.pipeline_frontend
-    if frontend == "auto":
-        frontend = "module" if get_family(config.model_type) is not None else "trace"
+    frontend = resolve_frontend(pipeline.pipeline_frontend, config)
     raise_if_any(
         pipeline.pipeline_problems(world, batch)
         + model_problems(

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .checkpoint import canonical_state_names
 from .errors import raise_if_any
-from .families import FlopsPerToken, get_family, task_of
+from .families import FlopsPerToken, task_of
 from .loss import PipelineLoss
 from .measure import measure_costs
 from .schedule import (
@@ -40,7 +40,7 @@ from .split import SplitPolicy, plan_blocks, plan_split, resolve_family
 from .stage import build_stage_modules, owner_stages, tied_groups
 from .timeline import Action, TimedPipelineStage, Timeline
 from .trace import TracedStage, TracedStages
-from .validate import FRONTENDS, pipeline_problems
+from .validate import pipeline_problems, resolve_frontend
 
 # Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
 _SHAPE_CACHE_SIZE = 16
@@ -61,17 +61,6 @@ class DataParallel:
     rank: int
     mode: str  # "ddp" or "fsdp"
     pipelines: list[list[int]]  # global ranks of each replica's pipeline, stage-rank order
-
-
-def resolve_frontend(frontend: str, model: nn.Module) -> str:
-    """ "module" or "trace": `"auto"` takes the module split where the model's family has an adapter."""
-    frontend = frontend.lower()
-    if frontend not in FRONTENDS:
-        return frontend  # reported by pipeline_problems with the valid options
-    if frontend == "auto":
-        config = getattr(model, "config", None)
-        return "module" if config is not None and get_family(getattr(config, "model_type", "")) else "trace"
-    return frontend
 
 
 def default_device() -> torch.device:
@@ -123,8 +112,8 @@ class PipelineEngine:
         self.stages_per_rank = stages_per_rank or default_stages_per_rank(schedule)
         self.num_stages = self.pp_size * self.stages_per_rank
         self.microbatches = microbatches or self.num_stages
-        self.frontend = resolve_frontend(frontend, model)
         config = getattr(model, "config", None)
+        self.frontend = resolve_frontend(frontend, config)
         raise_if_any(
             pipeline_problems(
                 config,

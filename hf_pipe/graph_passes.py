@@ -167,7 +167,7 @@ def forward_skip_connections(pipe: Pipe) -> dict[int, list[Key]]:
             with sg.inserting_before(out):
                 for key in live[s]:
                     fresh = sg.call_function(_fresh, (own.get(key, local.get(key)),))
-                    fresh.meta = _dense_meta(metas[key])
+                    fresh.meta = copy.copy(metas[key])
                     sent.append(fresh)
             out.args = (tuple(sent),)
         sg.lint()

@@ -20,6 +20,7 @@ from torch import nn
 
 from .families import SEQ_CLS, FamilyAdapter, FlopsPerToken
 from .loss import PipelineLoss
+from .stage import block_list, stage_parts
 
 REPEATS = 5
 
@@ -49,11 +50,8 @@ def measure_costs(
     device: torch.device,
 ) -> FlopsPerToken:
     """Seconds per microbatch of each piece a stage runs (forward + backward), in `FlopsPerToken`'s shape."""
-    body = model.get_submodule(adapter.base_prefix)
-    roles = {**adapter.embeddings, **adapter.shared, **adapter.final}
-    parts = {role: body.get_submodule(path) for role, path in roles.items()}
-    parts.update({role: model.get_submodule(path) for role, path in adapter.heads[task].items()})
-    block = body.get_submodule(adapter.layers)[0]
+    parts = stage_parts(model, adapter, task, first=True, last=True)
+    block = block_list(model, adapter, task)[0]
     # copies on the training device: the model itself stays where it is, untouched
     copies = copy.deepcopy(nn.ModuleDict({**parts, "_block": block})).to(device).train()
     block = copies.pop("_block")

@@ -384,9 +384,10 @@ def plan_split(
     bounds = [round(2 * start) for start in starts] + [2 * num_layers]
     stages = []
     for k in range(num_stages):
-        units = range(bounds[k], bounds[k + 1])
-        layers = tuple(sorted({u // 2 for u in units}))
-        halves = tuple((b, u % 2) for b in layers for u in units if u // 2 == b and 2 * b + 1 - u % 2 not in units)
+        lo, hi = bounds[k], bounds[k + 1]
+        layers = tuple(range(lo // 2, (hi + 1) // 2))
+        halves = ((lo // 2, 1),) if lo % 2 else ()  # begins at a block's MLP half
+        halves += ((hi // 2, 0),) if hi % 2 else ()  # ends after a block's attention half
         first, last = k == 0, k == num_stages - 1
         cost = sum(half_cost[part] for _, part in halves) + (len(layers) - len(halves)) * flops.layer
         cost += (flops.embeddings if first else 0.0) + (flops.head if last else 0.0)

@@ -39,18 +39,8 @@ class StageModule(nn.Module):
         self.adapter = adapter
         self.config = model.config
         self.layer_ids = list(stage.layers)
-        body = model.get_submodule(adapter.base_prefix) if plan.task is not None else model
-        roles: dict[str, str] = {}
-        if self.is_first:
-            roles.update(adapter.embeddings)
-        roles.update(adapter.shared)
-        parts = {role: body.get_submodule(path) for role, path in roles.items()}
-        if self.is_last:
-            parts.update({role: body.get_submodule(path) for role, path in adapter.final.items()})
-            if plan.task is not None:
-                parts.update({role: model.get_submodule(path) for role, path in adapter.heads[plan.task].items()})
-        self.parts = nn.ModuleDict(parts)
-        blocks = body.get_submodule(adapter.layers)
+        self.parts = nn.ModuleDict(stage_parts(model, adapter, plan.task, self.is_first, self.is_last))
+        blocks = block_list(model, adapter, plan.task)
         half_of = dict(stage.halves)
         self.blocks = nn.ModuleList(
             [BlockHalf(blocks[i], half_of[i], adapter) if i in half_of else blocks[i] for i in self.layer_ids]
@@ -68,6 +58,28 @@ class StageModule(nn.Module):
             return self.adapter.head(self.parts, hidden, self.task)
         # A fresh tensor, not a view: zero-bubble schedules detach stage outputs in place.
         return hidden if hidden._base is None else hidden.clone()
+
+
+def _body(model: nn.Module, adapter: FamilyAdapter, task: str | None) -> nn.Module:
+    return model.get_submodule(adapter.base_prefix) if task is not None else model
+
+
+def block_list(model: nn.Module, adapter: FamilyAdapter, task: str | None) -> nn.ModuleList:
+    """The model's blocks (`model.layers`); `task` None: `model` is the bare body."""
+    return _body(model, adapter, task).get_submodule(adapter.layers)
+
+
+def stage_parts(
+    model: nn.Module, adapter: FamilyAdapter, task: str | None, first: bool, last: bool
+) -> dict[str, nn.Module]:
+    """The modules other than blocks a stage runs, by role: embeddings on the first stage, the shared ones (rotary
+    tables) on every stage, the final norm and the head on the last."""
+    body = _body(model, adapter, task)
+    roles = {**(adapter.embeddings if first else {}), **adapter.shared, **(adapter.final if last else {})}
+    parts = {role: body.get_submodule(path) for role, path in roles.items()}
+    if last and task is not None:
+        parts.update({role: model.get_submodule(path) for role, path in adapter.heads[task].items()})
+    return parts
 
 
 class BlockHalf(nn.Module):

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from torch.distributed.pipelining.stage import _PipelineStage
 
 from .errors import PipelineConfigError
 from .graph_passes import accept_root_kwargs, forward_skip_connections
-from .split import _SPLIT_POINTS_ATTR, SplitPolicy, plan_blocks
+from .split import _SPLIT_POINTS_ATTR, SplitPlan, SplitPolicy, plan_blocks
 from .stage import free_unowned_parameters
 from .timeline import TimedStageMixin
 
@@ -71,10 +71,8 @@ def fake_copy(model: nn.Module, device: torch.device) -> tuple[nn.Module, FakeTe
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree's deprecation note while copying HF outputs specs
         copied = copy.deepcopy(model, memo)
-    for module in copied.modules():  # marks from annotate_split_points are installed on the copy when it is traced
-        if "_orig_forward" in module.__dict__:
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop("_orig_forward")
+    # marks annotate_split_points left on the model are installed on the copy each time it is traced
+    _remove_split_hooks(m for m in copied.modules() if "_orig_forward" in m.__dict__)
     config = getattr(copied, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         # Training never uses a KV cache, and a DynamicCache in the output is not exportable.
@@ -121,12 +119,15 @@ def _trace(
         if error.__cause__ is None:
             raise
         raise _export_error(fake, error) from error.__cause__
-    finally:
-        # annotate_split_points wraps `forward` on each instance; restore it so the copy can be traced again
-        for fqn in spec:
-            module = fake.get_submodule(fqn)
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop("_orig_forward", None)
+    finally:  # so that the copy can be traced again
+        _remove_split_hooks(fake.get_submodule(fqn) for fqn in spec)
+
+
+def _remove_split_hooks(modules: Iterable[nn.Module]) -> None:
+    """Undo torch's `annotate_split_points`, which wraps `forward` on each marked instance."""
+    for module in modules:
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("_orig_forward", None)
 
 
 # -- parameters ------------------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ class TracedStages:
     def __init__(
         self,
         model: nn.Module,
-        plan: Any,
+        plan: SplitPlan,
         stage_indices: list[int],
         device: torch.device,
         tied_groups: list[list[str]],

@@ -23,13 +23,13 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import read_tensors, save_pipeline_model
-from .engine import DataParallel, PipelineEngine, resolve_frontend
+from .engine import DataParallel, PipelineEngine
 from .errors import raise_if_any
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM, task_of
 from .timeline import measured_bubble, write_timeline
 from .training_args import PipeTrainingArguments
-from .validate import dataset_problems, model_problems
+from .validate import dataset_problems, model_problems, resolve_frontend
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class PipeTrainer(Trainer):
         microbatches = args.resolved_microbatches(world)
         eval_sets = kwargs.get("eval_dataset")
         eval_sets = eval_sets if isinstance(eval_sets, dict) else {"eval_dataset": eval_sets}
-        frontend = resolve_frontend(args.pipeline_frontend, model)
+        frontend = resolve_frontend(args.pipeline_frontend, model.config)
         raise_if_any(
             args.pipeline_problems(world)
             + model_problems(

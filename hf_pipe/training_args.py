@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 from .errors import raise_if_any
 from .schedule import SCHEDULES, check_schedule, default_stages_per_rank, divisors, largest_divisor_at_most
 from .split import POLICIES
-from .validate import FRONTENDS
+from .validate import frontend_problems
 
 
 def _launched_world_size() -> int:
@@ -134,10 +134,7 @@ class PipelineArguments:
                 f"launch {self.pipeline_parallel_size} with `torchrun --nproc_per_node {self.pipeline_parallel_size}` "
                 f"or `accelerate launch --multi_gpu --num_processes {self.pipeline_parallel_size}`."
             )
-        if self.pipeline_frontend not in FRONTENDS:
-            problems.append(
-                f"pipeline_frontend={self.pipeline_frontend!r} is not a frontend; valid options are {list(FRONTENDS)}."
-            )
+        problems += frontend_problems(self.pipeline_frontend)
         if self.pipeline_data_parallel not in ("ddp", "fsdp"):
             problems.append(
                 f"pipeline_data_parallel={self.pipeline_data_parallel!r} is not a data-parallel mode; valid options "

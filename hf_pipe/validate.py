@@ -10,6 +10,21 @@ from .schedule import check_schedule
 FRONTENDS = ("auto", "module", "trace")
 
 
+def resolve_frontend(frontend: str, config: Any) -> str:
+    """ "module" or "trace" (an unknown name is returned as it is, for `frontend_problems` to report): `"auto"`
+    takes the module split where the model's family has an adapter. `config` is the model's, or None."""
+    frontend = frontend.lower()
+    if frontend == "auto":
+        return "module" if config is not None and get_family(getattr(config, "model_type", "")) else "trace"
+    return frontend
+
+
+def frontend_problems(frontend: str) -> list[str]:
+    if frontend.lower() not in FRONTENDS:
+        return [f"pipeline_frontend={frontend!r} is not a frontend; valid options are {list(FRONTENDS)}."]
+    return []
+
+
 def pipeline_problems(
     config: Any,
     *,
@@ -26,13 +41,17 @@ def pipeline_problems(
     problems = check_schedule(
         schedule, pp_size=pp_size, stages_per_rank=stages_per_rank, microbatches=microbatches, batch_size=batch_size
     )
-    return problems + model_problems(
-        config,
-        pp_size=pp_size,
-        stages_per_rank=stages_per_rank,
-        explicit_split=explicit_split,
-        frontend=frontend,
-        data_parallel=data_parallel,
+    return (
+        problems
+        + frontend_problems(frontend)
+        + model_problems(
+            config,
+            pp_size=pp_size,
+            stages_per_rank=stages_per_rank,
+            explicit_split=explicit_split,
+            frontend=frontend,
+            data_parallel=data_parallel,
+        )
     )
 
 
@@ -50,7 +69,7 @@ def model_problems(
     With the trace frontend the blocks are found on the model itself (`split.plan_blocks` checks the count)."""
     problems: list[str] = []
     if frontend not in FRONTENDS:
-        return [f"pipeline_frontend={frontend!r} is not a frontend; valid options are {list(FRONTENDS)}."]
+        return []  # reported by frontend_problems
     if frontend == "trace":
         if data_parallel == "fsdp":
             problems.append(
