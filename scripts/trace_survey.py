@@ -42,9 +42,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from tests._dist import run_distributed  # noqa: E402
-from tests._models import reference_step, rel_err  # noqa: E402
+from tests._models import VOCAB, reference_step, rel_err, uneven_batch  # noqa: E402
 
-VOCAB = 97
 WORLD_SIZE = 2
 BATCH_SIZE = 8
 MICROBATCHES = 4
@@ -188,25 +187,8 @@ def task_of(name: str) -> str | None:
 
 
 def make_batch(name: str, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with uneven lengths (as tests/_models.padded_batch), labels for the family's head."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, VOCAB, (BATCH_SIZE, seq_len), generator=g)
-    lengths = torch.randint(seq_len // 3, seq_len + 1, (BATCH_SIZE,), generator=g)
-    lengths[0] = seq_len
-    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
-    input_ids = input_ids.masked_fill(mask == 0, 0)
-    batch = {"input_ids": input_ids, "attention_mask": mask}
-    task = task_of(name)
-    if task == "seq_cls":
-        batch["labels"] = torch.randint(0, 3, (BATCH_SIZE,), generator=g)
-    elif task == "masked_lm":
-        chosen = (torch.rand(BATCH_SIZE, seq_len, generator=g) < 0.3) & (mask == 1)
-        batch["labels"] = input_ids.masked_fill(~chosen, -100)
-    else:  # causal LM (and T5's decoder labels)
-        batch["labels"] = input_ids.masked_fill(mask == 0, -100)
-    if FAMILIES[name].token_type_ids:
-        batch["token_type_ids"] = (torch.arange(seq_len)[None, :] >= seq_len // 2).long().expand(BATCH_SIZE, -1)
-    return batch
+    """The tests' right-padded batch with uneven lengths, labels for the family's head."""
+    return uneven_batch(task_of(name), BATCH_SIZE, seq_len, seed, token_type_ids=FAMILIES[name].token_type_ids)
 
 
 def _optimizer(params):
@@ -261,11 +243,11 @@ def pipeline_worker(name: str, cases: list[tuple[str, int]], catch: bool) -> lis
 
     With `catch`, an error ends only its case and is returned; otherwise it propagates (run_distributed relays it).
     """
-    import hf_pipe.engine
+    import hf_pipe.trace
     from hf_pipe.engine import PipelineEngine
 
     trace_times: list[float] = []
-    trace_stages = hf_pipe.engine.trace_stages
+    trace_stages = hf_pipe.trace.trace_stages
 
     def timed_trace(*args, **kwargs):
         start = time.perf_counter()
@@ -274,7 +256,7 @@ def pipeline_worker(name: str, cases: list[tuple[str, int]], catch: bool) -> lis
         finally:
             trace_times.append(time.perf_counter() - start)
 
-    hf_pipe.engine.trace_stages = timed_trace  # the engine's own tracing, timed
+    hf_pipe.trace.trace_stages = timed_trace  # the engine's own tracing (TracedStages), timed
     export = hf_pipe.trace._trace
     exported: list[bool] = []
 

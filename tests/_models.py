@@ -228,6 +228,15 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def padded_batch(name: str, batch_size: int = 8, seq_len: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded batch with uneven lengths, so microbatches hold different numbers of label tokens."""
+    task = {"bert-cls": "seq_cls", "bert-mlm": "masked_lm"}.get(name, "causal_lm")
+    return uneven_batch(task, batch_size, seq_len, seed, token_type_ids=name == "bert-cls")
+
+
+def uneven_batch(
+    task: str | None, batch_size: int, seq_len: int, seed: int, token_type_ids: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch with uneven lengths and labels for `task` (3 classes for "seq_cls"; causal LM labels for
+    anything else), optionally two-segment `token_type_ids`."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=g)
     lengths = torch.randint(seq_len // 3, seq_len + 1, (batch_size,), generator=g)
@@ -235,14 +244,15 @@ def padded_batch(name: str, batch_size: int = 8, seq_len: int = 16, seed: int = 
     mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
     input_ids = input_ids.masked_fill(mask == 0, 0)
     batch = {"input_ids": input_ids, "attention_mask": mask}
-    if name == "bert-cls":
+    if task == "seq_cls":
         batch["labels"] = torch.randint(0, 3, (batch_size,), generator=g)
-        batch["token_type_ids"] = (torch.arange(seq_len)[None, :] >= seq_len // 2).long().expand(batch_size, -1)
-    elif name == "bert-mlm":
+    elif task == "masked_lm":
         chosen = (torch.rand(batch_size, seq_len, generator=g) < 0.3) & (mask == 1)
         batch["labels"] = input_ids.masked_fill(~chosen, -100)
     else:
         batch["labels"] = input_ids.masked_fill(mask == 0, -100)
+    if token_type_ids:
+        batch["token_type_ids"] = (torch.arange(seq_len)[None, :] >= seq_len // 2).long().expand(batch_size, -1)
     return batch
 
 
