@@ -23,6 +23,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import read_tensors, save_pipeline_model
+from .cpu_affinity import bind_local_rank
 from .engine import DataParallel, PipelineEngine
 from .errors import raise_if_any
 from .estimate import bubble_fraction
@@ -105,6 +106,8 @@ class PipeTrainer(Trainer):
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
         )
+        if args.pipeline_cpu_affinity:  # before the engine, whose `measured` split times the pieces
+            logger.info("rank %d bound to CPUs %s", args.process_index, bind_local_rank())
         pp_group, self.data_parallel = _pipeline_mesh(world, pp, args.pipeline_data_parallel)
         self.engine = PipelineEngine(
             model,

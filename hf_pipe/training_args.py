@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from .cpu_affinity import affinity_problems, allowed_cpus, local_world
 from .errors import raise_if_any
 from .schedule import SCHEDULES, check_schedule, default_stages_per_rank, divisors, largest_divisor_at_most
 from .split import POLICIES
@@ -162,6 +163,15 @@ class PipeTrainingArguments(PipelineArguments, TrainingArguments):
         ...                              pipeline_schedule="1f1b", pipeline_microbatches=4)
     """
 
+    pipeline_cpu_affinity: bool = field(
+        default=False,
+        metadata={
+            "help": "Bind each process on a host to its own equal share of the host's CPUs (Linux). On CPU "
+            "training it keeps every rank's threads and caches on its own cores; off by default because two jobs "
+            "on one host would then share the same cores."
+        },
+    )
+
     def __post_init__(self):
         # A CPU-only machine launched with several processes (torchrun, or accelerate's --multi_gpu) must run gloo
         # across all of them; without this accelerate reports one process and every rank trains alone.
@@ -174,7 +184,10 @@ class PipeTrainingArguments(PipelineArguments, TrainingArguments):
 
     def pipeline_problems(self, world_size: int, batch_size: int | None = None) -> list[str]:
         batch_size = batch_size or self.per_device_train_batch_size
-        return super().pipeline_problems(world_size, batch_size) + self._trainer_option_problems()
+        problems = super().pipeline_problems(world_size, batch_size) + self._trainer_option_problems()
+        if self.pipeline_cpu_affinity:
+            problems += affinity_problems(local_world()[1], allowed_cpus())
+        return problems
 
     def resolved_microbatches(self, world_size: int, batch_size: int | None = None) -> int:
         return super().resolved_microbatches(world_size, batch_size or self.per_device_train_batch_size)

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from hf_pipe.cpu_affinity import core_share
 from tests._data import PadCollator, cls_dataset, lm_dataset
 from tests._dist import run_distributed
 from tests._models import tiny_model
@@ -87,7 +88,16 @@ def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict) 
     after = trainer.evaluate()
     trainer.save_model(os.path.join(output_dir, "final"))
     logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
-    return {"before": before, "after": after, "logs": logs}
+    # every CPU any thread of this process may run on (pipeline_cpu_affinity binds them all)
+    cpus = sorted({c for tid in os.listdir("/proc/self/task") for c in _thread_cpus(int(tid))})
+    return {"before": before, "after": after, "logs": logs, "cpus": cpus}
+
+
+def _thread_cpus(tid: int) -> set[int]:
+    try:
+        return os.sched_getaffinity(tid)
+    except ProcessLookupError:  # the thread ended meanwhile
+        return set()
 
 
 def _pipeline_runs(name: str, root: str, pipelines: list[dict], extra: dict) -> list[dict]:
@@ -127,8 +137,10 @@ def compare(
         )
         label += f" split {pipeline['pipeline_split']}" if "pipeline_split" in pipeline else ""
         errs = {"loss": 0.0, "grad_norm": 0.0, "eval_loss": 0.0, "weights": 0.0}
-        for rank in per_rank:
+        for r, rank in enumerate(per_rank):
             run = rank[i]
+            if pipeline.get("pipeline_cpu_affinity"):
+                assert run["cpus"] == core_share(sorted(os.sched_getaffinity(0)), r, world), (label, r, run["cpus"])
             assert len(run["logs"]) == len(ref["logs"]) > 0, label
             for mine, theirs in zip(run["logs"], ref["logs"]):
                 assert mine["step"] == theirs["step"]
@@ -156,7 +168,12 @@ SCHEDULES_2 = [
     {"pipeline_schedule": "gpipe", "pipeline_microbatches": 4},
     {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
     {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4},
-    {"pipeline_schedule": "zbvzerobubble", "pipeline_microbatches": 4},
+    # the last run of each process: the binding stays for the process's lifetime
+    {
+        "pipeline_schedule": "zbvzerobubble",
+        "pipeline_microbatches": 4,
+        "pipeline_cpu_affinity": len(os.sched_getaffinity(0)) >= 2,
+    },
 ]
 
 

@@ -104,6 +104,26 @@ def test_all_problems_in_one_numbered_error():
         assert f"  {n}. {needle}" in text
 
 
+def test_cpu_affinity_needs_a_cpu_per_local_rank(monkeypatch):
+    from hf_pipe.cpu_affinity import allowed_cpus
+
+    cpus = allowed_cpus()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(len(cpus) + 1))
+    with pytest.raises(PipelineConfigError) as info:
+        _args(pipeline_cpu_affinity=True)
+    assert f"pipeline_cpu_affinity=True: {len(cpus) + 1} processes on this host but this process may use only " in str(
+        info.value
+    )
+    assert f"launch at most {len(cpus)} processes per host, or set pipeline_cpu_affinity=False" in str(info.value)
+
+
+def test_cpu_affinity_shares():
+    from hf_pipe.cpu_affinity import core_share
+
+    assert [core_share(list(range(8)), r, 4) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [core_share([2, 3, 5], r, 2) for r in range(2)] == [[2], [3]]  # a CPU left over stays unused
+
+
 def test_args_type_is_checked():
     from hf_pipe import PipeTrainer
 
