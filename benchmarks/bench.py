@@ -1,12 +1,17 @@
 """Step time, throughput, bubble and memory of PipeTrainer against the alternatives, on the same model and data.
 
-    python benchmarks/bench.py                 # the full table (a few minutes on 2 cores)
-    python benchmarks/bench.py --smoke         # a tiny model, 3 steps per run: checks the harness only
+    python benchmarks/bench.py                 # the full table, 3 rounds (about 20 minutes on 2 cores)
+    python benchmarks/bench.py --smoke --rounds 1   # a tiny model, 3 steps per run: checks the harness only
 
 Runs, each in fresh processes, one thread per rank: Trainer on one process (1 thread, and all threads); PipeTrainer
 on 2 ranks with every schedule (2 or 4 stages); a hand-written torch.distributed.pipelining loop on the same stages
-(the overhead baseline); Trainer + FSDP on the same number of ranks. Prints a table and writes `bench.json` and
-`bench.png` to --out. Ratios are only meaningful within one run of this script: the machine is noisy.
+(the overhead baseline); Trainer + FSDP on the same number of ranks. Every one-thread process runs on a core of its
+own (PipeTrainer with `pipeline_cpu_affinity=True`, the others bound the same way); one PipeTrainer row runs unbound.
+Prints a table and writes `bench.json` and `bench.png` to --out.
+
+The machine is noisy: the same row moves by several percent from one minute to the next. So every row runs once per
+round, rounds interleaved (`--rounds`, default 3); a speed-up is taken within each round, against that round's
+baseline, and the table shows the median over rounds and the range.
 """
 
 from __future__ import annotations
@@ -78,6 +83,17 @@ def _split(cfg, spec):
     return plan_split(_model(cfg), spec["ranks"], sub_blocks=False).layer_starts
 
 
+def _bind(spec) -> None:
+    """Every one-thread process on a core of its own, as `pipeline_cpu_affinity` binds PipeTrainer's ranks: the
+    one-process baseline, the hand-written loop and FSDP get the same binding (PipeTrainer binds itself)."""
+    from hf_pipe.cpu_affinity import allowed_cpus, bind_local_rank
+
+    if spec["kind"] in ("handwritten", "fsdp"):
+        bind_local_rank()
+    elif spec["kind"] == "trainer" and spec.get("threads", 1) == 1:
+        os.sched_setaffinity(0, allowed_cpus()[:1])
+
+
 def run_trainer(cfg, spec) -> dict:
     """Trainer or PipeTrainer; step times from a callback around each optimizer step."""
     import torch
@@ -86,6 +102,7 @@ def run_trainer(cfg, spec) -> dict:
     from hf_pipe import PipeTrainer, PipeTrainingArguments
 
     torch.set_num_threads(spec.get("threads", 1))
+    _bind(spec)
     times: list[float] = []
 
     class Timer(TrainerCallback):
@@ -106,7 +123,8 @@ def run_trainer(cfg, spec) -> dict:
                                      pipeline_frontend=spec.get("frontend", "auto"),
                                      pipeline_split=_split(cfg, spec),
                                      pipeline_trace_dir=os.path.join(spec["out"], spec["name"], "trace"),
-                                     pipeline_trace_steps=2)  # fmt: skip
+                                     pipeline_trace_steps=2,
+                                     pipeline_cpu_affinity=spec.get("bind", True))  # fmt: skip
         cls = PipeTrainer
     else:
         if spec["kind"] == "fsdp":
@@ -137,6 +155,7 @@ def run_handwritten(cfg, spec) -> dict:
     from hf_pipe.stage import build_stage_modules
 
     torch.set_num_threads(1)
+    _bind(spec)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = _model(cfg)
@@ -170,6 +189,8 @@ RUNS = [
     {"name": "trainer-1proc-all-threads", "kind": "trainer", "ranks": 0, "threads": os.cpu_count() or 1},
     *[{"name": f"pipe-2ranks-{s}", "kind": "pipe", "ranks": 2, "schedule": s}
       for s in ("gpipe", "1f1b", "interleaved1f1b", "interleavedzerobubble", "zbvzerobubble", "dualpipev")],
+    # the same 1F1B with its ranks left unbound (pipeline_cpu_affinity=False)
+    {"name": "pipe-2ranks-1f1b-unbound", "kind": "pipe", "ranks": 2, "schedule": "1f1b", "bind": False},
     # the same 1F1B with stages at whole blocks (the head makes the last stage 8% costlier), and traced stages
     {"name": "pipe-2ranks-1f1b-whole-blocks", "kind": "pipe", "ranks": 2, "schedule": "1f1b", "split": "whole"},
     {"name": "pipe-2ranks-1f1b-traced", "kind": "pipe", "ranks": 2, "schedule": "1f1b", "frontend": "trace"},
@@ -194,6 +215,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     parser.add_argument("--runs", default="", help="Comma-separated run names to keep (default: all).")
+    parser.add_argument("--rounds", type=int, default=3, help="Runs of every row, interleaved; medians reported.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     cfg = SMOKE if opts.smoke else FULL
@@ -211,49 +233,72 @@ def main() -> int:
         return 0
 
     os.makedirs(opts.out, exist_ok=True)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    rows = []
     wanted = {r for r in opts.runs.split(",") if r} | {"trainer-1proc-1thread"}  # the baseline every ratio needs
-    for spec in RUNS if not opts.runs else [r for r in RUNS if r["name"] in wanted]:
-        spec = {**spec, "out": opts.out}
-        me = [os.path.abspath(__file__), "--out", opts.out, "--worker", json.dumps(spec)] + (["--smoke"] * opts.smoke)
-        cmd = [torchrun, "--nproc_per_node", str(spec["ranks"])] + me if spec["ranks"] else [sys.executable] + me
-        env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))}
-        files = [os.path.join(opts.out, f"{spec['name']}.rank{r}.json") for r in range(max(1, spec["ranks"]))]
-        for path in files:
-            if os.path.exists(path):
-                os.remove(path)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        if not all(os.path.exists(path) for path in files):
-            print(f"{spec['name']}: FAILED\n{(proc.stdout + proc.stderr)[-2000:]}")
-            continue
-        if proc.returncode:  # every rank finished and wrote its numbers; the failure came while leaving
-            print(f"{spec['name']}: exit status {proc.returncode} after the run (results kept)")
-        ranks = [json.load(open(path)) for path in files]
-        rows.append({"name": spec["name"], "ideal_speedup": _ideal(spec, cfg),
-                     "step_s": max(r["step_s"] for r in ranks), "per_rank": ranks})  # fmt: skip
-    base = next(r["step_s"] for r in rows if r["name"] == "trainer-1proc-1thread")
-    hand = next((r["step_s"] for r in rows if r["name"].startswith("handwritten")), None)
+    specs = [{**spec, "out": opts.out} for spec in RUNS if not opts.runs or spec["name"] in wanted]
+    rounds: dict[str, list[dict]] = {spec["name"]: [] for spec in specs}
+    for _ in range(opts.rounds):  # every row once per round: a row's ratios pair it with the baseline of its round
+        for spec in specs:
+            rounds[spec["name"]].append(_run(spec, cfg, opts))
+    rows = [_row(spec, rounds[spec["name"]], rounds, cfg) for spec in specs if all(rounds[spec["name"]])]
     print(f"Llama {cfg['layers']} blocks, hidden {cfg['hidden']}, seq {cfg['seq']}, batch {cfg['batch']}, "
-          f"{cfg['microbatches']} microbatches; median of steps {cfg['warmup'] + 1}-{cfg['steps']}")  # fmt: skip
-    print(f"{'run':34} {'step s':>7} {'tok/s':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'bubble':>7} "
-          f"{'RSS MiB':>8} {'tensor MiB':>10}")  # fmt: skip
+          f"{cfg['microbatches']} microbatches; median of steps {cfg['warmup'] + 1}-{cfg['steps']}; "
+          f"{opts.rounds} round(s), medians over rounds; speed-up range: lowest-highest round")  # fmt: skip
+    print(f"{'run':34} {'step s':>7} {'tok/s':>7} {'speedup':>8} {'range':>10} {'ideal':>6} {'of ideal':>8} "
+          f"{'bubble':>7} {'RSS MiB':>8} {'tensor MiB':>10}")  # fmt: skip
     for r in rows:
-        r["speedup"] = base / r["step_s"]
-        r["of_ideal"] = r["speedup"] / r["ideal_speedup"] if r["ideal_speedup"] else None
-        r["vs_handwritten"] = r["step_s"] / hand if hand and r["name"] == "pipe-2ranks-1f1b" else None
-        bubble = r["per_rank"][0].get("bubble_measured")
+        bubble = r["bubble_measured"]
         print(f"{r['name']:34} {r['step_s']:7.3f} {cfg['batch'] * cfg['seq'] / r['step_s']:7.0f} {r['speedup']:8.2f} "
-              f"{r['ideal_speedup'] or 0:6.2f} {100 * (r['of_ideal'] or 0):7.0f}% "
-              f"{'' if bubble is None else f'{100 * bubble:6.1f}%':>7} "
-              f"{max(p['peak_rss_mib'] for p in r['per_rank']):8.0f} {max(p['tensor_mib'] for p in r['per_rank']):10.1f}")  # fmt: skip
+              f"{min(r['round_speedups']):5.2f}-{max(r['round_speedups']):4.2f} {r['ideal_speedup'] or 0:6.2f} "
+              f"{100 * (r['of_ideal'] or 0):7.0f}% {'' if bubble is None else f'{100 * bubble:6.1f}%':>7} "
+              f"{r['peak_rss_mib']:8.0f} {r['tensor_mib']:10.1f}")  # fmt: skip
     pipe = next((r for r in rows if r["name"] == "pipe-2ranks-1f1b"), None)
-    if pipe and hand:
-        print(f"PipeTrainer 1F1B vs hand-written torch 1F1B: {100 * (pipe['step_s'] / hand - 1):+.1f}% step time")
+    if pipe and pipe["vs_handwritten"]:
+        print(f"PipeTrainer 1F1B vs hand-written torch 1F1B: {100 * (pipe['vs_handwritten'] - 1):+.1f}% step time")
     with open(os.path.join(opts.out, "bench.json"), "w") as f:
-        json.dump({"config": cfg, "rows": rows}, f, indent=2)
+        json.dump({"config": cfg, "rounds": opts.rounds, "rows": rows}, f, indent=2)
     _chart(rows, os.path.join(opts.out, "bench.png"))
     return 0
+
+
+def _run(spec, cfg, opts) -> dict | None:
+    """One run of `spec` in fresh processes: its step time (the slowest rank's median) and every rank's numbers."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    me = [os.path.abspath(__file__), "--out", opts.out, "--worker", json.dumps(spec)] + (["--smoke"] * opts.smoke)
+    cmd = [torchrun, "--nproc_per_node", str(spec["ranks"])] + me if spec["ranks"] else [sys.executable] + me
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))}
+    files = [os.path.join(opts.out, f"{spec['name']}.rank{r}.json") for r in range(max(1, spec["ranks"]))]
+    for path in files:
+        if os.path.exists(path):
+            os.remove(path)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if not all(os.path.exists(path) for path in files):
+        print(f"{spec['name']}: FAILED\n{(proc.stdout + proc.stderr)[-2000:]}")
+        return None
+    if proc.returncode:  # every rank finished and wrote its numbers; the failure came while leaving
+        print(f"{spec['name']}: exit status {proc.returncode} after the run (results kept)")
+    ranks = [json.load(open(path)) for path in files]
+    return {"step_s": max(r["step_s"] for r in ranks), "per_rank": ranks}
+
+
+def _row(spec, runs: list[dict], rounds: dict[str, list[dict]], cfg) -> dict:
+    """A table row from a spec's runs: medians over the rounds, ratios taken within each round."""
+    median = statistics.median
+    base, hand = rounds["trainer-1proc-1thread"], rounds.get("handwritten-torch-1f1b-2ranks")
+    speedups = [b["step_s"] / r["step_s"] for b, r in zip(base, runs) if b]
+    ideal = _ideal(spec, cfg)
+    bubbles = [r["per_rank"][0]["bubble_measured"] for r in runs if "bubble_measured" in r["per_rank"][0]]
+    vs_hand = None
+    if spec["name"] == "pipe-2ranks-1f1b" and hand and all(hand):
+        vs_hand = median(r["step_s"] / h["step_s"] for r, h in zip(runs, hand))
+    return {
+        "name": spec["name"], "ideal_speedup": ideal, "step_s": median(r["step_s"] for r in runs),
+        "speedup": median(speedups), "round_speedups": speedups,
+        "of_ideal": median(speedups) / ideal if ideal else None, "vs_handwritten": vs_hand,
+        "bubble_measured": median(bubbles) if bubbles else None,
+        "peak_rss_mib": max(p["peak_rss_mib"] for r in runs for p in r["per_rank"]),
+        "tensor_mib": max(p["tensor_mib"] for r in runs for p in r["per_rank"]),
+        "layer_starts": runs[0]["per_rank"][0].get("layer_starts"), "rounds": runs,
+    }  # fmt: skip
 
 
 def _chart(rows, path) -> None:
