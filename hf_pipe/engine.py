@@ -6,6 +6,7 @@ gradient norm. torch.distributed.pipelining runs the schedule; what it leaves to
 - loss normalised by the whole batch's label count (`loss.py`), reported on every rank, not only the last;
 - tied weights whose copies live on different ranks stay one parameter (gradients summed over their owners);
 - global gradient norm and clipping over all stages, a tied weight counted once;
+- Linear weight gradients accumulated in place, microbatch after microbatch (`grad_accumulation.py`);
 - batches of a new shape (dynamic padding): torch infers send/receive shapes at a stage's first step, so a stage
   set and schedule are kept per batch shape.
 """
@@ -26,6 +27,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .checkpoint import canonical_state_names
 from .errors import raise_if_any
 from .families import FlopsPerToken, task_of
+from .grad_accumulation import ONE_PASS_SCHEDULES, InPlaceAccumulationMixin, accumulate_linear_grads_in_place
 from .loss import PipelineLoss
 from .measure import measure_costs
 from .schedule import (
@@ -68,6 +70,10 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class _ModuleStage(InPlaceAccumulationMixin, TimedPipelineStage):
+    """A module-split stage: torch's `PipelineStage`, timed, Linear weight gradients accumulated in place."""
 
 
 class PipelineEngine:
@@ -114,6 +120,8 @@ class PipelineEngine:
         self.microbatches = microbatches or self.num_stages
         config = getattr(model, "config", None)
         self.frontend = resolve_frontend(frontend, config)
+        #: Linear modules whose weight gradients accumulate in place (`grad_accumulation.py`)
+        self.fused_linears = 0
         raise_if_any(
             pipeline_problems(
                 config,
@@ -150,6 +158,8 @@ class PipelineEngine:
             tied = [(fqns, owner_stages(self.plan, fqns)) for fqns in groups]
             for module in self.modules:
                 module.to(self.device)
+            if (self.dp is None or self.dp.size == 1) and self.schedule_name in ONE_PASS_SCHEDULES:
+                self.fused_linears = accumulate_linear_grads_in_place(self.modules)
         else:
             self._traced = TracedStages(
                 model, self.plan, self.stage_indices, self.device, groups, announce=self.pp_rank == 0
@@ -306,9 +316,7 @@ class PipelineEngine:
             ]
         else:
             stages = [
-                TimedPipelineStage(
-                    module, index, self.num_stages, self.device, group=self.group, timeline=self.timeline
-                )
+                _ModuleStage(module, index, self.num_stages, self.device, group=self.group, timeline=self.timeline)
                 for module, index in zip(self._runnable, self.stage_indices)
             ]
         if name == "forward" and self.stages_per_rank > 1:
