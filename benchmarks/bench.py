@@ -117,6 +117,9 @@ def run_trainer(cfg, spec) -> dict:
         max_steps=cfg["steps"], logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True,
         use_cpu=True, learning_rate=1e-4,
     )  # fmt: skip
+    if spec.get("accumulate"):  # the pipeline's microbatches, one after another on one thread
+        common.update(per_device_train_batch_size=cfg["batch"] // cfg["microbatches"],
+                      gradient_accumulation_steps=cfg["microbatches"])  # fmt: skip
     if spec["kind"] == "pipe":
         args = PipeTrainingArguments(**common, pipeline_schedule=spec["schedule"],
                                      pipeline_microbatches=cfg["microbatches"],
@@ -186,6 +189,8 @@ def run_handwritten(cfg, spec) -> dict:
 
 RUNS = [
     {"name": "trainer-1proc-1thread", "kind": "trainer", "ranks": 0, "threads": 1},
+    # what one thread pays for the microbatches alone: the same batch as 8 accumulated microbatches, no pipeline
+    {"name": "trainer-1proc-1thread-microbatched", "kind": "trainer", "ranks": 0, "threads": 1, "accumulate": True},
     {"name": "trainer-1proc-all-threads", "kind": "trainer", "ranks": 0, "threads": os.cpu_count() or 1},
     *[{"name": f"pipe-2ranks-{s}", "kind": "pipe", "ranks": 2, "schedule": s}
       for s in ("gpipe", "1f1b", "interleaved1f1b", "interleavedzerobubble", "zbvzerobubble", "dualpipev")],
@@ -310,7 +315,10 @@ def _chart(rows, path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     names = [r["name"] for r in rows]
     ax.barh(names, [r["speedup"] for r in rows], color="tab:blue", label="measured speed-up")
-    ax.scatter([r["ideal_speedup"] or float("nan") for r in rows], names, color="tab:red", zorder=3, label="ideal")
+    piped = [r for r in rows if r["ideal_speedup"]]
+    ax.scatter(
+        [r["ideal_speedup"] for r in piped], [r["name"] for r in piped], color="tab:red", zorder=3, label="ideal"
+    )
     ax.set_xlabel("speed-up over Trainer, one process, one thread")
     ax.invert_yaxis()
     ax.legend()
