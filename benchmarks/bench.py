@@ -1,9 +1,10 @@
 """Step time, throughput, bubble and memory of PipeTrainer against the alternatives, on the same model and data.
 
-    python benchmarks/bench.py                 # the full table, 3 rounds (about 20 minutes on 2 cores)
+    python benchmarks/bench.py                 # the full table, 3 rounds (about 12 minutes on 2 cores)
     python benchmarks/bench.py --smoke --rounds 1   # a tiny model, 3 steps per run: checks the harness only
 
-Runs, each in fresh processes, one thread per rank: Trainer on one process (1 thread, and all threads); PipeTrainer
+Runs, each in fresh processes, one thread per rank: Trainer on one process (1 thread; 1 thread on the same
+microbatches, accumulated, which is what microbatching alone costs; all threads); PipeTrainer
 on 2 ranks with every schedule (2 or 4 stages); a hand-written torch.distributed.pipelining loop on the same stages
 (the overhead baseline); Trainer + FSDP on the same number of ranks. Every one-thread process runs on a core of its
 own (PipeTrainer with `pipeline_cpu_affinity=True`, the others bound the same way); one PipeTrainer row runs unbound.
