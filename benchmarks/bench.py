@@ -291,15 +291,15 @@ def _row(spec, runs: list[dict], rounds: dict[str, list[dict]], cfg) -> dict:
     median = statistics.median
     base, hand = rounds["trainer-1proc-1thread"], rounds.get("handwritten-torch-1f1b-2ranks")
     speedups = [b["step_s"] / r["step_s"] for b, r in zip(base, runs) if b]
-    ideal = _ideal(spec, cfg)
+    speedup, ideal = median(speedups), _ideal(spec, cfg)
     bubbles = [r["per_rank"][0]["bubble_measured"] for r in runs if "bubble_measured" in r["per_rank"][0]]
     vs_hand = None
     if spec["name"] == "pipe-2ranks-1f1b" and hand and all(hand):
         vs_hand = median(r["step_s"] / h["step_s"] for r, h in zip(runs, hand))
     return {
         "name": spec["name"], "ideal_speedup": ideal, "step_s": median(r["step_s"] for r in runs),
-        "speedup": median(speedups), "round_speedups": speedups,
-        "of_ideal": median(speedups) / ideal if ideal else None, "vs_handwritten": vs_hand,
+        "speedup": speedup, "round_speedups": speedups,
+        "of_ideal": speedup / ideal if ideal else None, "vs_handwritten": vs_hand,
         "bubble_measured": median(bubbles) if bubbles else None,
         "peak_rss_mib": max(p["peak_rss_mib"] for r in runs for p in r["per_rank"]),
         "tensor_mib": max(p["tensor_mib"] for r in runs for p in r["per_rank"]),

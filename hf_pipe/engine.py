@@ -120,8 +120,6 @@ class PipelineEngine:
         self.microbatches = microbatches or self.num_stages
         config = getattr(model, "config", None)
         self.frontend = resolve_frontend(frontend, config)
-        #: Linear modules whose weight gradients accumulate in place (`grad_accumulation.py`)
-        self.fused_linears = 0
         raise_if_any(
             pipeline_problems(
                 config,
@@ -159,7 +157,7 @@ class PipelineEngine:
             for module in self.modules:
                 module.to(self.device)
             if (self.dp is None or self.dp.size == 1) and self.schedule_name in ONE_PASS_SCHEDULES:
-                self.fused_linears = accumulate_linear_grads_in_place(self.modules)
+                accumulate_linear_grads_in_place(self.modules)
         else:
             self._traced = TracedStages(
                 model, self.plan, self.stage_indices, self.device, groups, announce=self.pp_rank == 0
