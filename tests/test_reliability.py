@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 SCRIPT = "tests/scripts/tiny_train.py"
 LAUNCHERS = {
-    "torchrun": [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2"],
+    # --standalone: a free port each launch (a job just killed may still hold the default one)
+    "torchrun": [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2"],
     "accelerate": [os.path.join(BIN, "accelerate"), "launch", "--config_file", "examples/accelerate/cpu.yaml"],
 }
 EXIT_LIMIT_S = 60
