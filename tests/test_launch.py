@@ -52,3 +52,27 @@ def test_gpt2_example_with_torchrun(tmp_path):
     _check(
         _run(cmd + ["--output_dir", str(tmp_path), *EXAMPLE_ARGS, "--pipeline_schedule", "interleaved1f1b"]), tmp_path
     )
+
+
+_EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))  # runs after PipeTrainer's (LIFO)
+from hf_pipe import PipeTrainer, PipeTrainingArguments
+from tests._models import tiny_model
+PipeTrainer(model=tiny_model("gpt2"), args=PipeTrainingArguments(output_dir=sys.argv[1], report_to=[]))
+if sys.argv[2] == "raise":
+    raise RuntimeError("the user's script fails")
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ending", ["clean", "raise"])
+def test_process_group_destroyed_at_a_clean_exit_only(tmp_path, ending):
+    # Left alive at exit, a gloo group can abort the rank (SIGABRT) after training succeeded; after an error it is
+    # left alone, since destroying it while peers wait in a collective can hang.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path), ending]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == (0 if ending == "clean" else 1), proc.stderr[-3000:]
+    assert f"group alive at exit: {ending == 'raise'}" in proc.stdout, proc.stdout + proc.stderr[-3000:]
