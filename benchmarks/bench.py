@@ -1,14 +1,15 @@
 """Step time, throughput, bubble and memory of PipeTrainer against the alternatives, on the same model and data.
 
     python benchmarks/bench.py                 # the full table, 3 rounds (about 12 minutes on 2 cores)
-    python benchmarks/bench.py --smoke --rounds 1   # a tiny model, 3 steps per run: checks the harness only
+    python benchmarks/bench.py --smoke --rounds 1   # a tiny model, 5 steps per run: checks the harness only
 
 Runs, each in fresh processes, one thread per rank: Trainer on one process (1 thread; 1 thread on the same
-microbatches, accumulated, which is what microbatching alone costs; all threads); PipeTrainer
-on 2 ranks with every schedule (2 or 4 stages); a hand-written torch.distributed.pipelining loop on the same stages
-(the overhead baseline); Trainer + FSDP on the same number of ranks. Every one-thread process runs on a core of its
-own (PipeTrainer with `pipeline_cpu_affinity=True`, the others bound the same way); one PipeTrainer row runs unbound.
-Prints a table and writes `bench.json` and `bench.png` to --out.
+microbatches, accumulated, which is what microbatching alone costs; all threads); PipeTrainer on 2 ranks with every
+schedule (2 or 4 stages); a hand-written torch.distributed.pipelining loop on the same stages (the overhead
+baseline); Trainer + FSDP on the same number of ranks. With 4 CPUs or more, the same on 4 ranks (4 stages, 8 for
+interleaved and ZBV); with fewer, the 4-rank rows run only when named in --runs, on shared cores. Every one-thread
+process runs on a core of its own (PipeTrainer with `pipeline_cpu_affinity=True`, the others bound the same way); one
+PipeTrainer row runs unbound. Prints a table and writes `bench.json` and `bench.png` to --out.
 
 The machine is noisy: the same row moves by several percent from one minute to the next. So every row runs once per
 round, rounds interleaved (`--rounds`, default 3); a speed-up is taken within each round, against that round's
@@ -30,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 FULL = dict(layers=8, hidden=256, inner=688, vocab=2048, seq=128, batch=16, microbatches=8, steps=12, warmup=3)
-SMOKE = dict(layers=4, hidden=64, inner=128, vocab=256, seq=32, batch=8, microbatches=4, steps=3, warmup=1)
+# warmup covers steps 2-3, which PipeTrainer records for the timeline and then draws (pipeline_trace_steps=2)
+SMOKE = dict(layers=8, hidden=64, inner=128, vocab=256, seq=32, batch=8, microbatches=4, steps=5, warmup=3)
 
 
 def _model(cfg):
@@ -89,7 +91,7 @@ def _bind(spec) -> None:
     one-process baseline, the hand-written loop and FSDP get the same binding (PipeTrainer binds itself)."""
     from hf_pipe.cpu_affinity import allowed_cpus, bind_local_rank
 
-    if spec["kind"] in ("handwritten", "fsdp"):
+    if spec["kind"] in ("handwritten", "fsdp") and spec.get("bind", True):
         bind_local_rank()
     elif spec["kind"] == "trainer" and spec.get("threads", 1) == 1:
         os.sched_setaffinity(0, allowed_cpus()[:1])
@@ -204,6 +206,11 @@ RUNS = [
     {"name": "pipe-2ranks-1f1b-measured", "kind": "pipe", "ranks": 2, "schedule": "1f1b", "split": "measured"},
     {"name": "handwritten-torch-1f1b-2ranks", "kind": "handwritten", "ranks": 2},
     {"name": "trainer-fsdp-2ranks", "kind": "fsdp", "ranks": 2},
+    # 4 stages on 4 ranks: in the default set where every rank has a core of its own, else only when named in --runs
+    *[{"name": f"pipe-4ranks-{s}", "kind": "pipe", "ranks": 4, "schedule": s}
+      for s in ("gpipe", "1f1b", "interleaved1f1b", "zbvzerobubble")],
+    {"name": "handwritten-torch-1f1b-4ranks", "kind": "handwritten", "ranks": 4},
+    {"name": "trainer-fsdp-4ranks", "kind": "fsdp", "ranks": 4},
 ]  # fmt: skip
 
 
@@ -213,7 +220,9 @@ def _ideal(spec, cfg) -> float | None:
     from hf_pipe.estimate import ideal_speedup
     from hf_pipe.schedule import default_stages_per_rank
 
-    return ideal_speedup(spec["schedule"], 2, default_stages_per_rank(spec["schedule"]), cfg["microbatches"])
+    return ideal_speedup(
+        spec["schedule"], spec["ranks"], default_stages_per_rank(spec["schedule"]), cfg["microbatches"]
+    )
 
 
 def main() -> int:
@@ -240,7 +249,16 @@ def main() -> int:
 
     os.makedirs(opts.out, exist_ok=True)
     wanted = {r for r in opts.runs.split(",") if r} | {"trainer-1proc-1thread"}  # the baseline every ratio needs
-    specs = [{**spec, "out": opts.out} for spec in RUNS if not opts.runs or spec["name"] in wanted]
+    cpus = len(os.sched_getaffinity(0))
+    specs = [
+        {**spec, "out": opts.out}
+        for spec in RUNS
+        if spec["name"] in wanted or (not opts.runs and spec["ranks"] <= cpus)
+    ]
+    for spec in specs:
+        if spec["ranks"] > cpus:  # unbound: binding refuses more local ranks than CPUs
+            spec["bind"] = False
+            print(f"{spec['name']}: {spec['ranks']} ranks on {cpus} CPUs share cores, its times say nothing of speed")
     rounds: dict[str, list[dict]] = {spec["name"]: [] for spec in specs}
     for _ in range(opts.rounds):  # every row once per round: a row's ratios pair it with the baseline of its round
         for spec in specs:
@@ -257,9 +275,8 @@ def main() -> int:
               f"{min(r['round_speedups']):5.2f}-{max(r['round_speedups']):4.2f} {r['ideal_speedup'] or 0:6.2f} "
               f"{100 * (r['of_ideal'] or 0):7.0f}% {'' if bubble is None else f'{100 * bubble:6.1f}%':>7} "
               f"{r['peak_rss_mib']:8.0f} {r['tensor_mib']:10.1f}")  # fmt: skip
-    pipe = next((r for r in rows if r["name"] == "pipe-2ranks-1f1b"), None)
-    if pipe and pipe["vs_handwritten"]:
-        print(f"PipeTrainer 1F1B vs hand-written torch 1F1B: {100 * (pipe['vs_handwritten'] - 1):+.1f}% step time")
+    for pipe in (r for r in rows if r["vs_handwritten"]):
+        print(f"{pipe['name']} vs hand-written torch 1F1B: {100 * (pipe['vs_handwritten'] - 1):+.1f}% step time")
     with open(os.path.join(opts.out, "bench.json"), "w") as f:
         json.dump({"config": cfg, "rounds": opts.rounds, "rows": rows}, f, indent=2)
     _chart(rows, os.path.join(opts.out, "bench.png"))
@@ -289,12 +306,12 @@ def _run(spec, cfg, opts) -> dict | None:
 def _row(spec, runs: list[dict], rounds: dict[str, list[dict]], cfg) -> dict:
     """A table row from a spec's runs: medians over the rounds, ratios taken within each round."""
     median = statistics.median
-    base, hand = rounds["trainer-1proc-1thread"], rounds.get("handwritten-torch-1f1b-2ranks")
+    base, hand = rounds["trainer-1proc-1thread"], rounds.get(f"handwritten-torch-1f1b-{spec['ranks']}ranks")
     speedups = [b["step_s"] / r["step_s"] for b, r in zip(base, runs) if b]
     speedup, ideal = median(speedups), _ideal(spec, cfg)
     bubbles = [r["per_rank"][0]["bubble_measured"] for r in runs if "bubble_measured" in r["per_rank"][0]]
     vs_hand = None
-    if spec["name"] == "pipe-2ranks-1f1b" and hand and all(hand):
+    if spec["name"] == f"pipe-{spec['ranks']}ranks-1f1b" and hand and all(hand):
         vs_hand = median(r["step_s"] / h["step_s"] for r, h in zip(runs, hand))
     return {
         "name": spec["name"], "ideal_speedup": ideal, "step_s": median(r["step_s"] for r in runs),
