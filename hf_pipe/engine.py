@@ -26,22 +26,25 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .checkpoint import canonical_state_names
 from .errors import raise_if_any
-from .families import FlopsPerToken, task_of
+from .families import CAUSAL_LM, FlopsPerToken, task_of
+from .families.base import ATTENTION_KWARGS
 from .grad_accumulation import ONE_PASS_SCHEDULES, InPlaceAccumulationMixin, accumulate_linear_grads_in_place
-from .loss import PipelineLoss
+from .loss import PipelineLoss, reduce_metrics
 from .measure import measure_costs
+from .microbatch import Microbatches, cut_packed, cut_rows, is_packed, shifted_labels
 from .schedule import (
     default_stages_per_rank,
     forward_only_schedule,
     largest_divisor_at_most,
     placement,
+    run_microbatches,
     schedule_class,
     schedule_for_batch,
 )
 from .split import SplitPolicy, plan_blocks, plan_split, resolve_family
 from .stage import build_stage_modules, owner_stages, tied_groups
 from .timeline import Action, TimedPipelineStage, Timeline
-from .trace import TracedStage, TracedStages
+from .trace import TracedStage, TracedStages, masks_follow_positions, traced_batch_keys
 from .validate import pipeline_problems, resolve_frontend
 
 # Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
@@ -158,11 +161,15 @@ class PipelineEngine:
                 module.to(self.device)
             if (self.dp is None or self.dp.size == 1) and self.schedule_name in ONE_PASS_SCHEDULES:
                 accumulate_linear_grads_in_place(self.modules)
+            self._batch_keys = self.adapter.batch_keys
+            self._packs_sequences = self.adapter.packed_sequences and self.plan.task == CAUSAL_LM
         else:
             self._traced = TracedStages(
                 model, self.plan, self.stage_indices, self.device, groups, announce=self.pp_rank == 0
             )
             self.modules, tied = self._traced.modules, self._traced.tied
+            self._batch_keys = traced_batch_keys(model)
+            self._packs_sequences = masks_follow_positions(model) and self.plan.task == CAUSAL_LM
         # Stage-local state key -> the model FQN HF saves it under (a tied weight: the name HF keeps).
         self.state_names = [
             {k: canonical[id(t)] for k, t in m.state_dict(keep_vars=True).items() if id(t) in canonical}
@@ -173,6 +180,9 @@ class PipelineEngine:
         # after wrapping: FSDP2 replaces each parameter by its sharded version
         self._tied = self._setup_tied(tied)
         self.loss = PipelineLoss(self.plan.task, config)
+        #: what a user loss reported for the last step (see `loss.PipelineLoss.hook`), on every rank
+        self.metrics: dict[str, float] = {}
+        self.model_class = type(model).__name__
         self.has_first = 0 in self.stage_indices
         self.has_last = self.num_stages - 1 in self.stage_indices
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()
@@ -288,26 +298,87 @@ class PipelineEngine:
         )
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def _schedule_for(self, batch: Mapping[str, torch.Tensor], training: bool):
-        batch_size = batch["input_ids"].shape[0]
+    def batch_problems(self, batch: Mapping[str, Any]) -> list[str]:
+        """Batch keys no stage consumes or this frontend cannot honour: each would be dropped silently."""
+        consumed = set(self._batch_keys) | {"input_ids", "labels"}
+        if self.plan.task == CAUSAL_LM:
+            consumed.add("shift_labels")
+        if self.frontend == "trace" and batch.get("position_ids") is not None:
+            consumed.update(ATTENTION_KWARGS)  # dropped: flash attention finds the same boundaries from the positions
+        model = self.model_class
+        problems = []
+        for key, value in batch.items():
+            if key in consumed or value is None:
+                continue
+            how = (
+                f"traced stages feed only the named inputs of {model}.forward"
+                if self.frontend == "trace"
+                else f"the {self.config.model_type} stages consume {', '.join(sorted(consumed))}"
+            )
+            problems.append(
+                f"batch key {key!r} is not consumed by the pipeline ({how}), so the model would train without it; "
+                "remove it from the collator's output (or the dataset columns), or use a model that takes it."
+            )
+        if "labels" not in batch:
+            problems.append(
+                "the batch has no 'labels': hf_pipe trains and evaluates with the loss of the last stage; give the "
+                "collator labels (e.g. DataCollatorForLanguageModeling(mlm=False) for a causal LM)."
+            )
+        return problems
+
+    def _microbatches(self, batch: Mapping[str, Any], training: bool) -> tuple[str, Microbatches, dict[str, Any]]:
+        """This step's schedule name, its microbatches (rows chunked, or a packed batch cut at its sequences), and
+        the batch on the device (with causal-LM `shift_labels`)."""
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        raise_if_any(self.batch_problems(batch))
+        if self.frontend == "trace":
+            batch = {k: v for k, v in batch.items() if k not in ATTENTION_KWARGS}
+        shift = None
+        if self.plan.task == CAUSAL_LM:
+            given = batch.pop("shift_labels", None)
+            shift = given if given is not None else shifted_labels(batch["labels"])
+            batch["shift_labels"] = shift
+        dp = self.dp is not None and self.dp.size > 1
+        if self._packs_sequences and is_packed(batch):
+            agree = self._longest_over_replicas if dp else None
+            mbs = cut_packed(batch, self.microbatches, shift, agree_length=agree)
+            return self.schedule_name if training else "forward", mbs, batch
+        rows = batch["input_ids"].shape[0]
         if training:
             name, count = schedule_for_batch(
                 self.schedule_name,
                 pp_size=self.pp_size,
                 stages_per_rank=self.stages_per_rank,
                 microbatches=self.microbatches,
-                batch_size=batch_size,
+                batch_size=rows,
             )
         else:  # forward only: any count of equal microbatches works
-            name = "forward"
-            count = largest_divisor_at_most(batch_size, self.microbatches)
-        shapes = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v))
-        key = (name, count, shapes)
+            name, count = "forward", largest_divisor_at_most(rows, self.microbatches)
+        # With DDP or FSDP2 a new shape makes torch's shape inference talk to the replicas, so they must meet new
+        # shapes at the same steps: pad to the longest sequence among them (masked, labels -100).
+        length = self._longest_over_replicas(batch["input_ids"].shape[1]) if dp else None
+        return name, cut_rows(batch, count, shift, length), batch
+
+    def _longest_over_replicas(self, length: int) -> int:
+        longest = torch.tensor(length, device=self.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.dp.group)
+        return int(longest)
+
+    def _schedule_for(self, name: str, mbs: Microbatches):
+        kwargs = mbs.kwargs[0]
+        # module stages take any keyword values per microbatch; traced ones are specialised to their shapes
+        shapes = tuple(
+            (k, tuple(v.shape))
+            for k, v in sorted(kwargs.items())
+            if torch.is_tensor(v) and (self.frontend == "trace" or k not in ATTENTION_KWARGS)
+        )
+        key = (name, len(mbs), tuple(mbs.input_ids[0].shape), shapes)
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
+        training = name != "forward"
         if self.frontend == "trace":  # traced stages are specialised to one shape: trace this one
-            modules, info = self._traced.for_batch(batch, count, training)
+            modules, info = self._traced.for_batch(mbs.input_ids[0], kwargs, training)
             stages = [
                 TracedStage(module, index, info, self.device, self.group, timeline=self.timeline)
                 for module, index in zip(modules, self.stage_indices)
@@ -317,77 +388,58 @@ class PipelineEngine:
                 _ModuleStage(module, index, self.num_stages, self.device, group=self.group, timeline=self.timeline)
                 for module, index in zip(self._runnable, self.stage_indices)
             ]
-        if name == "forward" and self.stages_per_rank > 1:
-            sched = forward_only_schedule(stages, self.stage_to_rank, count, self.loss)
+        loss_fn = self.loss if training else None  # evaluation scores the merged logits
+        if not training and self.stages_per_rank > 1:
+            sched = forward_only_schedule(stages, self.stage_to_rank, len(mbs), loss_fn)
         else:
-            cls = schedule_class("gpipe" if name == "forward" else name)
+            cls = schedule_class("gpipe" if not training else name)
             target = stages if self.stages_per_rank > 1 else stages[0]
-            sched = cls(target, n_microbatches=count, loss_fn=self.loss, scale_grads=False)
+            sched = cls(target, n_microbatches=len(mbs), loss_fn=loss_fn, scale_grads=False)
         self._schedules[key] = sched
         if len(self._schedules) > _SHAPE_CACHE_SIZE:
             self._schedules.popitem(last=False)
         return sched
 
-    def _split_batch(self, batch: Mapping[str, Any]):
-        # non-blocking: on GPUs the host-to-device copy of the next tensors overlaps with this one's
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if self.dp is not None and self.dp.size > 1:
-            batch = self._pad_to_replicas(batch)
-        labels = batch.pop("labels", None)
-        input_ids = batch.pop("input_ids")
-        return input_ids, labels, batch
-
-    def _pad_to_replicas(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Pad the sequence to the longest among the data-parallel replicas (masked, labels -100).
-
-        A new batch shape makes torch infer stage shapes by running each stage once; with DDP or FSDP2 that run
-        talks to the replicas, so they must meet new shapes at the same steps. Padded positions are masked out of
-        attention and loss: the result is the same, up to rounding.
-        """
-        ids = batch["input_ids"]
-        longest = torch.tensor(ids.shape[1], device=self.device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.dp.group)
-        extra = int(longest) - ids.shape[1]
-        if extra == 0:
-            return batch
-        if "attention_mask" not in batch:
-            batch["attention_mask"] = torch.ones_like(ids)
-        fill = {"labels": -100}
-        return {
-            k: torch.nn.functional.pad(v, (0, extra), value=fill.get(k, 0))
-            if torch.is_tensor(v) and v.dim() == 2 and v.shape == ids.shape
-            else v
-            for k, v in batch.items()
-        }
-
-    def _run(self, batch: Mapping[str, Any], training: bool, num_items: int | None):
-        input_ids, labels, extra = self._split_batch(batch)
-        if labels is None:
-            raise ValueError("the batch has no 'labels': hf_pipe trains and evaluates with the loss of the last stage")
-        self.loss.normalizer = float(num_items if num_items is not None else self.loss.count(labels))
-        sched = self._schedule_for({"input_ids": input_ids, "labels": labels, **extra}, training)
-        args = (input_ids,) if self.has_first else ()
-        losses: list[torch.Tensor] = []
-        target = labels if self.has_last else None
+    def _run(self, batch: Mapping[str, Any], training: bool, num_items: float | None, num_items_in_batch: Any):
+        """One step; returns (the batch loss on every rank, the last stage's logits in batch layout or None)."""
+        name, mbs, batch = self._microbatches(batch, training)
+        if num_items is None:
+            num_items = self.loss.count(batch["labels"], batch.get("shift_labels"))
+        sched = self._schedule_for(name, mbs)
+        targets = self.loss.begin(mbs, float(num_items), num_items_in_batch)
+        logits, losses = None, []
         if training:
-            out = sched.step(*args, target=target, losses=losses, return_outputs=False, **extra)
+            run_microbatches(sched, mbs, targets, losses)
+            loss = torch.stack(losses).sum() if self.has_last else None
         else:
             with torch.no_grad():
-                out = sched.eval(*args, target=target, losses=losses, **extra)
-        loss = torch.stack(losses).sum().detach() if self.has_last else torch.zeros((), device=self.device)
+                outputs = run_microbatches(sched, mbs, None, None)
+                if self.has_last:  # scored on the whole batch, as Trainer scores it
+                    logits = mbs.merge(outputs)
+                    loss = self.loss.whole_batch(logits, batch)
+                else:
+                    loss = None
+        loss = loss.detach().float().reshape(()) if loss is not None else torch.zeros((), device=self.device)
         src = self.stage_to_rank[self.num_stages - 1]
         dist.broadcast(loss, group_src=src, group=self.group)
-        return loss, out
+        if self.loss.hook is not None:  # what the user's loss reported, on every rank
+            metrics = [reduce_metrics(self.loss.metrics) if self.has_last else None]
+            dist.broadcast_object_list(metrics, group_src=src, group=self.group, device=self.device)
+            self.metrics = metrics[0]
+        return loss, logits
 
-    def train_step(self, batch: Mapping[str, Any], num_items: int | None = None) -> torch.Tensor:
+    def train_step(
+        self, batch: Mapping[str, Any], num_items: float | None = None, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         """Forward and backward of one batch through the pipeline; gradients accumulate into `.grad`.
 
-        Returns the batch loss (HF semantics) on every rank. `num_items` overrides the label count the loss is
-        normalised by, as Trainer's `num_items_in_batch` does across gradient accumulation.
+        Returns the batch loss (HF semantics) on every rank. `num_items` overrides the label count the model's loss
+        is normalised by, as Trainer's `num_items_in_batch` does across gradient accumulation; `num_items_in_batch`
+        is what a user loss (`loss.hook`) receives. What the hook reported for the step is in `metrics`.
         Call `reduce_tied_gradients` once after the last accumulation step, before clipping.
         """
         self.timeline.begin_step()
-        loss = self._run(batch, True, num_items)[0]
+        loss = self._run(batch, True, num_items, num_items_in_batch)[0]
         if self.timeline.end_step():
             self.recorded = self.timeline.gather(self.group)
         return loss
@@ -398,11 +450,10 @@ class PipelineEngine:
         self.timeline.arm(steps)
 
     def eval_step(
-        self, batch: Mapping[str, Any], num_items: int | None = None
+        self, batch: Mapping[str, Any], num_items: float | None = None, num_items_in_batch: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward only: (loss on every rank, logits on the rank with the last stage, else None)."""
-        loss, out = self._run(batch, False, num_items)
-        return loss, out if self.has_last else None
+        """Forward only: (loss on every rank, the batch's logits on the rank with the last stage, else None)."""
+        return self._run(batch, False, num_items, num_items_in_batch)
 
     # -- gradients -------------------------------------------------------------------------------------------
     def reduce_tied_gradients(self) -> None:

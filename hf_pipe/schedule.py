@@ -7,6 +7,8 @@ than stages) — before any step, with the fix in the message.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleDualPipeV,
@@ -103,6 +105,29 @@ def forward_only_schedule(
         with_unshard, stage_to_rank=lambda s: stage_to_rank[s], num_stages=num_stages
     )
     return schedule
+
+
+def run_microbatches(
+    schedule: _PipelineSchedule, microbatches: Any, targets: list | None, losses: list | None
+) -> list | None:
+    """torch's `step()` (with `targets`) or `eval()` (without), on microbatches hf_pipe cut itself.
+
+    torch's own `step` chunks the whole batch along dim 0, which cannot cut packed batches (see `microbatch.py`);
+    what it does around `_step_microbatches` is repeated here. Returns the last stage's per-microbatch outputs in
+    evaluation (None on other ranks).
+    """
+    training = targets is not None
+    stages = getattr(schedule, "_stages", None) or [schedule._stage]
+    for stage in stages:
+        stage.has_backward = training
+        stage.clear_runtime_states()
+    first = any(stage.is_first for stage in stages)  # only stage 0 reads the token ids; others receive activations
+    args = [(ids,) if first else () for ids in microbatches.input_ids]
+    schedule._step_microbatches(args, microbatches.kwargs, targets, losses, return_outputs=not training)
+    for stage in stages:
+        if stage.is_last and not training:
+            return list(stage.output_chunks)
+    return None
 
 
 def schedule_for_batch(

@@ -19,8 +19,10 @@ Traced stages are specialised to the traced microbatch shape: `TracedStages` tra
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -223,6 +225,26 @@ def trace_stages(
     return pipe
 
 
+#: named inputs of a model's forward that traced stages cannot feed it: stage 0 takes the batch's token ids
+_UNTRACEABLE_INPUTS = ("inputs_embeds", "pixel_values", "past_key_values", "cache", "cache_position")
+
+
+def traced_batch_keys(model: nn.Module) -> tuple[str, ...]:
+    """The batch keys traced stages pass on: the model's own named forward inputs, which the traced graph consumes
+    exactly as the forward does (an unknown keyword would be a TypeError in Trainer too)."""
+    params = inspect.signature(model.forward).parameters.values()
+    named = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return tuple(n for n in named if n not in ("input_ids", "labels", *_UNTRACEABLE_INPUTS))
+
+
+def masks_follow_positions(model: nn.Module) -> bool:
+    """Whether a model's attention masks come from HF's `create_causal_mask`, which takes `position_ids` and, given no
+    attention mask, attends within each packed sequence; a traced graph keeps that (it never takes the shortcut for
+    unpacked positions)."""
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and "create_causal_mask" in vars(module)
+
+
 def block_split_spec(blocks: str, starts: list[int]) -> dict[str, SplitPoint]:
     """`{"model.layers.4": SplitPoint.BEGINNING, ...}` for every block where a stage other than the first begins."""
     return {f"{blocks}.{i}": SplitPoint.BEGINNING for i in starts if i > 0}
@@ -304,11 +326,12 @@ class TracedStages:
         for index, module in zip(stage_indices, self.modules):
             share_tensors(module, model, index)
 
-    def for_batch(self, batch: Mapping[str, torch.Tensor], count: int, training: bool) -> tuple[list[nn.Module], Any]:
-        """This rank's stage modules traced at the shape of `batch` split `count` ways, and the pipe's info."""
-        # labels stay out of the graph: the loss is the schedule's, on the last stage
-        chunk = {k: v.tensor_split(count)[0] for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}
-        input_ids = chunk.pop("input_ids")
+    def for_batch(
+        self, input_ids: torch.Tensor, kwargs: Mapping[str, Any], training: bool
+    ) -> tuple[list[nn.Module], Any]:
+        """This rank's stage modules traced at one microbatch's shapes (`input_ids` and the stage keyword
+        arguments; the labels stay out of the graph: the loss is the schedule's, on the last stage)."""
+        chunk = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
         start = time.perf_counter()
         pipe = trace_stages(self.model, self.spec, (input_ids,), chunk, fake=self.fake, training=training)
         self.traces += 1

@@ -46,11 +46,11 @@ def _common_args(output_dir: str, **overrides) -> dict:
     return args
 
 
-def _datasets(name: str):
+def _datasets(name: str, train: int = 45, evaluation: int = 13):
     # 45 and 13 rows: the last batch of an epoch (5 rows) and of evaluation (5 rows) are short and odd
     if TASKS[name] == "seq_cls":
-        return cls_dataset(45, seed=0), cls_dataset(13, seed=5)
-    return lm_dataset(45, seed=0), lm_dataset(13, seed=5)
+        return cls_dataset(train, seed=0), cls_dataset(evaluation, seed=5)
+    return lm_dataset(train, seed=0), lm_dataset(evaluation, seed=5)
 
 
 def _accuracy(pred):
@@ -58,28 +58,37 @@ def _accuracy(pred):
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
-def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict) -> dict:
-    """One training run; `pipeline=None` is the plain-Trainer reference."""
+def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict, setup: dict | None = None) -> dict:
+    """One training run; `pipeline=None` is the plain-Trainer reference.
+
+    `setup` (module-level objects, so that it reaches spawned ranks): `model` (tiny_model overrides), `collator`
+    (a function of the task returning the data collator), `trainer_kwargs` (more Trainer arguments), `classes`
+    ((Trainer class, PipeTrainer class)), `rows` ((train, eval) dataset sizes).
+    """
     from transformers import Trainer, TrainingArguments
 
     from hf_pipe import PipeTrainer, PipeTrainingArguments
 
-    model = tiny_model(name)
-    train, evaluation = _datasets(name)
+    setup = setup or {}
+    model = tiny_model(name, **setup.get("model", {}))
+    train, evaluation = _datasets(name, *setup.get("rows", (45, 13)))
     if pipeline is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         os.environ["ACCELERATE_USE_CPU"] = "true"  # Trainer + DDP over gloo, as `accelerate launch` on CPUs
+    trainer_cls, pipe_cls = setup.get("classes", (Trainer, PipeTrainer))
     if pipeline is None:
-        args, cls = TrainingArguments(**_common_args(output_dir, **extra)), Trainer
+        args, cls = TrainingArguments(**_common_args(output_dir, **extra)), trainer_cls
     else:
-        args, cls = PipeTrainingArguments(**_common_args(output_dir, **extra), **pipeline), PipeTrainer
+        args, cls = PipeTrainingArguments(**_common_args(output_dir, **extra), **pipeline), pipe_cls
     metrics = _accuracy if TASKS[name] == "seq_cls" else None
+    collator = setup.get("collator", PadCollator)(TASKS[name])
     trainer = cls(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=PadCollator(TASKS[name]),
+        data_collator=collator,
         compute_metrics=metrics,
+        **setup.get("trainer_kwargs", {}),
     )
     # Trainer + DDP skips its DDP wrap when evaluate() ran first (accelerate registers the unwrapped model), and
     # then trains each process alone: its multi-process references evaluate after training only.
@@ -100,12 +109,34 @@ def _thread_cpus(tid: int) -> set[int]:
         return set()
 
 
-def _pipeline_runs(name: str, root: str, pipelines: list[dict], extra: dict) -> list[dict]:
-    return [run_trainer(name, os.path.join(root, f"pp{i}"), p, extra) for i, p in enumerate(pipelines)]
+def _pipeline_runs(name: str, root: str, pipelines: list[dict], extra: dict, setup: dict | None) -> list[dict]:
+    return [run_trainer(name, os.path.join(root, f"pp{i}"), p, extra, setup) for i, p in enumerate(pipelines)]
 
 
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
+
+
+_NOT_METRICS = ("step", "epoch", "loss", "grad_norm", "learning_rate", "eval_loss")
+
+
+def _metric_keys(mine: dict, theirs: dict) -> list[str]:
+    skip = ("runtime", "per_second")
+    return [
+        k
+        for k, v in theirs.items()
+        if k in mine and k not in _NOT_METRICS and isinstance(v, float) and not any(word in k for word in skip)
+    ]
+
+
+def _metrics_err(mine: dict, theirs: dict) -> float:
+    """Worst relative difference of the other numbers both runs logged (a user loss's metrics, accuracies)."""
+    return max((_rel(mine[k], theirs[k]) for k in _metric_keys(mine, theirs)), default=0.0)
+
+
+def run_logs(run: dict) -> list[dict]:
+    """Every log of a run: training steps, and the evaluations before and after."""
+    return [*run["logs"], *(e for e in (run["before"], run["after"]) if e is not None)]
 
 
 def compare(
@@ -116,17 +147,28 @@ def compare(
     loss_tol: float = LOSS_TOL,
     weight_tol: float = WEIGHT_TOL,
     ref_world: int = 1,
+    setup: dict | None = None,
+    ref_extra: dict | None = None,
     **extra,
 ) -> dict[str, float]:
     """PipeTrainer runs (`pipelines`, each a dict of pipeline settings) on `world` ranks against Trainer on
-    `ref_world` processes (DDP when more than one)."""
+    `ref_world` processes (DDP when more than one); `setup` as `run_trainer` takes it; `ref_extra` overrides the
+    training arguments of the reference alone."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     ref = run_distributed(
-        run_trainer, ref_world, name, str(tmp_path / "ref"), None, extra, timeout=300, launcher_env=True
+        run_trainer,
+        ref_world,
+        name,
+        str(tmp_path / "ref"),
+        None,
+        {**extra, **(ref_extra or {})},
+        setup,
+        timeout=300,
+        launcher_env=True,
     )[0]
     per_rank = run_distributed(
-        _pipeline_runs, world, name, str(tmp_path), pipelines, extra, timeout=400, launcher_env=True
+        _pipeline_runs, world, name, str(tmp_path), pipelines, extra, setup, timeout=400, launcher_env=True
     )
     auto = AutoModelForSequenceClassification if TASKS[name] == "seq_cls" else AutoModelForCausalLM
     ref_weights = auto.from_pretrained(tmp_path / "ref" / "final").state_dict()
@@ -136,7 +178,8 @@ def compare(
             f"{name} {pipeline.get('pipeline_frontend', 'auto')} {pipeline.get('pipeline_schedule', '1f1b')} x{world}"
         )
         label += f" split {pipeline['pipeline_split']}" if "pipeline_split" in pipeline else ""
-        errs = {"loss": 0.0, "grad_norm": 0.0, "eval_loss": 0.0, "weights": 0.0}
+        errs = {"loss": 0.0, "grad_norm": 0.0, "eval_loss": 0.0, "metrics": 0.0, "weights": 0.0}
+        errs["metric_names"] = sorted({k for log in run_logs(ref) for k in _metric_keys(log, log)})
         for r, rank in enumerate(per_rank):
             run = rank[i]
             if pipeline.get("pipeline_cpu_affinity"):
@@ -147,19 +190,21 @@ def compare(
                 errs["loss"] = max(errs["loss"], _rel(mine["loss"], theirs["loss"]))
                 errs["grad_norm"] = max(errs["grad_norm"], _rel(mine["grad_norm"], theirs["grad_norm"]))
                 assert mine["learning_rate"] == pytest.approx(theirs["learning_rate"], rel=1e-9)
+                errs["metrics"] = max(errs["metrics"], _metrics_err(mine, theirs))
             for when in ("before", "after") if ref["before"] is not None else ("after",):
                 errs["eval_loss"] = max(errs["eval_loss"], _rel(run[when]["eval_loss"], ref[when]["eval_loss"]))
+                errs["metrics"] = max(errs["metrics"], _metrics_err(run[when], ref[when]))
                 if "eval_accuracy" in ref[when]:
                     assert run[when]["eval_accuracy"] == ref[when]["eval_accuracy"], label
         saved = auto.from_pretrained(tmp_path / f"pp{i}" / "final").state_dict()
         assert saved.keys() == ref_weights.keys()
         errs["weights"] = max((saved[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
         # the run must have moved the weights far beyond the tolerance, or the comparison would prove nothing
-        initial = tiny_model(name).state_dict()
+        initial = tiny_model(name, **(setup or {}).get("model", {})).state_dict()
         moved = max((ref_weights[k] - initial[k]).abs().max().item() for k in ref_weights)
         assert moved > 10 * weight_tol, f"{label}: weights moved only {moved}"
         worst[label] = errs
-        assert errs["loss"] < loss_tol and errs["grad_norm"] < loss_tol and errs["eval_loss"] < loss_tol, (label, errs)
+        assert all(errs[k] < loss_tol for k in ("loss", "grad_norm", "eval_loss", "metrics")), (label, errs)
         assert errs["weights"] < weight_tol, (label, errs)
     return worst
 

@@ -67,6 +67,12 @@ class FamilyAdapter:
     #: the sub-modules of each half of a block (attention, then MLP), for families whose stages may begin mid-block;
     #: `half` runs one of them. Empty: stages begin at whole blocks only.
     halves: tuple[tuple[str, ...], tuple[str, ...]] | tuple[()] = ()
+    #: batch keys the pieces consume besides `input_ids` and the labels; any other key in a batch is an error (it
+    #: would be dropped silently)
+    batch_keys: tuple[str, ...] = ("attention_mask",)
+    #: the family's masks take `position_ids`, so a packed batch (positions restarting, no attention mask) attends
+    #: within each sequence, and may be cut into microbatches at sequence boundaries
+    packed_sequences: bool = False
 
     def num_layers(self, config: Any) -> int:
         return config.num_hidden_layers
@@ -92,9 +98,21 @@ class FamilyAdapter:
         raise NotImplementedError
 
 
-def positions(hidden: torch.Tensor) -> torch.Tensor:
-    """Position ids 0..seq-1 as HF builds them when none are given (no KV cache in training)."""
+#: keyword arguments of HF attention (flash attention's packed-sequence boundaries; linear attention's sequence index)
+ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def positions(hidden: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The batch's `position_ids`, or 0..seq-1 as HF builds them when none are given (no KV cache in training)."""
+    given = batch.get("position_ids")
+    if given is not None:
+        return given
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+def attention_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch's attention keyword arguments, which HF passes from the model's forward down to each attention."""
+    return {k: batch[k] for k in ATTENTION_KWARGS if batch.get(k) is not None}
 
 
 def attention_flops(hidden_size: int, seq_len: int) -> float:

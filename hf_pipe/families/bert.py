@@ -16,6 +16,7 @@ class BertAdapter(FamilyAdapter):
         SEQ_CLS: {"pooler": "bert.pooler", "dropout": "dropout", "classifier": "classifier"},
     }
     halves = (("attention",), ("intermediate", "output"))
+    batch_keys = ("attention_mask", "position_ids", "token_type_ids")
 
     def flops_per_token(self, config, task, seq_len):
         h, v, inner = config.hidden_size, config.vocab_size, config.intermediate_size

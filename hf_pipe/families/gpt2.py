@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from transformers.masking_utils import create_causal_mask
 
-from .base import CAUSAL_LM, FamilyAdapter, FlopsPerToken, attention_flops, positions, softmax_loss_flops
+from .base import (
+    ATTENTION_KWARGS,
+    CAUSAL_LM,
+    FamilyAdapter,
+    FlopsPerToken,
+    attention_flops,
+    attention_kwargs,
+    positions,
+    softmax_loss_flops,
+)
 
 
 class Gpt2Adapter(FamilyAdapter):
@@ -14,6 +23,8 @@ class Gpt2Adapter(FamilyAdapter):
     final = {"ln_f": "ln_f"}
     heads = {CAUSAL_LM: {"lm_head": "lm_head"}}
     halves = (("ln_1", "attn"), ("ln_2", "mlp"))
+    batch_keys = ("attention_mask", "position_ids", "token_type_ids", *ATTENTION_KWARGS)
+    packed_sequences = True
 
     def flops_per_token(self, config, task, seq_len):
         h, v = config.n_embd, config.vocab_size
@@ -24,13 +35,13 @@ class Gpt2Adapter(FamilyAdapter):
         return FlopsPerToken(embeddings=2.0 * h, layer=layer, head=head, first_half=attention)
 
     def embed(self, parts, input_ids, batch):
-        hidden = parts["wte"](input_ids) + parts["wpe"](positions(input_ids))
+        hidden = parts["wte"](input_ids) + parts["wpe"](positions(input_ids, batch))
         if batch.get("token_type_ids") is not None:
             hidden = hidden + parts["wte"](batch["token_type_ids"])
         return parts["drop"](hidden)
 
     def context(self, config, parts, hidden, batch):
-        position_ids = positions(hidden)
+        position_ids = positions(hidden, batch)
         mask = create_causal_mask(
             config=config,
             inputs_embeds=hidden,
@@ -38,17 +49,17 @@ class Gpt2Adapter(FamilyAdapter):
             cache=None,
             position_ids=position_ids,
         )
-        return mask, position_ids
+        return mask, position_ids, attention_kwargs(batch)
 
     def layer(self, block, index, hidden, context):
-        mask, position_ids = context
-        return block(hidden, attention_mask=mask, position_ids=position_ids)
+        mask, position_ids, kwargs = context
+        return block(hidden, attention_mask=mask, position_ids=position_ids, **kwargs)
 
     def half(self, block, part, index, hidden, context):
         # GPT2Block.forward (no cross-attention), one residual branch at a time
-        mask, position_ids = context
+        mask, position_ids, kwargs = context
         if part == 0:
-            attention, _ = block.attn(block.ln_1(hidden), attention_mask=mask, position_ids=position_ids)
+            attention, _ = block.attn(block.ln_1(hidden), attention_mask=mask, position_ids=position_ids, **kwargs)
             return attention + hidden
         return hidden + block.mlp(block.ln_2(hidden))
 

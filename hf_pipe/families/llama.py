@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .base import CAUSAL_LM, FamilyAdapter, FlopsPerToken, attention_flops, positions, softmax_loss_flops
+from .base import (
+    ATTENTION_KWARGS,
+    CAUSAL_LM,
+    FamilyAdapter,
+    FlopsPerToken,
+    attention_flops,
+    attention_kwargs,
+    positions,
+    softmax_loss_flops,
+)
 
 _FULL, _SLIDING = "full_attention", "sliding_attention"
 
@@ -17,6 +26,8 @@ class LlamaAdapter(FamilyAdapter):
     shared = {"rotary_emb": "rotary_emb"}
     heads = {CAUSAL_LM: {"lm_head": "lm_head"}}
     halves = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
+    batch_keys = ("attention_mask", "position_ids", *ATTENTION_KWARGS)
+    packed_sequences = True
 
     def flops_per_token(self, config, task, seq_len):
         h, v, inner = config.hidden_size, config.vocab_size, config.intermediate_size
@@ -40,7 +51,7 @@ class LlamaAdapter(FamilyAdapter):
         return parts["embed_tokens"](input_ids)
 
     def context(self, config, parts, hidden, batch):
-        position_ids = positions(hidden)
+        position_ids = positions(hidden, batch)
         kwargs = dict(
             config=config,
             inputs_embeds=hidden,
@@ -53,21 +64,24 @@ class LlamaAdapter(FamilyAdapter):
         if _SLIDING in types:
             masks[_SLIDING] = create_sliding_window_causal_mask(**kwargs)
         rotary = parts["rotary_emb"](hidden, position_ids=position_ids)
-        return [masks[t] for t in types], rotary, position_ids
+        return [masks[t] for t in types], rotary, position_ids, attention_kwargs(batch)
 
     def layer(self, block, index, hidden, context):
-        masks, rotary, position_ids = context
-        return block(hidden, attention_mask=masks[index], position_embeddings=rotary, position_ids=position_ids)
+        masks, rotary, position_ids, kwargs = context
+        return block(
+            hidden, attention_mask=masks[index], position_embeddings=rotary, position_ids=position_ids, **kwargs
+        )
 
     def half(self, block, part, index, hidden, context):
         # LlamaDecoderLayer.forward, one residual branch at a time
-        masks, rotary, position_ids = context
+        masks, rotary, position_ids, kwargs = context
         if part == 0:
             attention, _ = block.self_attn(
                 hidden_states=block.input_layernorm(hidden),
                 attention_mask=masks[index],
                 position_ids=position_ids,
                 position_embeddings=rotary,
+                **kwargs,
             )
             return hidden + attention
         return hidden + block.mlp(block.post_attention_layernorm(hidden))
