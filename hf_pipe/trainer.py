@@ -24,6 +24,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .batch_sync import broadcast_batches
 from .checkpoint import read_tensors, save_pipeline_model
 from .cpu_affinity import bind_local_rank
 from .engine import DataParallel, PipelineEngine
@@ -70,6 +71,7 @@ class PipeTrainer(Trainer):
     """
 
     def __init__(self, model: nn.Module | None = None, args: PipeTrainingArguments | None = None, **kwargs: Any):
+        raise_if_any(loss_override_problems(type(self)))
         if not isinstance(args, PipeTrainingArguments):
             raise TypeError(
                 f"PipeTrainer needs args=PipeTrainingArguments(...), got {type(args).__name__}; it is a "
@@ -127,6 +129,9 @@ class PipeTrainer(Trainer):
         self._tied_reduced = False
         self._timeline_written = False
         super().__init__(model=model, args=args, **kwargs)
+        self._pipeline_metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+        if self.compute_loss_func is not None or _overrides(type(self), "compute_microbatch_loss"):
+            self.engine.loss.hook = self.compute_microbatch_loss
         logger.info(
             "pipeline plan on rank %d (stages %s):\n%s",
             args.process_index,
@@ -186,18 +191,39 @@ class PipeTrainer(Trainer):
         acc._dataloaders.append(prepared)
         return prepared
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device):
+        # Trainer's own loop, then the batches of the pipeline's first rank on all of its ranks (`batch_sync.py`)
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        batch_samples = self._one_batch_per_pipeline(batch_samples)
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def _one_batch_per_pipeline(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.engine.pp_size == 1:
+            return batches
+        return broadcast_batches(batches, src=0, group=self.engine.group, device=self.engine.device)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         # Trainer sums label counts over processes; every stage holds the same batches, so count them once.
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
         if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
             return None
-        labels = [b["labels"][..., 1:] if self._loss_shifts_labels else b["labels"] for b in batch_samples]
-        count = sum(int(label.ne(-100).sum()) for label in labels)
+        labels = [
+            b["shift_labels"]
+            if "shift_labels" in b
+            else b["labels"][..., 1:]
+            if self._loss_shifts_labels
+            else b["labels"]
+            for b in batch_samples
+        ]
+        count = torch.tensor(sum(int(label.ne(-100).sum()) for label in labels), device=self.engine.device)
         if self.args.average_tokens_across_devices and self._dp_size > 1:
-            total = torch.tensor(count, device=self.engine.device)
-            dist.all_reduce(total, group=self.data_parallel.group)  # over the replicas, as Trainer over processes
-            count = int(total)
+            dist.all_reduce(count, group=self.data_parallel.group)  # over the replicas, as Trainer over processes
         return count
 
     def get_total_train_batch_size(self, args: PipeTrainingArguments) -> int:
@@ -243,7 +269,7 @@ class PipeTrainer(Trainer):
             if fqn in decay
         ]
 
-    def _loss_normalizer(self, labels: torch.Tensor, num_items_in_batch: Any, training: bool = True) -> float:
+    def _loss_normalizer(self, inputs: dict[str, Any], num_items_in_batch: Any, training: bool = True) -> float:
         """What Trainer would divide this batch's loss sum by, so the loss and gradients match Trainer's."""
         # Causal-LM heads divide by `num_items_in_batch` (Trainer's count over the whole accumulated step; note that
         # Trainer counts unshifted labels when `config.loss_type` is unset, and we follow it); the other heads of
@@ -259,7 +285,7 @@ class PipeTrainer(Trainer):
             dp_scale = self._dp_size
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.engine.plan.task == CAUSAL_LM:
             return float(num_items_in_batch) / dp_scale
-        normalizer = float(self.engine.loss.count(labels)) / dp_scale
+        normalizer = float(self.engine.loss.count(inputs["labels"], inputs.get("shift_labels"))) / dp_scale
         if not training:
             return normalizer
         scaled_for_ga = self.loss_is_scaled_for_ga
@@ -273,12 +299,14 @@ class PipeTrainer(Trainer):
         model.train()
         self._tied_reduced = False
         inputs = self._prepare_inputs(inputs)
-        normalizer = self._loss_normalizer(inputs["labels"], num_items_in_batch)
+        raise_if_any(self.engine.batch_problems(inputs))  # before anything runs, on every rank
+        normalizer = self._loss_normalizer(inputs, num_items_in_batch)
         tracing = self.args.pipeline_trace_dir and self.state.global_step == 1 and not self.engine.timeline.armed
         if tracing and self.engine.recorded is None:
             self.engine.record_timeline(self.args.pipeline_trace_steps)  # after step 1, which infers shapes
         with self.compute_loss_context_manager(), self.accelerator.autocast():
-            loss = self.engine.train_step(inputs, num_items=normalizer)
+            loss = self.engine.train_step(inputs, num_items=normalizer, num_items_in_batch=num_items_in_batch)
+        self._record_pipeline_metrics("train")
         if self.engine.recorded is not None and not self._timeline_written:
             self._write_timeline(self.engine.recorded)
         if normalizer == 0:
@@ -290,6 +318,56 @@ class PipeTrainer(Trainer):
             logger.warning("step %d: non-finite loss %s", self.state.global_step + 1, loss.item())
         # The engine returns the batch's share of the step loss, as Trainer's training_step does.
         return loss.to(self.args.device)
+
+    # -- the loss ----------------------------------------------------------------------------------------------
+    def compute_microbatch_loss(
+        self, outputs: Any, labels: torch.Tensor, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of one microbatch, on the last stage: the one place a subclass changes the loss (PipeTrainer
+        never calls `compute_loss`: the pipeline has no whole-model forward).
+
+        Called per microbatch in training, with the microbatch's `outputs` (the model's output class, `.logits`
+        set), its `labels` and `inputs` (the batch keys, `shift_labels` included for a causal LM: shifted before
+        the cut) and the step's `num_items_in_batch` (as Trainer passes it); the losses of a step's microbatches
+        are added, so return this microbatch's share: a sum over its tokens divided by `num_items_in_batch`.
+        In evaluation it is called once per batch, with the whole batch. Return `(loss, metrics)` to log
+        metrics: `{name: value}` (averaged over the step's microbatches) or `{name: (sum, count)}` (pooled over
+        them, e.g. a token accuracy); they reach `log()` on every rank, averaged over the steps since the last log,
+        `eval_`-prefixed in evaluation.
+
+        Default: Trainer's `compute_loss_func` when one was given (scaled by the data-parallel replicas under
+        `average_tokens_across_devices`, as Trainer scales it by the processes), else the model's own loss.
+
+        Example:
+            >>> class MyTrainer(PipeTrainer):
+            ...     def compute_microbatch_loss(self, outputs, labels, inputs, num_items_in_batch):
+            ...         loss = super().compute_microbatch_loss(outputs, labels, inputs, num_items_in_batch)
+            ...         return loss, {"z": outputs.logits.logsumexp(-1).pow(2).mean().item()}
+        """
+        if self.compute_loss_func is None:
+            return self.engine.loss.model_loss(outputs.logits, inputs)
+        loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self._dp_size
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        raise NotImplementedError(
+            "PipeTrainer runs the model as a pipeline, with no whole-model forward to compute a loss from: override "
+            "compute_microbatch_loss (called on the last stage for each microbatch) instead of compute_loss."
+        )
+
+    def _record_pipeline_metrics(self, mode: str) -> None:
+        for name, value in self.engine.metrics.items():
+            self._pipeline_metrics[mode].setdefault(name, []).append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # what compute_microbatch_loss reported since the last log, averaged (as TRL's trainers log their metrics)
+        mode = "train" if self.pipeline.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._pipeline_metrics[mode].items()})
+        self._pipeline_metrics[mode] = {}
+        super().log(logs, start_time)
 
     def _write_timeline(self, actions) -> None:
         self._timeline_written = True
@@ -328,13 +406,19 @@ class PipeTrainer(Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ):
-        inputs = self._prepare_inputs(inputs)
-        labels = inputs.get("labels")
-        if labels is None:
-            raise ValueError("PipeTrainer evaluates with the last stage's loss: the eval batches need 'labels'")
-        normalizer = self._loss_normalizer(labels, self._get_num_items_in_batch([inputs], self.args.device), False)
+        [synced] = self._one_batch_per_pipeline([self._prepare_inputs(inputs)])
+        # Trainer's evaluation loop reads this same dict again (`include_for_metrics=["inputs"]`): make it the batch
+        if synced is not inputs and isinstance(inputs, dict):
+            inputs.clear()
+            inputs.update(synced)
+        inputs = synced
+        raise_if_any(self.engine.batch_problems(inputs))
+        labels = inputs["labels"]
+        num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
+        normalizer = self._loss_normalizer(inputs, num_items_in_batch, False)
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
-            loss, logits = self.engine.eval_step(inputs, num_items=normalizer)
+            loss, logits = self.engine.eval_step(inputs, num_items=normalizer, num_items_in_batch=num_items_in_batch)
+        self._record_pipeline_metrics("eval")
         if prediction_loss_only:
             return loss, None, None
         return loss, self._broadcast_from_last_stage(logits), labels
@@ -483,6 +567,26 @@ def _destroy_process_group_at_exit() -> None:
 def _destroy_if_clean_exit() -> None:
     if dist.is_initialized() and getattr(sys, "last_value", None) is None:
         dist.destroy_process_group()
+
+
+def _overrides(cls: type, name: str) -> bool:
+    """Whether `cls` defines `name` below PipeTrainer (a subclass's own method, not PipeTrainer's or Trainer's)."""
+    return getattr(cls, name) is not getattr(PipeTrainer, name)
+
+
+def loss_override_problems(cls: type) -> list[str]:
+    """A `compute_loss` override PipeTrainer would silently bypass: it never runs a whole-model forward."""
+    owner = next(
+        (k for k in cls.__mro__ if k not in (PipeTrainer, Trainer, object) and "compute_loss" in vars(k)), None
+    )
+    if owner is None or _overrides(cls, "compute_microbatch_loss"):
+        return []
+    return [
+        f"{cls.__name__} overrides compute_loss (in {owner.__module__}.{owner.__name__}), which PipeTrainer never "
+        "calls: the pipeline computes the loss on its last stage, microbatch by microbatch, so this loss would be "
+        "silently replaced by the model's. Move it to compute_microbatch_loss(self, outputs, labels, inputs, "
+        "num_items_in_batch) (see PipeTrainer.compute_microbatch_loss)."
+    ]
 
 
 def _traced_model_problems(frontend: str, args: PipeTrainingArguments, model: nn.Module) -> list[str]:

@@ -1,0 +1,54 @@
+"""One batch per pipeline: the first stage's rank collates, the other ranks of its pipeline receive that batch.
+
+Every rank of a pipeline iterates the same dataloader, but a collator or sampler that draws random numbers
+(`DataCollatorForLanguageModeling`'s masks, whole-word masking, random crops) draws them from each rank's global
+RNG, which each rank's dropout has advanced differently: from the first step with dropout, the rank that embeds a
+batch and the rank that scores it would hold different maskings of it. So the batch of the rank holding stage 0 is
+the batch, sent to its pipeline peers once per step (token ids and masks: small next to the activations); the
+others' own collation is discarded. Data-parallel replicas keep their own batches, each sent within its pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# dtypes gloo cannot send, and what they travel as
+_WIRE = {torch.bool: torch.uint8}
+
+
+def broadcast_batches(
+    batches: list[Mapping[str, Any]], *, src: int, group: dist.ProcessGroup, device: torch.device
+) -> list[dict[str, Any]]:
+    """Rank `src`'s `batches` (its pipeline-group rank) on every rank of `group`; collective.
+
+    Tensors go by `broadcast` on `device`; other values (and the layout) in one object broadcast.
+    """
+    me = dist.get_rank(group)
+    layout: list[Any] = [None]
+    if me == src:
+        layout[0] = [
+            {k: (("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v)) for k, v in b.items()}
+            for b in batches
+        ]
+    dist.broadcast_object_list(layout, group_src=src, group=group, device=device)
+    out = []
+    for i, spec in enumerate(layout[0]):
+        batch = {}
+        for key, (kind, *info) in spec.items():
+            if kind == "value":
+                batch[key] = info[0]
+                continue
+            shape, dtype = info
+            wire = _WIRE.get(dtype, dtype)
+            if me == src:
+                tensor = batches[i][key].to(device=device, dtype=wire).contiguous()
+            else:
+                tensor = torch.empty(shape, dtype=wire, device=device)
+            dist.broadcast(tensor, group_src=src, group=group)
+            batch[key] = tensor.to(dtype)
+        out.append(batch)
+    return out
