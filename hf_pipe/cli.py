@@ -17,9 +17,10 @@ from typing import Any
 from .errors import raise_if_any
 from .estimate import format_summary, plan_summary
 from .families import CAUSAL_LM, task_of
+from .frontends import frontend_name
 from .split import meta_model, plan_blocks, plan_split
 from .training_args import PipelineArguments
-from .validate import model_problems, resolve_frontend
+from .validate import model_problems
 
 
 @dataclass
@@ -73,7 +74,7 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
     world = plan_args.world_size or pp
     batch = plan_args.per_device_train_batch_size
     stages_per_rank = pipeline.resolved_stages_per_rank()
-    frontend = resolve_frontend(pipeline.pipeline_frontend, config)
+    frontend = frontend_name(pipeline.pipeline_frontend, config)
     raise_if_any(
         pipeline.pipeline_problems(world, batch)
         + model_problems(

@@ -8,7 +8,10 @@ gradient norm. torch.distributed.pipelining runs the schedule; what it leaves to
 - global gradient norm and clipping over all stages, a tied weight counted once;
 - Linear weight gradients accumulated in place, microbatch after microbatch (`grad_accumulation.py`);
 - batches of a new shape (dynamic padding): torch infers send/receive shapes at a stage's first step, so a stage
-  set and schedule are kept per batch shape.
+  set and schedule are kept per batch shape; microbatches are cut here (`microbatch.py`), packed batches included.
+
+How the stages are made (module split, tracing) is a frontend's business (`frontends/`), where their weights come
+from a weight source's (`weights.py`): the engine only runs them.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .checkpoint import canonical_state_names
-from .errors import raise_if_any
-from .families import CAUSAL_LM, FlopsPerToken, task_of
+from .errors import PipelineConfigError, raise_if_any, raise_on_every_rank
+from .families import CAUSAL_LM
 from .families.base import ATTENTION_KWARGS
-from .grad_accumulation import ONE_PASS_SCHEDULES, InPlaceAccumulationMixin, accumulate_linear_grads_in_place
+from .frontends import LocalStages, frontend_name, select_frontend
+from .grad_accumulation import ONE_PASS_SCHEDULES, accumulate_linear_grads_in_place
 from .loss import PipelineLoss, reduce_metrics
-from .measure import measure_costs
 from .microbatch import Microbatches, cut_packed, cut_rows, is_packed, shifted_labels
 from .schedule import (
     default_stages_per_rank,
@@ -41,11 +44,10 @@ from .schedule import (
     schedule_class,
     schedule_for_batch,
 )
-from .split import SplitPolicy, plan_blocks, plan_split, resolve_family
-from .stage import build_stage_modules, owner_stages, tied_groups
-from .timeline import Action, TimedPipelineStage, Timeline
-from .trace import TracedStage, TracedStages, masks_follow_positions, traced_batch_keys
-from .validate import pipeline_problems, resolve_frontend
+from .split import SplitPolicy
+from .timeline import Action, Timeline
+from .validate import pipeline_problems
+from .weights import Resident, meta_names, weights_problems
 
 # Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
 _SHAPE_CACHE_SIZE = 16
@@ -75,21 +77,19 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-class _ModuleStage(InPlaceAccumulationMixin, TimedPipelineStage):
-    """A module-split stage: torch's `PipelineStage`, timed, Linear weight gradients accumulated in place."""
-
-
 class PipelineEngine:
     """This rank's part of a pipeline over `group` (default: the world): its stages, schedule and loss.
 
-    Every rank passes the same whole model; the engine keeps only this rank's stages and frees the rest.
+    `model` is the whole model, fully built (every rank built or loaded the same one: the engine keeps this rank's
+    stages and frees the rest), or a skeleton on the meta device whose stage tensors `weights` gives
+    (`weights.Checkpoint(path, seed)`, `weights.Initialise(seed)`): then no rank ever holds more than its stages.
     Settings are checked on every rank before anything is built; `batch_size`, when given, is checked against
     `microbatches` too. A shorter batch (an epoch's last) still runs: see `schedule.schedule_for_batch`.
 
-    `frontend`: `"module"` splits a family with an adapter at its modules; `"trace"` exports any model (a family
-    without an adapter, or your own `nn.Module` whose forward takes `input_ids` and returns logits: pass `task=`
-    `"causal_lm"`, `"masked_lm"` or `"seq_cls"`); `"auto"` takes the module split where it can. `split="measured"`
-    times the pieces on every rank before planning (collective over the world).
+    `frontend` (see `frontends/`): `"module"` splits a family with an adapter at its modules; `"trace"` exports
+    any model (a family without an adapter, or your own `nn.Module` whose forward takes `input_ids` and returns
+    logits: pass `task=` `"causal_lm"`, `"masked_lm"` or `"seq_cls"`); `"auto"` takes the module split where it
+    can. `split="measured"` times the pieces on every rank before planning (collective over the world).
 
     Example:
         >>> engine = PipelineEngine(model, schedule="1f1b", microbatches=4)
@@ -111,6 +111,7 @@ class PipelineEngine:
         data_parallel: DataParallel | None = None,
         frontend: str = "auto",
         task: str | None = None,
+        weights: Any = None,
     ):
         self.group = group if group is not None else dist.group.WORLD
         self.dp = data_parallel
@@ -121,8 +122,9 @@ class PipelineEngine:
         self.stages_per_rank = stages_per_rank or default_stages_per_rank(schedule)
         self.num_stages = self.pp_size * self.stages_per_rank
         self.microbatches = microbatches or self.num_stages
-        config = getattr(model, "config", None)
-        self.frontend = resolve_frontend(frontend, config)
+        self.batch_size = batch_size
+        self.config = config = getattr(model, "config", None)
+        name = frontend_name(frontend, config)
         raise_if_any(
             pipeline_problems(
                 config,
@@ -132,44 +134,27 @@ class PipelineEngine:
                 microbatches=self.microbatches,
                 batch_size=batch_size,
                 explicit_split=not isinstance(split, str),
-                frontend=self.frontend,
-                data_parallel=data_parallel.mode if data_parallel and data_parallel.size > 1 else None,
+                frontend=name,
+                data_parallel=data_parallel.mode if self._replicated else None,
             )
+            + weights_problems(model, weights)
         )
+        self.frontend = select_frontend(name, config)
         self.device = torch.device(device) if device is not None else default_device()
-        if self.frontend == "module":
-            costs = self._measured_costs(model, task, batch_size) if split == "measured" else None
-            self.plan = plan_split(model, self.num_stages, split, task=task, costs=costs)
-        else:
-            self.plan = plan_blocks(model, self.num_stages, split, task=task)
+        self.plan = self.frontend.plan(model, self.num_stages, split, task=task, context=self)
         if self.plan.task is None:
             raise ValueError(
                 f"{type(model).__name__} has no head to train; pass a model with one (ForCausalLM / LMHeadModel, "
                 "ForMaskedLM, ForSequenceClassification), or task='causal_lm' / 'masked_lm' / 'seq_cls' for a "
                 "model of your own whose forward returns logits."
             )
-        self.config = config
         self.stage_to_rank = generate_stage_to_rank_mapping(self.pp_size, self.num_stages, placement(schedule))
         self.stage_indices = [s for s in range(self.num_stages) if self.stage_to_rank[s] == self.pp_rank]
+        self.local = self._build(model, weights if weights is not None else Resident())
+        self.modules: list[nn.Module] = self.local.modules
+        if self.frontend.accumulates_in_place and not self._replicated and self.schedule_name in ONE_PASS_SCHEDULES:
+            accumulate_linear_grads_in_place(self.modules)
         canonical = canonical_state_names(model)
-        groups = tied_groups(model)
-        if self.frontend == "module":
-            self.adapter = resolve_family(config.model_type)
-            self.modules: list[nn.Module] = build_stage_modules(model, self.adapter, self.plan, self.stage_indices)
-            tied = [(fqns, owner_stages(self.plan, fqns)) for fqns in groups]
-            for module in self.modules:
-                module.to(self.device)
-            if (self.dp is None or self.dp.size == 1) and self.schedule_name in ONE_PASS_SCHEDULES:
-                accumulate_linear_grads_in_place(self.modules)
-            self._batch_keys = self.adapter.batch_keys
-            self._packs_sequences = self.adapter.packed_sequences and self.plan.task == CAUSAL_LM
-        else:
-            self._traced = TracedStages(
-                model, self.plan, self.stage_indices, self.device, groups, announce=self.pp_rank == 0
-            )
-            self.modules, tied = self._traced.modules, self._traced.tied
-            self._batch_keys = traced_batch_keys(model)
-            self._packs_sequences = masks_follow_positions(model) and self.plan.task == CAUSAL_LM
         # Stage-local state key -> the model FQN HF saves it under (a tied weight: the name HF keeps).
         self.state_names = [
             {k: canonical[id(t)] for k, t in m.state_dict(keep_vars=True).items() if id(t) in canonical}
@@ -178,11 +163,10 @@ class PipelineEngine:
         # What the schedule runs: the stages themselves, or their DDP / FSDP2 wrappers over the replicas.
         self._runnable: list[nn.Module] = [self._wrap_data_parallel(m) for m in self.modules]
         # after wrapping: FSDP2 replaces each parameter by its sharded version
-        self._tied = self._setup_tied(tied)
+        self._tied = self._setup_tied(self.local.tied)
         self.loss = PipelineLoss(self.plan.task, config)
         #: what a user loss reported for the last step (see `loss.PipelineLoss.hook`), on every rank
         self.metrics: dict[str, float] = {}
-        self.model_class = type(model).__name__
         self.has_first = 0 in self.stage_indices
         self.has_last = self.num_stages - 1 in self.stage_indices
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()
@@ -190,25 +174,26 @@ class PipelineEngine:
         #: every rank's recorded actions, set when the steps armed with `record_timeline` have run
         self.recorded: list[Action] | None = None
 
-    def _measured_costs(self, model: nn.Module, task: str | None, batch_size: int | None) -> FlopsPerToken | None:
-        """The pieces' times on this machine (`measure.py`), averaged over every rank so that all plan alike.
+    @property
+    def _replicated(self) -> bool:
+        return self.dp is not None and self.dp.size > 1
 
-        Collective over the world (replicas must split alike). Timed at the microbatch size and at the model's
-        positions, at most 512.
-        """
-        adapter = resolve_family(model.config.model_type)
-        task = task or task_of(type(model).__name__)
-        if task is None:
-            return None
-        seq_len = min(getattr(model.config, "max_position_embeddings", None) or 512, 512)
-        microbatch = max(1, (batch_size or self.microbatches) // self.microbatches)
-        costs = measure_costs(
-            model, adapter, task, model.config, microbatch=microbatch, seq_len=seq_len, device=self.device
-        )
-        times = torch.tensor([costs.embeddings, costs.layer, costs.head, costs.first_half], device=self.device)
-        dist.all_reduce(times)
-        times /= dist.get_world_size()
-        return FlopsPerToken(*times.tolist())
+    def _build(self, model: nn.Module, weights: Any) -> LocalStages:
+        """This rank's stages through the frontend, their tensors real on the device; a problem on any rank (a
+        checkpoint that does not fit, a weight left on meta) is one error on every rank, before any step."""
+        problems: list[str] = []
+        local = None
+        try:
+            local = self.frontend.build(model, self.plan, self.stage_indices, self.device, weights)
+        except PipelineConfigError as err:
+            problems = err.problems
+        if local is not None and (left := meta_names(model, local.keep)):
+            problems.append(
+                f"{len(left)} tensor(s) of this rank's stages are still on the meta device after loading: "
+                f"{left[:8]}; give the model a checkpoint holding them (pipeline_checkpoint) or build it whole."
+            )
+        raise_on_every_rank(problems)
+        return local
 
     # -- parameters ------------------------------------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -282,7 +267,7 @@ class PipelineEngine:
 
     def _wrap_data_parallel(self, module: nn.Module) -> nn.Module:
         """DDP or FSDP2 over the data-parallel replicas of this stage; torch's stages drive both (no_sync, reshard)."""
-        if self.dp is None or self.dp.size == 1 or self.frontend == "trace":
+        if not self._replicated or not self.frontend.wraps_data_parallel:
             return module  # traced stages: gradients averaged in `reduce_tied_gradients`
         if self.dp.mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -300,25 +285,16 @@ class PipelineEngine:
     # -- steps -----------------------------------------------------------------------------------------------
     def batch_problems(self, batch: Mapping[str, Any]) -> list[str]:
         """Batch keys no stage consumes or this frontend cannot honour: each would be dropped silently."""
-        consumed = set(self._batch_keys) | {"input_ids", "labels"}
+        consumed = self.frontend.batch_keys(batch) | {"input_ids", "labels"}
         if self.plan.task == CAUSAL_LM:
             consumed.add("shift_labels")
-        if self.frontend == "trace" and batch.get("position_ids") is not None:
-            consumed.update(ATTENTION_KWARGS)  # dropped: flash attention finds the same boundaries from the positions
-        model = self.model_class
-        problems = []
-        for key, value in batch.items():
-            if key in consumed or value is None:
-                continue
-            how = (
-                f"traced stages feed only the named inputs of {model}.forward"
-                if self.frontend == "trace"
-                else f"the {self.config.model_type} stages consume {', '.join(sorted(consumed))}"
-            )
-            problems.append(
-                f"batch key {key!r} is not consumed by the pipeline ({how}), so the model would train without it; "
-                "remove it from the collator's output (or the dataset columns), or use a model that takes it."
-            )
+        problems = [
+            f"batch key {key!r} is not consumed by the pipeline ({self.frontend.keys_note()}), so the model would "
+            "train without it; remove it from the collator's output (or the dataset columns), or use a model that "
+            "takes it."
+            for key, value in batch.items()
+            if key not in consumed and value is not None
+        ]
         if "labels" not in batch:
             problems.append(
                 "the batch has no 'labels': hf_pipe trains and evaluates with the loss of the last stage; give the "
@@ -331,15 +307,14 @@ class PipelineEngine:
         the batch on the device (with causal-LM `shift_labels`)."""
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         raise_if_any(self.batch_problems(batch))
-        if self.frontend == "trace":
-            batch = {k: v for k, v in batch.items() if k not in ATTENTION_KWARGS}
+        batch = self.frontend.stage_inputs(batch)
         shift = None
         if self.plan.task == CAUSAL_LM:
             given = batch.pop("shift_labels", None)
             shift = given if given is not None else shifted_labels(batch["labels"])
             batch["shift_labels"] = shift
-        dp = self.dp is not None and self.dp.size > 1
-        if self._packs_sequences and is_packed(batch):
+        dp = self._replicated
+        if self.frontend.packs_sequences and is_packed(batch):
             agree = self._longest_over_replicas if dp else None
             mbs = cut_packed(batch, self.microbatches, shift, agree_length=agree)
             return self.schedule_name if training else "forward", mbs, batch
@@ -370,24 +345,24 @@ class PipelineEngine:
         shapes = tuple(
             (k, tuple(v.shape))
             for k, v in sorted(kwargs.items())
-            if torch.is_tensor(v) and (self.frontend == "trace" or k not in ATTENTION_KWARGS)
+            if torch.is_tensor(v) and (self.frontend.shape_specialised or k not in ATTENTION_KWARGS)
         )
         key = (name, len(mbs), tuple(mbs.input_ids[0].shape), shapes)
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
         training = name != "forward"
-        if self.frontend == "trace":  # traced stages are specialised to one shape: trace this one
-            modules, info = self._traced.for_batch(mbs.input_ids[0], kwargs, training)
-            stages = [
-                TracedStage(module, index, info, self.device, self.group, timeline=self.timeline)
-                for module, index in zip(modules, self.stage_indices)
-            ]
-        else:
-            stages = [
-                _ModuleStage(module, index, self.num_stages, self.device, group=self.group, timeline=self.timeline)
-                for module, index in zip(self._runnable, self.stage_indices)
-            ]
+        stages = self.frontend.torch_stages(
+            self.local,
+            self._runnable,
+            self.stage_indices,
+            self.num_stages,
+            (mbs.input_ids[0], kwargs),
+            training,
+            device=self.device,
+            group=self.group,
+            timeline=self.timeline,
+        )
         loss_fn = self.loss if training else None  # evaluation scores the merged logits
         if not training and self.stages_per_rank > 1:
             sched = forward_only_schedule(stages, self.stage_to_rank, len(mbs), loss_fn)
@@ -462,7 +437,7 @@ class PipelineEngine:
         Traced stages with data parallelism also average every gradient over the replicas here (as DDP would; a
         DDP wrapper per traced shape would hook each weight once per shape).
         """
-        if self.frontend == "trace" and self.dp is not None and self.dp.size > 1:
+        if self._replicated and not self.frontend.wraps_data_parallel:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:
                 flat = torch._utils._flatten_dense_tensors(grads).div_(self.dp.size)

@@ -26,3 +26,13 @@ def raise_if_any(problems: list[str]) -> None:
     """Raise one `PipelineConfigError` listing `problems`, if there are any."""
     if problems:
         raise PipelineConfigError(problems)
+
+
+def raise_on_every_rank(problems: list[str], group=None) -> None:
+    """Raise the problems any rank of `group` found, on every rank (collective): a problem one rank alone sees (its
+    stage's checkpoint) must not leave the others waiting at the first step."""
+    import torch.distributed as dist
+
+    gathered: list[list[str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, list(problems), group=group)
+    raise_if_any(list(dict.fromkeys(p for rank_problems in gathered for p in rank_problems or [])))

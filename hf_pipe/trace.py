@@ -41,7 +41,6 @@ from torch.distributed.pipelining.stage import _PipelineStage
 from .errors import PipelineConfigError
 from .graph_passes import accept_root_kwargs, forward_skip_connections
 from .split import _SPLIT_POINTS_ATTR, SplitPlan, SplitPolicy, plan_blocks
-from .stage import free_unowned_parameters
 from .timeline import TimedStageMixin
 
 # Traced shapes after which the trace frontend advises padding to a few lengths.
@@ -162,6 +161,13 @@ def _drop_dead_attrs(module: nn.Module) -> None:
             owner = module.get_submodule(parent) if parent else module
             owner._parameters.pop(leaf, None)
             owner._buffers.pop(leaf, None)
+
+
+def _state_fqns(module: nn.Module) -> set[str]:
+    """The model FQNs of the parameters and buffers a stage module holds (every name a tied one has)."""
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
+    return {_model_fqn(n) for n in names}
 
 
 def share_tensors(module: nn.Module, model: nn.Module, index: int) -> None:
@@ -297,6 +303,7 @@ class TracedStages:
         device: torch.device,
         tied_groups: list[list[str]],
         announce: bool,
+        weights: Any,
     ):
         self.model = model
         self.stage_indices = stage_indices
@@ -307,22 +314,13 @@ class TracedStages:
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 8
         probe = torch.zeros(1, min(8, positions), dtype=torch.long, device=device)
         pipe = trace_stages(model, self.spec, (probe,), fake=self.fake, training=True)
-        used = [{id(p) for p in pipe.get_stage_module(i).parameters()} for i in range(pipe.num_stages)]
-        #: (FQNs of a tied weight, the stages whose graphs use it), known before this rank frees any weight
-        self.tied = [
-            (fqns, [i for i, ids in enumerate(used) if id(model.get_parameter(fqns[0])) in ids])
-            for fqns in tied_groups
-        ]
+        used = [_state_fqns(pipe.get_stage_module(i)) for i in range(pipe.num_stages)]
+        #: (FQNs of a tied weight, the stages whose graphs use it)
+        self.tied = [(fqns, [i for i, names in enumerate(used) if names & set(fqns)]) for fqns in tied_groups]
+        #: the model's parameters and buffers this rank's stages read
+        self.keep = set().union(*(used[i] for i in stage_indices))
+        weights.materialize(model, self.keep, device)  # this rank's tensors real, on the device; the rest on meta
         self.modules = [pipe.get_stage_module(i) for i in stage_indices]
-        free_unowned_parameters(model, self.modules)
-        with torch.no_grad():  # this rank's weights and every buffer to the device, in place: the objects stay
-            for module in model.modules():
-                for param in module._parameters.values():
-                    if param is not None and param.device.type != "meta":
-                        param.data = param.data.to(device)
-                for name, buffer in module._buffers.items():
-                    if buffer is not None:
-                        module._buffers[name] = buffer.to(device)
         for index, module in zip(stage_indices, self.modules):
             share_tensors(module, model, index)
 

@@ -30,10 +30,11 @@ from .cpu_affinity import bind_local_rank
 from .engine import DataParallel, PipelineEngine
 from .errors import raise_if_any
 from .estimate import bubble_fraction
-from .families import CAUSAL_LM, task_of
+from .families import CAUSAL_LM
+from .frontends import FRONTENDS, frontend_name
 from .timeline import measured_bubble, write_timeline
 from .training_args import PipeTrainingArguments
-from .validate import dataset_problems, model_problems, resolve_frontend
+from .validate import dataset_problems, model_problems
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class PipeTrainer(Trainer):
         microbatches = args.resolved_microbatches(world)
         eval_sets = kwargs.get("eval_dataset")
         eval_sets = eval_sets if isinstance(eval_sets, dict) else {"eval_dataset": eval_sets}
-        frontend = resolve_frontend(args.pipeline_frontend, model.config)
+        frontend = frontend_name(args.pipeline_frontend, model.config)
         raise_if_any(
             args.pipeline_problems(world)
             + model_problems(
@@ -107,7 +108,7 @@ class PipeTrainer(Trainer):
                 frontend=frontend,
                 data_parallel=args.pipeline_data_parallel if world > pp else None,
             )
-            + _traced_model_problems(frontend, args, model)
+            + (FRONTENDS[frontend](model.config).trainer_problems(args, model) if frontend in FRONTENDS else [])
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
         )
@@ -587,23 +588,3 @@ def loss_override_problems(cls: type) -> list[str]:
         "silently replaced by the model's. Move it to compute_microbatch_loss(self, outputs, labels, inputs, "
         "num_items_in_batch) (see PipeTrainer.compute_microbatch_loss)."
     ]
-
-
-def _traced_model_problems(frontend: str, args: PipeTrainingArguments, model: nn.Module) -> list[str]:
-    """A traced model without a head hf_pipe has a loss for; Trainer options the trace frontend cannot honour."""
-    if frontend != "trace":
-        return []
-    problems = []
-    if task_of(type(model).__name__) is None:
-        problems.append(
-            f"{type(model).__name__} has no head PipeTrainer can train (a ...ForCausalLM / LMHeadModel, "
-            "...ForMaskedLM or ...ForSequenceClassification): its loss runs on the last stage with HF's semantics. "
-            "Load the model with one of those heads."
-        )
-    if args.gradient_checkpointing:
-        problems.append(
-            "gradient_checkpointing=True with pipeline_frontend='trace' (or 'auto' for a model without a family "
-            "adapter): the graph is fixed when it is exported, so Trainer's checkpointing switch cannot reach it; "
-            "use pipeline_frontend='module' with a family adapter, or set gradient_checkpointing=False."
-        )
-    return problems

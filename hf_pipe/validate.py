@@ -4,24 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .families import get_family, registered_families
+from .frontends import FRONTENDS
 from .schedule import check_schedule
-
-FRONTENDS = ("auto", "module", "trace")
-
-
-def resolve_frontend(frontend: str, config: Any) -> str:
-    """ "module" or "trace" (an unknown name is returned as it is, for `frontend_problems` to report): `"auto"`
-    takes the module split where the model's family has an adapter. `config` is the model's, or None."""
-    frontend = frontend.lower()
-    if frontend == "auto":
-        return "module" if config is not None and get_family(getattr(config, "model_type", "")) else "trace"
-    return frontend
 
 
 def frontend_problems(frontend: str) -> list[str]:
-    if frontend.lower() not in FRONTENDS:
-        return [f"pipeline_frontend={frontend!r} is not a frontend; valid options are {list(FRONTENDS)}."]
+    if frontend.lower() != "auto" and frontend.lower() not in FRONTENDS:
+        return [f"pipeline_frontend={frontend!r} is not a frontend; valid options are {['auto', *FRONTENDS]}."]
     return []
 
 
@@ -64,40 +53,17 @@ def model_problems(
     frontend: str = "module",
     data_parallel: str | None = None,
 ) -> list[str]:
-    """Problems between the model and the pipeline shape: a family without an adapter, more stages than blocks.
-
-    With the trace frontend the blocks are found on the model itself (`split.plan_blocks` checks the count)."""
-    problems: list[str] = []
+    """Problems between the model and the pipeline shape (the frontend's own: a family without an adapter, more
+    stages than blocks, a data-parallel mode it cannot run)."""
     if frontend not in FRONTENDS:
         return []  # reported by frontend_problems
-    if frontend == "trace":
-        if data_parallel == "fsdp":
-            problems.append(
-                "pipeline_data_parallel='fsdp' shards the weights of module-split stages only; with "
-                "pipeline_frontend='trace' use pipeline_data_parallel='ddp', or pipeline_frontend='module' for a "
-                "family with an adapter."
-            )
-        return problems
-    adapter = get_family(config.model_type)
-    if adapter is None:
-        how = "an explicit pipeline_split still needs one to run stages" if explicit_split else "no split policy"
-        problems.append(
-            f"model_type={config.model_type!r} has no family adapter ({how}); hf_pipe knows "
-            f"{', '.join(registered_families())}. Register one with hf_pipe.register_family (a Llama-shaped decoder "
-            "can reuse hf_pipe.families.LlamaAdapter), or use the trace frontend (pipeline_frontend='trace')."
-        )
-        return problems
-    num_stages = pp_size * stages_per_rank
-    num_layers = adapter.num_layers(config)
-    if num_stages > num_layers:
-        fits = [s for s in range(1, num_layers + 1) if s % stages_per_rank == 0]
-        problems.append(
-            f"pipeline_parallel_size={pp_size} × pipeline_stages_per_rank={stages_per_rank} = {num_stages} stages, "
-            f"but the model has {num_layers} blocks and every stage needs at least one: use at most {num_layers} "
-            f"stages (pipeline_parallel_size ≤ {max(fits) // stages_per_rank if fits else 1} at "
-            f"{stages_per_rank} stage(s) per rank)."
-        )
-    return problems
+    return FRONTENDS[frontend](config).problems(
+        config,
+        pp_size=pp_size,
+        stages_per_rank=stages_per_rank,
+        explicit_split=explicit_split,
+        data_parallel=data_parallel,
+    )
 
 
 def dataset_problems(dataset: Any, setting: str, config: Any) -> list[str]:

@@ -1,0 +1,122 @@
+"""The module-split frontend: a family with an adapter (`families/`) cut at its modules, torchtitan-style.
+
+Each stage keeps references to the modules its plan names and runs them with the adapter's small forward
+(`stage.py`); nothing is traced, so any batch shape runs, and stage outputs are the only tensors that travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..families import CAUSAL_LM, FlopsPerToken, get_family, registered_families, task_of
+from ..grad_accumulation import InPlaceAccumulationMixin
+from ..measure import measure_costs
+from ..split import plan_split, resolve_family
+from ..stage import build_stage_modules, owner_stages, tied_groups
+from ..timeline import TimedPipelineStage, Timeline
+from . import Frontend, LocalStages
+
+
+class _ModuleStage(InPlaceAccumulationMixin, TimedPipelineStage):
+    """A module-split stage: torch's `PipelineStage`, timed, Linear weight gradients accumulated in place."""
+
+
+class ModuleFrontend(Frontend):
+    name = "module"
+    wraps_data_parallel = True
+    accumulates_in_place = True
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.adapter = get_family(config.model_type) if config is not None else None
+
+    def problems(self, config, *, pp_size, stages_per_rank, explicit_split, data_parallel):
+        if self.adapter is None:
+            how = "an explicit pipeline_split still needs one to run stages" if explicit_split else "no split policy"
+            return [
+                f"model_type={config.model_type!r} has no family adapter ({how}); hf_pipe knows "
+                f"{', '.join(registered_families())}. Register one with hf_pipe.register_family (a Llama-shaped "
+                "decoder can reuse hf_pipe.families.LlamaAdapter), or use the trace frontend (pipeline_frontend="
+                "'trace')."
+            ]
+        num_stages = pp_size * stages_per_rank
+        num_layers = self.adapter.num_layers(config)
+        if num_stages <= num_layers:
+            return []
+        fits = [s for s in range(1, num_layers + 1) if s % stages_per_rank == 0]
+        return [
+            f"pipeline_parallel_size={pp_size} × pipeline_stages_per_rank={stages_per_rank} = {num_stages} stages, "
+            f"but the model has {num_layers} blocks and every stage needs at least one: use at most {num_layers} "
+            f"stages (pipeline_parallel_size ≤ {max(fits) // stages_per_rank if fits else 1} at "
+            f"{stages_per_rank} stage(s) per rank)."
+        ]
+
+    def plan(self, model, num_stages, split, *, task, context):
+        costs = self._measured(model, task, context) if split == "measured" else None
+        return plan_split(model, num_stages, split, task=task, costs=costs)
+
+    def _measured(self, model: nn.Module, task: str | None, context: Any) -> FlopsPerToken | None:
+        """The pieces' times on this machine (`measure.py`), averaged over every rank so that all plan alike.
+
+        Collective over the world (replicas must split alike). Timed at the microbatch size and at the model's
+        positions, at most 512.
+        """
+        adapter = resolve_family(model.config.model_type)
+        task = task or task_of(type(model).__name__)
+        if task is None:
+            return None
+        seq_len = min(getattr(model.config, "max_position_embeddings", None) or 512, 512)
+        microbatch = max(1, (context.batch_size or context.microbatches) // context.microbatches)
+        costs = measure_costs(
+            model, adapter, task, model.config, microbatch=microbatch, seq_len=seq_len, device=context.device
+        )
+        times = torch.tensor([costs.embeddings, costs.layer, costs.head, costs.first_half], device=context.device)
+        dist.all_reduce(times)
+        times /= dist.get_world_size()
+        return FlopsPerToken(*times.tolist())
+
+    def build(self, model, plan, stage_indices, device, weights):
+        tied = [(fqns, owner_stages(plan, fqns)) for fqns in tied_groups(model)]
+        owned = [m for i in stage_indices for m in plan.stages[i].modules]
+        keep = {
+            name
+            for name, _ in [
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False),
+            ]
+            if any(name.startswith(m + ".") for m in owned)
+        }
+        weights.materialize(model, keep, device)
+        modules = build_stage_modules(model, self.adapter, plan, stage_indices)
+        self.packs_sequences = self.adapter.packed_sequences and plan.task == CAUSAL_LM
+        return LocalStages(modules=list(modules), tied=tied, keep=keep)
+
+    def batch_keys(self, batch: Mapping[str, Any]) -> set[str]:
+        return set(self.adapter.batch_keys)
+
+    def keys_note(self) -> str:
+        keys = ", ".join(sorted({"input_ids", "labels", *self.adapter.batch_keys}))
+        return f"the {self.config.model_type} stages consume {keys}"
+
+    def torch_stages(
+        self,
+        local: LocalStages,
+        runnable: list[nn.Module],
+        stage_indices: Sequence[int],
+        num_stages: int,
+        microbatch: tuple[torch.Tensor, Mapping[str, Any]],
+        training: bool,
+        *,
+        device: torch.device,
+        group: dist.ProcessGroup,
+        timeline: Timeline,
+    ) -> list[Any]:
+        return [
+            _ModuleStage(module, index, num_stages, device, group=group, timeline=timeline)
+            for module, index in zip(runnable, stage_indices)
+        ]
