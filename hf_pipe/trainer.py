@@ -31,6 +31,7 @@ from .errors import raise_if_any
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM, task_of
 from .timeline import measured_bubble, write_timeline
+from .trainer_options import frontend_option_problems, trainer_argument_problems
 from .training_args import PipeTrainingArguments
 from .validate import dataset_problems, model_problems, resolve_frontend
 
@@ -75,10 +76,9 @@ class PipeTrainer(Trainer):
                 f"PipeTrainer needs args=PipeTrainingArguments(...), got {type(args).__name__}; it is a "
                 "TrainingArguments subclass with the pipeline settings, so the other fields stay as they are."
             )
-        if model is None or kwargs.get("model_init") is not None:
-            raise ValueError(
-                "PipeTrainer needs model=...: every rank passes the same model (model_init is not supported)"
-            )
+        if model is None:
+            missing = "PipeTrainer needs model=...: every rank passes the same model (same seed, or same checkpoint)."
+            raise_if_any([missing] + trainer_argument_problems(kwargs))
         _ = args.device  # sets up the process group (gloo on CPU, NCCL on GPU) before the stages are built
         if not dist.is_initialized():
             _init_single_process_group()
@@ -106,6 +106,8 @@ class PipeTrainer(Trainer):
                 data_parallel=args.pipeline_data_parallel if world > pp else None,
             )
             + _traced_model_problems(frontend, args, model)
+            + frontend_option_problems(args, frontend)
+            + trainer_argument_problems(kwargs)
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
         )
