@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import recursively_apply
+from accelerate.utils.memory import clear_device_cache
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -30,6 +31,7 @@ from .engine import DataParallel, PipelineEngine
 from .errors import raise_if_any
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM, task_of
+from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
 from .timeline import measured_bubble, write_timeline
 from .trainer_options import frontend_option_problems, trainer_argument_problems
 from .training_args import PipeTrainingArguments
@@ -129,6 +131,8 @@ class PipeTrainer(Trainer):
         self._tied_reduced = False
         self._timeline_written = False
         super().__init__(model=model, args=args, **kwargs)
+        if args.torch_empty_cache_steps:
+            self.add_callback(_EmptyCacheCallback)
         logger.info(
             "pipeline plan on rank %d (stages %s):\n%s",
             args.process_index,
@@ -205,6 +209,43 @@ class PipeTrainer(Trainer):
     def get_total_train_batch_size(self, args: PipeTrainingArguments) -> int:
         # Samples per optimizer step: one batch per pipeline replica, not one per process.
         return self._train_batch_size * args.gradient_accumulation_steps * self._dp_size
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        # Trainer sums each batch's token count over every process; the ranks of one pipeline hold the same batch.
+        self.accelerator.gather = self._sum_over_replicas
+        try:
+            super()._track_num_input_tokens(inputs)
+        finally:
+            del self.accelerator.gather
+
+    def store_flos(self) -> None:
+        # Every rank counts the whole model's FLOPs for its pipeline's batches (Trainer sums over all processes).
+        self.state.total_flos += float(self._sum_over_replicas(torch.tensor(self.current_flos, dtype=torch.float64)))
+        self.current_flos = 0
+
+    def _sum_over_replicas(self, count: torch.Tensor) -> torch.Tensor:
+        if self._dp_size > 1:
+            count = count.to(self.engine.device)
+            dist.all_reduce(count, group=self.data_parallel.group)
+        return count
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with eval_steps_per_pipeline(self.args.eval_batch_size * self._dp_size):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):
+        with eval_steps_per_pipeline(self.args.eval_batch_size * self._dp_size):
+            return super().predict(*args, **kwargs)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        engine = self.engine
+        shape = {
+            "pipeline_parallel_size": engine.pp_size,
+            "pipeline_schedule": engine.schedule_name,
+            "pipeline_microbatches": engine.microbatches,
+        }
+        with model_card_per_pipeline(self._dp_size, shape):
+            super().create_model_card(*args, **kwargs)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         # Every rank already holds the whole batch's predictions: gathering over processes would repeat them.
@@ -440,6 +481,15 @@ class PipeTrainer(Trainer):
     def _load_stage_weights(self, checkpoint: str) -> None:
         names = sorted(self.engine.local_state())
         self.engine.load_local_state(read_tensors(checkpoint, names))
+
+
+class _EmptyCacheCallback(TrainerCallback):
+    """`torch_empty_cache_steps`: Trainer empties the device cache in its training_step, which PipeTrainer's pipelined
+    step replaces; here after every N-th optimizer step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.torch_empty_cache_steps == 0:
+            clear_device_cache()
 
 
 def _pipeline_mesh(world: int, pp: int, mode: str) -> tuple[dist.ProcessGroup, DataParallel | None]:
