@@ -28,9 +28,43 @@ _SCHEDULE_FREE = (
     "optimizer.eval() before evaluation: Trainer's training_step switches it to train, PipeTrainer's pipelined step "
     "does not, so steps after an evaluation would start from the evaluation weights"
 )
-# OptimizerNames values that cannot run on stages, and why; every other `optim` updates each weight from its own
-# gradient and state only, so each rank's optimizer over its own stages makes Trainer's update.
+_BNB_8BIT = (
+    "keeps the state of every nn.Embedding weight among the modules it optimizes in 32 bits; a rank sees only its "
+    "stages, so a tied embedding whose copy is the last stage's output layer (GPT-2's wte / lm_head), and every "
+    "embedding of a traced stage (which has no nn.Embedding modules), would get 8-bit state: updates unlike "
+    "Trainer's, and tied copies drifting apart (the 32-bit variants, paged_adamw_32bit, lion_32bit, ..., have no "
+    "such rule)"
+)
+_GROK = (
+    "gives each weight the momentum beta1 * (1 - gamma) ** i, i its position in the parameter group, and a rank's "
+    "group lists only its stages' weights, so every weight after the first stage would get another beta1"
+)
+# OptimizerNames values whose update reads only each weight's own gradient and state: each rank's optimizer over its
+# own stages makes Trainer's update. A test checks that every OptimizerNames value is here or refused below.
+PER_WEIGHT_OPTIMIZERS = frozenset(
+    {
+        "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_anyprecision",
+        "adamw_torch_4bit", "adamw_torch_8bit", "adafactor", "sgd", "adagrad", "rmsprop", "rmsprop_bnb",
+        "rmsprop_bnb_32bit", "paged_adamw_32bit", "ademamix", "paged_ademamix_32bit", "lion_32bit", "paged_lion_32bit",
+        "stable_adamw",
+    }
+)  # fmt: skip
+# OptimizerNames values that cannot run on stages, and why.
 REFUSED_OPTIMIZERS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "adamw_bnb_8bit",
+            "adamw_8bit",
+            "paged_adamw_8bit",
+            "ademamix_8bit",
+            "paged_ademamix_8bit",
+            "lion_8bit",
+            "paged_lion_8bit",
+            "rmsprop_bnb_8bit",
+        ),
+        "Trainer's 8-bit bitsandbytes set-up " + _BNB_8BIT,
+    ),
+    "grokadamw": "GrokAdamW " + _GROK,
     "galore_adamw": "GaLore " + _LOW_RANK,
     "galore_adamw_8bit": "GaLore " + _LOW_RANK,
     "galore_adafactor": "GaLore " + _LOW_RANK,

@@ -115,6 +115,8 @@ CASES = [
     ({"optim": "apollo_adamw"}, "optim='apollo_adamw': APOLLO projects the gradients"),
     ({"optim": "adalomo"}, "optim='adalomo': AdaLOMO fuses the update into the backward pass"),
     ({"optim": "schedule_free_adamw"}, "optim='schedule_free_adamw': a schedule-free optimizer keeps two points"),
+    ({"optim": "adamw_8bit"}, "optim='adamw_8bit': Trainer's 8-bit bitsandbytes set-up keeps the state of every"),
+    ({"optim": "grokadamw"}, "optim='grokadamw': GrokAdamW gives each weight the momentum beta1"),
     ({"use_liger_kernel": True}, "use_liger_kernel=True: Liger patches the model's forward and loss"),
     ({"torch_compile_backend": "eager"}, "torch_compile_backend='eager' (which turns torch_compile on)"),
     ({"label_names": ["label_ids"]}, "label_names=['label_ids']: the pipeline's loss and evaluation read"),
@@ -181,6 +183,16 @@ def test_cpu_affinity_shares():
 
     assert [core_share(list(range(8)), r, 4) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert [core_share([2, 3, 5], r, 2) for r in range(2)] == [[2], [3]]  # a CPU left over stays unused
+
+
+def test_every_trainer_optimizer_is_decided():
+    """A new OptimizerNames member in a later transformers must be classed: per-weight (works) or refused."""
+    from transformers.training_args import OptimizerNames
+
+    from hf_pipe.trainer_options import PER_WEIGHT_OPTIMIZERS, REFUSED_OPTIMIZERS
+
+    assert not PER_WEIGHT_OPTIMIZERS & set(REFUSED_OPTIMIZERS)
+    assert {o.value for o in OptimizerNames} == PER_WEIGHT_OPTIMIZERS | set(REFUSED_OPTIMIZERS)
 
 
 def test_args_type_is_checked():
