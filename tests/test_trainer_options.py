@@ -300,9 +300,15 @@ def test_evaluation_options_match_trainer(tmp_path):
 
 def test_reported_numbers_with_replicas(tmp_path):
     """PP=2 × DP=2 on 4 ranks against Trainer + DDP on 2: tokens seen and FLOPs summed over the replicas, evaluation
-    steps per second and the model card's batch sizes those of one step of both replicas."""
+    steps per second and the model card's batch sizes those of one step of both replicas; and each replica's loss
+    normalised by its own label count with average_tokens_across_devices=False, as each DDP process's."""
     pipeline = {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b"}
-    cases = {"replicas": {"args": {"include_num_input_tokens_seen": "non_padding", "gradient_accumulation_steps": 2}}}
+    cases = {
+        "replicas": {"args": {"include_num_input_tokens_seen": "non_padding", "gradient_accumulation_steps": 2}},
+        "tokens_per_replica": {
+            "args": {"average_tokens_across_devices": False, "include_num_input_tokens_seen": "all"}
+        },
+    }
     print(compare_cases("gpt2", tmp_path, cases, pipeline=pipeline, world=4, ref_world=2))
 
 
