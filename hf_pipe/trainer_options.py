@@ -224,7 +224,8 @@ def frontend_option_problems(args: Any, frontend: str) -> list[str]:
         problems.append(
             f"neftune_noise_alpha={alpha} on CUDA: the stage draws the noise once per microbatch, and CUDA's "
             "generator gives m draws of batch/m rows other numbers than Trainer's one draw for the whole batch (on "
-            "the CPU they are the same numbers); unset neftune_noise_alpha, or train on CPU ranks."
+            "the CPU they are the same numbers); unset neftune_noise_alpha, or train on CPU ranks "
+            "(CUDA_VISIBLE_DEVICES='')."
         )
     return problems
 

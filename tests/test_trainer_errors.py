@@ -195,6 +195,19 @@ def test_every_trainer_optimizer_is_decided():
     assert {o.value for o in OptimizerNames} == PER_WEIGHT_OPTIMIZERS | set(REFUSED_OPTIMIZERS)
 
 
+def test_neftune_refused_on_cuda(monkeypatch):
+    """Per-microbatch noise is Trainer's on the CPU only (tested in test_trainer_options); no GPU needed here."""
+    from types import SimpleNamespace
+
+    from hf_pipe.trainer_options import frontend_option_problems
+
+    args = SimpleNamespace(neftune_noise_alpha=5.0)
+    assert frontend_option_problems(args, "module") == [] or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (problem,) = frontend_option_problems(args, "module")
+    assert problem.startswith("neftune_noise_alpha=5.0 on CUDA: the stage draws the noise once per microbatch")
+
+
 def test_args_type_is_checked():
     from hf_pipe import PipeTrainer
 
