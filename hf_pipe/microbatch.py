@@ -90,7 +90,7 @@ class Microbatches:
             per_token = (
                 merged.dim() >= 2 and merged.shape[1] > length and self.input_ids[0].shape[1] == merged.shape[1]
             )
-            return merged[:, :length] if per_token else merged
+            return merged[:, :length].contiguous() if per_token else merged
         merged = outputs[0].new_zeros((rows, length, *outputs[0].shape[2:]))
         for output, segments in zip(outputs, self.segments):
             for row, start, size, offset in segments:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import recursively_apply
+from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
@@ -32,7 +33,9 @@ from .errors import raise_if_any
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM
 from .frontends import FRONTENDS, frontend_name
+from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
 from .timeline import measured_bubble, write_timeline
+from .trainer_options import frontend_option_problems, trainer_argument_problems
 from .training_args import PipeTrainingArguments
 from .validate import dataset_problems, model_problems
 
@@ -78,10 +81,9 @@ class PipeTrainer(Trainer):
                 f"PipeTrainer needs args=PipeTrainingArguments(...), got {type(args).__name__}; it is a "
                 "TrainingArguments subclass with the pipeline settings, so the other fields stay as they are."
             )
-        if model is None or kwargs.get("model_init") is not None:
-            raise ValueError(
-                "PipeTrainer needs model=...: every rank passes the same model (model_init is not supported)"
-            )
+        if model is None:
+            missing = "PipeTrainer needs model=...: every rank passes the same model (same seed, or same checkpoint)."
+            raise_if_any([missing] + trainer_argument_problems(kwargs))
         _ = args.device  # sets up the process group (gloo on CPU, NCCL on GPU) before the stages are built
         if not dist.is_initialized():
             _init_single_process_group()
@@ -109,6 +111,8 @@ class PipeTrainer(Trainer):
                 data_parallel=args.pipeline_data_parallel if world > pp else None,
             )
             + (FRONTENDS[frontend](model.config).trainer_problems(args, model) if frontend in FRONTENDS else [])
+            + frontend_option_problems(args, frontend)
+            + trainer_argument_problems(kwargs)
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
         )
@@ -231,6 +235,43 @@ class PipeTrainer(Trainer):
         # Samples per optimizer step: one batch per pipeline replica, not one per process.
         return self._train_batch_size * args.gradient_accumulation_steps * self._dp_size
 
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        # Trainer sums each batch's token count over every process; the ranks of one pipeline hold the same batch.
+        self.accelerator.gather = self._sum_over_replicas
+        try:
+            super()._track_num_input_tokens(inputs)
+        finally:
+            del self.accelerator.gather
+
+    def store_flos(self) -> None:
+        # Every rank counts the whole model's FLOPs for its pipeline's batches (Trainer sums over all processes).
+        self.state.total_flos += float(self._sum_over_replicas(torch.tensor(self.current_flos, dtype=torch.float64)))
+        self.current_flos = 0
+
+    def _sum_over_replicas(self, count: torch.Tensor) -> torch.Tensor:
+        if self._dp_size > 1:
+            count = count.to(self.engine.device)
+            dist.all_reduce(count, group=self.data_parallel.group)
+        return count
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with eval_steps_per_pipeline(self.args.eval_batch_size * self._dp_size):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):
+        with eval_steps_per_pipeline(self.args.eval_batch_size * self._dp_size):
+            return super().predict(*args, **kwargs)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        engine = self.engine
+        shape = {
+            "pipeline_parallel_size": engine.pp_size,
+            "pipeline_schedule": engine.schedule_name,
+            "pipeline_microbatches": engine.microbatches,
+        }
+        with model_card_per_pipeline(self._dp_size, shape):
+            super().create_model_card(*args, **kwargs)
+
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         # Every rank already holds the whole batch's predictions: gathering over processes would repeat them.
         self.gather_function = self._gather_for_metrics
@@ -308,6 +349,8 @@ class PipeTrainer(Trainer):
         with self.compute_loss_context_manager(), self.accelerator.autocast():
             loss = self.engine.train_step(inputs, num_items=normalizer, num_items_in_batch=num_items_in_batch)
         self._record_pipeline_metrics("train")
+        if self.args.torch_empty_cache_steps and self.state.global_step % self.args.torch_empty_cache_steps == 0:
+            clear_device_cache()  # where Trainer's training_step empties it
         if self.engine.recorded is not None and not self._timeline_written:
             self._write_timeline(self.engine.recorded)
         if normalizer == 0:
@@ -431,8 +474,8 @@ class PipeTrainer(Trainer):
         meta = [(tuple(logits.shape), logits.dtype) if logits is not None else None]
         dist.broadcast_object_list(meta, group_src=src, group=engine.group)
         shape, dtype = meta[0]
-        if logits is None:
-            logits = torch.empty(shape, dtype=dtype, device=engine.device)
+        # gloo sends a tensor's storage: a strided view would arrive scrambled
+        logits = torch.empty(shape, dtype=dtype, device=engine.device) if logits is None else logits.contiguous()
         dist.broadcast(logits, group_src=src, group=engine.group)
         return logits
 

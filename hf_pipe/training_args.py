@@ -12,6 +12,7 @@ from .cpu_affinity import affinity_problems, allowed_cpus, local_world
 from .errors import raise_if_any
 from .schedule import SCHEDULES, check_schedule, default_stages_per_rank, divisors, largest_divisor_at_most
 from .split import POLICIES
+from .trainer_options import training_args_problems
 from .validate import frontend_problems
 
 
@@ -184,42 +185,15 @@ class PipeTrainingArguments(PipelineArguments, TrainingArguments):
 
     def pipeline_problems(self, world_size: int, batch_size: int | None = None) -> list[str]:
         batch_size = batch_size or self.per_device_train_batch_size
-        problems = super().pipeline_problems(world_size, batch_size) + self._trainer_option_problems()
+        pp = self.resolved_pipeline_size(world_size)
+        replicas = world_size // pp if pp > 0 and world_size % pp == 0 else 1
+        problems = super().pipeline_problems(world_size, batch_size) + training_args_problems(self, replicas)
         if self.pipeline_cpu_affinity:
             problems += affinity_problems(local_world()[1], allowed_cpus())
         return problems
 
     def resolved_microbatches(self, world_size: int, batch_size: int | None = None) -> int:
         return super().resolved_microbatches(world_size, batch_size or self.per_device_train_batch_size)
-
-    def _trainer_option_problems(self) -> list[str]:
-        """Trainer features that cannot combine with pipeline stages, and why."""
-        problems = []
-        if self.deepspeed:
-            problems.append(
-                f"deepspeed={self.deepspeed!r}: DeepSpeed wraps the whole model in its own engine and shards it over "
-                "all ranks, which conflicts with each rank holding only its pipeline stage; remove deepspeed."
-            )
-        if self.fsdp:
-            problems.append(
-                f"fsdp={self.fsdp!r}: FSDP here would shard the whole model over every rank, across pipeline stages; "
-                "remove fsdp (sharding within each stage comes with data-parallel pipelines)."
-            )
-        if self.label_smoothing_factor:
-            problems.append(
-                f"label_smoothing_factor={self.label_smoothing_factor}: the loss runs inside the last pipeline stage "
-                "with the model's own semantics; set it to 0."
-            )
-        if self.torch_compile:
-            problems.append(
-                "torch_compile=True: Trainer compiles the whole model, which no rank holds; set it to False."
-            )
-        if self.auto_find_batch_size:
-            problems.append(
-                "auto_find_batch_size=True: an out-of-memory retry on one rank would leave its peers waiting; "
-                "set per_device_train_batch_size yourself."
-            )
-        return problems
 
     @property
     def place_model_on_device(self) -> bool:

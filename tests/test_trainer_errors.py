@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 
 from hf_pipe import PipelineConfigError
@@ -20,8 +21,8 @@ def _args(**overrides):
 
 
 def _errors_for(cases: list[dict]) -> list[str | None]:
-    """Each case: PipeTrainingArguments overrides, optionally with a `model` (tiny_model args, or a function) and a
-    `dataset` (lm_dataset kwargs)."""
+    """Each case: PipeTrainingArguments overrides, optionally with a `model` (tiny_model args, or a function), a
+    `dataset` (lm_dataset kwargs) and `trainer` (a function of the model, or None: more PipeTrainer arguments)."""
     from hf_pipe import PipeTrainer
 
     messages = []
@@ -29,12 +30,18 @@ def _errors_for(cases: list[dict]) -> list[str | None]:
         case = dict(case)
         model_spec = case.pop("model", None)
         dataset = case.pop("dataset", None)
+        trainer = case.pop("trainer", None)
         try:
             args = _args(**case)
-            if model_spec is not None:
-                model = model_spec() if callable(model_spec) else tiny_model(*model_spec)
+            if model_spec is not None or trainer is not None:
+                model = (
+                    None if model_spec is None else model_spec() if callable(model_spec) else tiny_model(*model_spec)
+                )
                 train = lm_dataset(**dataset) if dataset is not None else lm_dataset(16)
-                PipeTrainer(model=model, args=args, train_dataset=train, data_collator=PadCollator("causal_lm"))
+                extra = trainer(model) if trainer is not None else {}
+                PipeTrainer(
+                    model=model, args=args, train_dataset=train, data_collator=PadCollator("causal_lm"), **extra
+                )
             messages.append(None)
         except PipelineConfigError as err:
             messages.append(str(err))
@@ -49,6 +56,26 @@ def _t5():
 
 def _gpt2_three_blocks():
     return tiny_model("gpt2", n_layer=3)
+
+
+def _model_init_only(model):
+    return {"model_init": _gpt2_three_blocks}
+
+
+def _prebuilt_optimizer(model):
+    return {"optimizers": (torch.optim.AdamW(model.parameters()), None)}
+
+
+def _sgd_factory(model, **kwargs):
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _optimizer_factory(model):
+    return {"optimizer_cls_and_kwargs": (_sgd_factory, {})}
+
+
+def _optimizer_class(model):
+    return {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})}
 
 
 CASES = [
@@ -81,6 +108,40 @@ CASES = [
         {"model": ("gpt2", 0), "dataset": {"n": 8, "min_len": 80, "max_len": 80}},
         "has sequences of 80 tokens but the model has max_position_embeddings=64",
     ),
+    # Trainer options that cannot reach the stages (hf_pipe/trainer_options.py)
+    ({"fp16": True}, "fp16=True: Trainer's fp16 GradScaler scales the loss in accelerator.backward"),
+    ({"bf16_full_eval": True}, "bf16_full_eval=True: for this option Trainer moves the whole model"),
+    ({"optim": "galore_adamw_layerwise"}, "optim='galore_adamw_layerwise': GaLore projects the gradients"),
+    ({"optim": "apollo_adamw"}, "optim='apollo_adamw': APOLLO projects the gradients"),
+    ({"optim": "adalomo"}, "optim='adalomo': AdaLOMO fuses the update into the backward pass"),
+    ({"optim": "schedule_free_adamw"}, "optim='schedule_free_adamw': a schedule-free optimizer keeps two points"),
+    ({"optim": "adamw_8bit"}, "optim='adamw_8bit': Trainer's 8-bit bitsandbytes set-up keeps the state of every"),
+    ({"optim": "grokadamw"}, "optim='grokadamw': GrokAdamW gives each weight the momentum beta1"),
+    ({"use_liger_kernel": True}, "use_liger_kernel=True: Liger patches the model's forward and loss"),
+    ({"torch_compile_backend": "eager"}, "torch_compile_backend='eager' (which turns torch_compile on)"),
+    ({"label_names": ["label_ids"]}, "label_names=['label_ids']: the pipeline's loss and evaluation read"),
+    ({"train_sampling_strategy": "batch_rebalance"}, "train_sampling_strategy='batch_rebalance': the sampler"),
+    ({"enable_jit_checkpoint": True}, "enable_jit_checkpoint=True: each rank decides to save on its own timer"),
+    ({"debug": "underflow_overflow"}, "debug='underflow_overflow': its forward hooks abort on the first inf/nan"),
+    (
+        {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+        "(use_reentrant=True): torch's pipeline stages take their input gradients with torch.autograd.grad",
+    ),
+    (
+        {"pipeline_parallel_size": 1, "eval_use_gather_object": True},
+        "eval_use_gather_object=True with 2 data-parallel replicas",
+    ),
+    (
+        {"model": ("gpt2", 0), "pipeline_frontend": "trace", "neftune_noise_alpha": 5.0},
+        "neftune_noise_alpha=5.0 with pipeline_frontend='trace'",
+    ),
+    ({"trainer": _model_init_only}, "model_init=_gpt2_three_blocks: Trainer calls it again at train()"),
+    ({"model": ("gpt2", 0), "trainer": _prebuilt_optimizer}, "optimizers=(AdamW, None): an optimizer built before"),
+    (
+        {"model": ("gpt2", 0), "trainer": _optimizer_factory},
+        "optimizer_cls_and_kwargs=(_sgd_factory, ...): not a torch.optim.Optimizer subclass",
+    ),
+    ({"model": ("gpt2", 0), "trainer": _optimizer_class}, None),  # an Optimizer subclass passes
 ]
 
 
@@ -122,6 +183,29 @@ def test_cpu_affinity_shares():
 
     assert [core_share(list(range(8)), r, 4) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert [core_share([2, 3, 5], r, 2) for r in range(2)] == [[2], [3]]  # a CPU left over stays unused
+
+
+def test_every_trainer_optimizer_is_decided():
+    """A new OptimizerNames member in a later transformers must be classed: per-weight (works) or refused."""
+    from transformers.training_args import OptimizerNames
+
+    from hf_pipe.trainer_options import PER_WEIGHT_OPTIMIZERS, REFUSED_OPTIMIZERS
+
+    assert not PER_WEIGHT_OPTIMIZERS & set(REFUSED_OPTIMIZERS)
+    assert {o.value for o in OptimizerNames} == PER_WEIGHT_OPTIMIZERS | set(REFUSED_OPTIMIZERS)
+
+
+def test_neftune_refused_on_cuda(monkeypatch):
+    """Per-microbatch noise is Trainer's on the CPU only (tested in test_trainer_options); no GPU needed here."""
+    from types import SimpleNamespace
+
+    from hf_pipe.trainer_options import frontend_option_problems
+
+    args = SimpleNamespace(neftune_noise_alpha=5.0)
+    assert frontend_option_problems(args, "module") == [] or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (problem,) = frontend_option_problems(args, "module")
+    assert problem.startswith("neftune_noise_alpha=5.0 on CUDA: the stage draws the noise once per microbatch")
 
 
 def test_args_type_is_checked():
