@@ -151,7 +151,8 @@ def training_args_problems(args: Any, data_parallel_size: int = 1) -> list[str]:
             "share of every batch, but all ranks of one pipeline must read the same batch; use 'group_by_length' "
             "(or 'random')."
         )
-    debug = args.debug.split() if isinstance(args.debug, str) else [str(getattr(d, "value", d)) for d in args.debug]
+    debug = args.debug or []  # None from the command line
+    debug = debug.split() if isinstance(debug, str) else [str(getattr(d, "value", d)) for d in debug]
     if "underflow_overflow" in debug:
         problems.append(
             "debug='underflow_overflow': its forward hooks abort on the first inf/nan in any module's output, and "
