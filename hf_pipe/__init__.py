@@ -10,11 +10,14 @@ from .split import SplitPlan, StagePlan, annotate_split_points, plan_split
 from .trace import TraceError, pipe_split, pipeline
 from .trainer import PipelineModule, PipeTrainer
 from .training_args import PipelineArguments, PipeTrainingArguments
+from .weights import Checkpoint, Initialise, initialize_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SCHEDULES",
+    "Checkpoint",
+    "Initialise",
     "FamilyAdapter",
     "PipelineConfigError",
     "PipeTrainer",
@@ -27,6 +30,7 @@ __all__ = [
     "StagePlan",
     "TraceError",
     "annotate_split_points",
+    "initialize_weights",
     "pipe_split",
     "pipeline",
     "plan_split",

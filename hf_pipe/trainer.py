@@ -33,6 +33,7 @@ from .errors import raise_if_any
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM
 from .frontends import FRONTENDS, frontend_name
+from .loading import model_and_weights
 from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
 from .timeline import measured_bubble, write_timeline
 from .trainer_options import frontend_option_problems, trainer_argument_problems
@@ -65,8 +66,11 @@ class PipelineModule(nn.Module):
 class PipeTrainer(Trainer):
     """A drop-in `Trainer` that trains the model as a pipeline over every launched process.
 
-    Takes exactly Trainer's arguments; `args` must be `PipeTrainingArguments`. Every rank passes the same model
-    (built with the same seed, or loaded from the same checkpoint); each keeps only its own stage(s).
+    Takes exactly Trainer's arguments; `args` must be `PipeTrainingArguments`. `model` is what Trainer takes (every
+    rank passes the same one, built with the same seed or loaded from the same checkpoint; each keeps only its own
+    stages), or — so that no rank ever holds more than its stages — a checkpoint path or hub id (built with
+    `args.model_init_kwargs`), or a model on the meta device (read from `args.pipeline_checkpoint`, or initialised
+    from scratch): see `loading.py`.
 
     Example:
         >>> trainer = PipeTrainer(model=model, args=PipeTrainingArguments(output_dir="out", pipeline_schedule="1f1b"),
@@ -74,7 +78,7 @@ class PipeTrainer(Trainer):
         >>> trainer.train(); trainer.evaluate(); trainer.save_model("out/final")
     """
 
-    def __init__(self, model: nn.Module | None = None, args: PipeTrainingArguments | None = None, **kwargs: Any):
+    def __init__(self, model: nn.Module | str | None = None, args: PipeTrainingArguments | None = None, **kwargs: Any):
         raise_if_any(loss_override_problems(type(self)))
         if not isinstance(args, PipeTrainingArguments):
             raise TypeError(
@@ -88,6 +92,7 @@ class PipeTrainer(Trainer):
         if not dist.is_initialized():
             _init_single_process_group()
         _destroy_process_group_at_exit()
+        model, weights = model_and_weights(model, args)
         world = dist.get_world_size()
         if world == 1:
             logger.warning(
@@ -129,6 +134,7 @@ class PipeTrainer(Trainer):
             group=pp_group,
             data_parallel=self.data_parallel,
             frontend=frontend,
+            weights=weights,
         )
         self.pipeline = PipelineModule(self.engine, model.config)
         self._tied_reduced = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -85,6 +86,16 @@ class PipelineArguments:
         },
     )
     pipeline_trace_steps: int = field(default=2, metadata={"help": "Steps the timeline records."})
+    pipeline_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "For a model built on the meta device (torch.device('meta'), accelerate's init_empty_weights): "
+            "the checkpoint folder (or hub id) its weights are read from, each rank reading only its own stages' "
+            "tensors. Unset: such a model is initialised from scratch, the same for every pipeline layout (its "
+            "config._name_or_path is not read: loading is never implicit). PipeTrainer(model='<path>') reads from "
+            "that path itself."
+        },
+    )
 
     def normalize_pipeline_fields(self) -> None:
         """Lower-case the schedule; turn a '0,6,12' split into block indices."""
@@ -164,6 +175,14 @@ class PipeTrainingArguments(PipelineArguments, TrainingArguments):
         ...                              pipeline_schedule="1f1b", pipeline_microbatches=4)
     """
 
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for from_pretrained when PipeTrainer(model='<path or hub id>') builds the model "
+            "(dtype, attn_implementation, revision, trust_remote_code, ...), as TRL's trainers take them: a dict, "
+            "or its JSON on the command line; dtypes also as strings ('float32', 'bfloat16', 'auto')."
+        },
+    )
     pipeline_cpu_affinity: bool = field(
         default=False,
         metadata={
@@ -179,6 +198,8 @@ class PipeTrainingArguments(PipelineArguments, TrainingArguments):
         if _launched_world_size() > 1 and not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         self.normalize_pipeline_fields()
+        if isinstance(self.model_init_kwargs, str):
+            self.model_init_kwargs = json.loads(self.model_init_kwargs)
         # before Trainer's own set-up, which would fail first, and less clearly, on some of these (DeepSpeed)
         raise_if_any(self.pipeline_problems(_launched_world_size()))
         super().__post_init__()

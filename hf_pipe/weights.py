@@ -80,7 +80,7 @@ def weights_problems(model: nn.Module, weights: Any) -> list[str]:
     """A skeleton on the meta device needs a source for its weights; a model partly on meta is neither."""
     params = list(model.parameters())
     on_meta = sum(p.device.type == "meta" for p in params)
-    if weights is not None or on_meta == 0:
+    if on_meta == 0 or (weights is not None and on_meta == len(params)):
         return []
     if on_meta < len(params):
         return [
@@ -284,14 +284,22 @@ def _load_pruned(
         # only the files holding this rank's tensors are opened; otherwise transformers maps them all (and renames)
         source = {"pretrained_model_name_or_path": None, "state_dict": _lazy_tensors(path, files, keep, base)}
         kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "subfolder", "cache_dir")}
-    model, info = local.from_pretrained(
-        **source,
-        config=skeleton.config,
-        dtype=dtype,
-        device_map={"": device},
-        output_loading_info=True,
-        **kwargs,
-    )
+    mismatched = _mismatched(source.get("state_dict"), skeleton, base)
+    if mismatched and not kwargs.get("ignore_mismatched_sizes"):
+        raise PipelineConfigError(_mismatch_message(path, cls, mismatched))
+    try:
+        model, info = local.from_pretrained(
+            **source,
+            config=skeleton.config,
+            dtype=dtype,
+            device_map={"": device},
+            output_loading_info=True,
+            **kwargs,
+        )
+    except RuntimeError as err:  # transformers refuses other shapes after its renames, its report logged above
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise PipelineConfigError(_mismatch_message(path, cls, ["(see transformers' loading report above)"])) from err
     problems = []
     unclaimed = sorted(info.get("unexpected_keys", ()))  # after the other stages' keys were set aside
     missing = sorted(set(info.get("missing_keys", ())) & set(keep))
@@ -308,16 +316,30 @@ def _load_pruned(
             )
     # else: another head's checkpoint (a causal LM's for a classifier): transformers' own report says which
     # weights it left out and which it initialised, as from_pretrained does
-    mismatched = sorted(info.get("mismatched_keys", ()))
-    if mismatched:
-        problems.append(
-            f"checkpoint {path} has tensor(s) of another shape than {cls.__name__}'s: {mismatched[:8]}; check the "
-            "config, or pass ignore_mismatched_sizes=True in model_init_kwargs to initialise them instead."
-        )
     if problems:
         raise PipelineConfigError(problems)
     model.__class__ = cls
     return model
+
+
+def _mismatch_message(path: str, cls: type, keys: list[str]) -> str:
+    return (
+        f"checkpoint {path} has tensor(s) of another shape than {cls.__name__}'s: {keys[:8]}; check the config, or "
+        "pass ignore_mismatched_sizes=True in model_init_kwargs to initialise them instead."
+    )
+
+
+def _mismatched(tensors: dict[str, Any] | None, model: nn.Module, base: str) -> list[str]:
+    """Checkpoint slices whose shape is not the model's tensor's (read from the files' headers, no data)."""
+    if not tensors:
+        return []
+    shapes = {name: tuple(t.shape) for name, t in state_names(model)}
+    out = []
+    for key, value in tensors.items():
+        name = _model_name(key, shapes, base)
+        if name is not None and tuple(value.get_shape()) != shapes[name]:
+            out.append(f"{key}: {tuple(value.get_shape())} in the checkpoint, {shapes[name]} in the model")
+    return sorted(out)
 
 
 def _saved_class(path: str) -> str | None:
