@@ -104,6 +104,7 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
         batch_size=batch,
         seq_len=seq_len,
         dtype_bytes=plan_args.dtype_bytes,
+        model_params=sum(p.numel() for p in meta_model(config, plan.task).parameters()),
     )
 
 

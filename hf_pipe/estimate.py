@@ -111,8 +111,10 @@ def plan_summary(
     batch_size: int,
     seq_len: int,
     dtype_bytes: int = 4,
+    model_params: int | None = None,
 ) -> dict[str, Any]:
-    """Everything `hf-pipe plan` reports, as plain data."""
+    """Everything `hf-pipe plan` reports, as plain data. `model_params` (the whole model's, each weight once) adds
+    the start-up memory of a fully built model next to that of a path or meta model (each rank its stages only)."""
     memory = stage_memory(
         plan,
         config,
@@ -123,6 +125,9 @@ def plan_summary(
         seq_len=seq_len,
         dtype_bytes=dtype_bytes,
     )
+    startup: dict[int, int] = {}
+    for m in memory:
+        startup[m.rank] = startup.get(m.rank, 0) + m.weights_bytes
     return {
         "model_type": plan.model_type,
         "task": plan.task,
@@ -148,6 +153,9 @@ def plan_summary(
             }
             for s, m in zip(plan.stages, memory)
         ],
+        # weights a rank holds once started: its stages' from a path or a meta model, the whole model built whole
+        "startup_bytes_per_rank": startup,
+        "startup_bytes_whole_model": model_params * dtype_bytes if model_params is not None else None,
     }
 
 
@@ -181,6 +189,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "per rank (GiB): " + ", ".join(f"rank {r}: {gib(b)}" for r, b in sorted(per_rank.items())),
+        "start-up weights per rank (GiB), from a path or a meta model: "
+        + ", ".join(f"rank {r}: {gib(b)}" for r, b in sorted(summary["startup_bytes_per_rank"].items()))
+        + (
+            f"; a fully built model: {gib(summary['startup_bytes_whole_model'])} on every rank"
+            if summary.get("startup_bytes_whole_model") is not None
+            else ""
+        ),
         f"max/mean stage cost {summary['max_over_mean_cost']:.3f}; predicted bubble "
         f"{100 * summary['bubble_fraction']:.1f}% (ideal speed-up {summary['ideal_speedup']:.2f}x over one device)",
     ]

@@ -48,12 +48,24 @@ def _model(form: str, path: str):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
-def _start_and_step(cases: list[tuple], root: str) -> list[list[dict]]:
-    """Each case (checkpoint, form, pipeline settings): save right after start-up, train one step, save again."""
+def _start_and_step(cases: list[tuple], root: str) -> tuple[list[list[dict]], list[set[str]]]:
+    """Each case (checkpoint, form, pipeline settings): save right after start-up, train one step, save again.
+    Also returns the checkpoint files each case opened."""
+    import safetensors
+
     from hf_pipe import PipeTrainer
 
-    logs = []
+    opened: set[str] = set()
+    safe_open = safetensors.safe_open
+
+    def recording(path, *args, **kwargs):
+        opened.add(os.path.basename(str(path)))
+        return safe_open(path, *args, **kwargs)
+
+    safetensors.safe_open = recording
+    logs, files = [], []
     for i, (path, form, pipeline) in enumerate(cases):
+        opened.clear()
         out = os.path.join(root, str(i))
         checkpoint = path if form == "meta" else None
         args = _args(out, pipeline_checkpoint=checkpoint, **pipeline)
@@ -64,7 +76,9 @@ def _start_and_step(cases: list[tuple], root: str) -> list[list[dict]]:
         trainer.train()
         trainer.save_model(os.path.join(out, "end"))
         logs.append([e for e in trainer.state.log_history if "loss" in e])
-    return logs
+        files.append(set(opened))
+    safetensors.safe_open = safe_open
+    return logs, files
 
 
 def _weights(path: str) -> dict[str, torch.Tensor]:
@@ -96,6 +110,11 @@ def test_each_rank_reads_its_stages_exactly(checkpoints, tmp_path):
         (llama, "meta", {"pipeline_schedule": "interleaved1f1b"}),
     ]
     ranks = run_distributed(_start_and_step, 2, cases, str(tmp_path), launcher_env=True, timeout=300)
+    # each rank opened only the shards holding its stages' tensors (and one of them holds the tied embedding)
+    shards = {p.name for p in (checkpoints / "gpt2").glob("*.safetensors")}
+    first, last = ranks[0][1][1], ranks[1][1][1]
+    assert first < shards and last < shards and first != last and first & last, (first, last)
+    ranks = [logs for logs, _ in ranks]
     for i, (path, form, _) in enumerate(cases):
         source, start = _weights(path), _weights(tmp_path / str(i) / "start")
         assert start.keys() == source.keys() and all(torch.equal(start[k], source[k]) for k in source), (i, form)
@@ -127,6 +146,8 @@ SCRATCH_LAYOUTS = [
     {"pipeline_parallel_size": 2, "pipeline_frontend": "trace", "pipeline_split": "0,1"},
     {"pipeline_parallel_size": 2, "pipeline_schedule": "interleaved1f1b", "pipeline_split": "0,1.5,2,3"},
     {"pipeline_parallel_size": 4},
+    # on 4 ranks: two replicas of a 2-stage pipeline, DDP and FSDP2
+    {"pipeline_parallel_size": 2, "pipeline_data_parallel": "fsdp"},
 ]
 
 

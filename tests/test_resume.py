@@ -24,7 +24,7 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _run(output_dir: str, stop_at: int | None, resume: str | None, frontend: str = "module") -> dict:
+def _run(output_dir: str, stop_at: int | None, resume: str | None, frontend: str = "module", path=None) -> dict:
     from hf_pipe import PipeTrainer, PipeTrainingArguments
 
     args = PipeTrainingArguments(
@@ -34,7 +34,7 @@ def _run(output_dir: str, stop_at: int | None, resume: str | None, frontend: str
         pipeline_frontend=frontend,
     )
     trainer = PipeTrainer(
-        model=tiny_model("gpt2"),
+        model=path or tiny_model("gpt2"),
         args=args,
         train_dataset=lm_dataset(48, seed=0),
         data_collator=PadCollator("causal_lm"),
@@ -46,19 +46,26 @@ def _run(output_dir: str, stop_at: int | None, resume: str | None, frontend: str
     return {"logs": logs, "files": sorted(os.listdir(output_dir))}
 
 
-@pytest.mark.parametrize("frontend", ["module", "trace"])
+@pytest.mark.parametrize("frontend", ["module", "trace", "module-from-path"])
 def test_stop_and_resume_matches_uninterrupted(tmp_path, frontend):
+    """Also from a checkpoint path (each rank reads its stages; resuming reads them from the checkpoint)."""
     from transformers import AutoModelForCausalLM
 
-    full = run_distributed(_run, 2, str(tmp_path / "full"), None, None, frontend, launcher_env=True)[0]
-    stopped = run_distributed(_run, 2, str(tmp_path / "run"), 3, None, frontend, launcher_env=True)[0]
+    path = None
+    if frontend.endswith("from-path"):
+        frontend, path = "module", str(tmp_path / "base")
+        tiny_model("gpt2").save_pretrained(path)
+    full = run_distributed(_run, 2, str(tmp_path / "full"), None, None, frontend, path, launcher_env=True)[0]
+    stopped = run_distributed(_run, 2, str(tmp_path / "run"), 3, None, frontend, path, launcher_env=True)[0]
     assert [e["step"] for e in stopped["logs"]] == [1, 2, 3]
     checkpoint = tmp_path / "run" / "checkpoint-2"
     expected = {"config.json", "model.safetensors.index.json", "scheduler.pt", "trainer_state.json"}
     expected |= {"optimizer-pp00000.pt", "optimizer-pp00001.pt", "rng_state_0.pth", "rng_state_1.pth"}
     assert expected <= set(os.listdir(checkpoint))
     assert torch.load(checkpoint / "scheduler.pt", weights_only=True)["last_epoch"] == 2
-    resumed = run_distributed(_run, 2, str(tmp_path / "run"), None, str(checkpoint), frontend, launcher_env=True)[0]
+    resumed = run_distributed(
+        _run, 2, str(tmp_path / "run"), None, str(checkpoint), frontend, path, launcher_env=True
+    )[0]
     # the log history comes back from the checkpoint (steps 1-2), then the resumed steps follow
     assert [e["step"] for e in resumed["logs"]] == [1, 2, 3, 4, 5, 6]
     for mine, theirs in zip(resumed["logs"][2:], full["logs"][2:]):

