@@ -150,6 +150,7 @@ class PipelineEngine:
             )
         self.stage_to_rank = generate_stage_to_rank_mapping(self.pp_size, self.num_stages, placement(schedule))
         self.stage_indices = [s for s in range(self.num_stages) if self.stage_to_rank[s] == self.pp_rank]
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         self.local = self._build(model, weights if weights is not None else Resident())
         self.modules: list[nn.Module] = self.local.modules
         if self.frontend.accumulates_in_place and not self._replicated and self.schedule_name in ONE_PASS_SCHEDULES:
@@ -226,12 +227,13 @@ class PipelineEngine:
                     state[names[key]] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         return state
 
-    def load_local_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy `tensors` (model FQN -> tensor, e.g. from `checkpoint.read_tensors`) into this rank's stages."""
+    def load_local_state(self, tensors: dict[str, torch.Tensor], only_given: bool = False) -> None:
+        """Copy `tensors` (model FQN -> tensor, e.g. from `checkpoint.read_tensors`) into this rank's stages: every
+        tensor of them, or (`only_given`) those in `tensors`, say an adapter's."""
         with torch.no_grad():
             for module, names in zip(self.modules, self.state_names):
                 for key, tensor in module.state_dict(keep_vars=True).items():
-                    if key not in names:
+                    if key not in names or (only_given and names[key] not in tensors):
                         continue
                     value = tensors[names[key]].to(device=self.device, dtype=tensor.dtype)
                     if isinstance(tensor, DTensor):
@@ -253,8 +255,8 @@ class PipelineEngine:
         )
         for fqns, stages in groups:
             ranks = sorted({self.stage_to_rank[s] for s in stages})
-            if len(ranks) < 2:
-                continue
+            if len(ranks) < 2 or not self._trainable(fqns):
+                continue  # a frozen tied weight (a PEFT base embedding) gets no gradient to sum
             mine = None
             for pipeline in pipelines:
                 pg = dist.new_group([pipeline[r] for r in ranks])
@@ -264,6 +266,10 @@ class PipelineEngine:
             if param is not None:
                 tied.append((param, mine, self.pp_rank == ranks[0]))
         return tied
+
+    def _trainable(self, fqns: list[str]) -> bool:
+        """Whether a tied weight trains; the same answer on every rank (it is the model's flag, not the rank's)."""
+        return self._requires_grad.get(fqns[0], True)
 
     def _wrap_data_parallel(self, module: nn.Module) -> nn.Module:
         """DDP or FSDP2 over the data-parallel replicas of this stage; torch's stages drive both (no_sync, reshard)."""

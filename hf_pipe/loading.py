@@ -4,7 +4,8 @@
   takes them: every rank builds the model's skeleton on the meta device and reads only its stages' tensors;
 - a model on the meta device (`torch.device("meta")`, accelerate's `init_empty_weights`): read the same way from
   `pipeline_checkpoint`, or, without one, initialised from scratch, the same for every pipeline layout;
-- a fully built model, as Trainer takes it: every rank holds it whole at start-up and frees what it does not run.
+- a fully built model, as Trainer takes it: every rank holds it whole at start-up and frees what it does not run;
+- a PEFT model of any of those: its stages are cut from the model it wraps (`integrations/peft.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import PipelineConfigError, raise_if_any
+from .integrations.peft import AdapterWeights, is_peft_model, peft_problems, stage_model
 from .weights import Checkpoint, Initialise, Resident, checkpoint_files, has_meta_tensors, weights_problems
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,11 @@ def model_and_weights(model: str | nn.Module, args: Any) -> tuple[nn.Module, Any
     kwargs = dict(args.model_init_kwargs or {})
     if isinstance(model, str):
         return skeleton(model, kwargs), Checkpoint(model, seed=args.seed, **kwargs)
+    if is_peft_model(model):  # the stages are cut from the wrapped model, adapters injected
+        staged = stage_model(model)
+        raise_if_any(peft_problems(model, on_meta=has_meta_tensors(staged)))
+        _, weights = model_and_weights(staged, args)
+        return model, (AdapterWeights(weights, model, args.seed) if has_meta_tensors(staged) else weights)
     if has_meta_tensors(model):
         raise_if_any(weights_problems(model, Initialise(args.seed)))  # partly on meta
         if args.pipeline_checkpoint:

@@ -33,6 +33,7 @@ from .errors import raise_if_any
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM
 from .frontends import FRONTENDS, frontend_name
+from .integrations.peft import is_peft_model, read_adapter, save_adapter, saved_keys, stage_model
 from .loading import model_and_weights
 from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
 from .timeline import measured_bubble, write_timeline
@@ -93,6 +94,8 @@ class PipeTrainer(Trainer):
             _init_single_process_group()
         _destroy_process_group_at_exit()
         model, weights = model_and_weights(model, args)
+        #: what the stages are cut from (a PeftModel's wrapped model, its adapters injected; else the model)
+        self._stage_model = staged = stage_model(model)
         world = dist.get_world_size()
         if world == 1:
             logger.warning(
@@ -104,28 +107,28 @@ class PipeTrainer(Trainer):
         microbatches = args.resolved_microbatches(world)
         eval_sets = kwargs.get("eval_dataset")
         eval_sets = eval_sets if isinstance(eval_sets, dict) else {"eval_dataset": eval_sets}
-        frontend = frontend_name(args.pipeline_frontend, model.config)
+        frontend = frontend_name(args.pipeline_frontend, staged.config)
         raise_if_any(
             args.pipeline_problems(world)
             + model_problems(
-                model.config,
+                staged.config,
                 pp_size=pp,
                 stages_per_rank=args.resolved_stages_per_rank(),
                 explicit_split=not isinstance(args.pipeline_split, str),
                 frontend=frontend,
                 data_parallel=args.pipeline_data_parallel if world > pp else None,
             )
-            + (FRONTENDS[frontend](model.config).trainer_problems(args, model) if frontend in FRONTENDS else [])
+            + (FRONTENDS[frontend](staged.config).trainer_problems(args, staged) if frontend in FRONTENDS else [])
             + frontend_option_problems(args, frontend)
             + trainer_argument_problems(kwargs)
-            + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
-            + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
+            + dataset_problems(kwargs.get("train_dataset"), "train_dataset", staged.config)
+            + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, staged.config)]
         )
         if args.pipeline_cpu_affinity:  # before the engine, whose `measured` split times the pieces
             logger.info("rank %d bound to CPUs %s", args.process_index, bind_local_rank())
         pp_group, self.data_parallel = _pipeline_mesh(world, pp, args.pipeline_data_parallel)
         self.engine = PipelineEngine(
-            model,
+            staged,
             schedule=args.pipeline_schedule,
             microbatches=microbatches,
             stages_per_rank=args.resolved_stages_per_rank(),
@@ -136,7 +139,7 @@ class PipeTrainer(Trainer):
             frontend=frontend,
             weights=weights,
         )
-        self.pipeline = PipelineModule(self.engine, model.config)
+        self.pipeline = PipelineModule(self.engine, staged.config)
         self._tied_reduced = False
         self._timeline_written = False
         super().__init__(model=model, args=args, **kwargs)
@@ -309,7 +312,7 @@ class PipeTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         # Trainer decides by module type (no decay inside LayerNorm) and by name; traced stages keep neither the
         # module types nor always the names, so decide on the whole model and map its FQNs to the stage names.
-        decay = set(super().get_decay_parameter_names(self.model))
+        decay = set(super().get_decay_parameter_names(self._stage_model))
         return [
             f"stages.{i}.{local}"
             for i, names in enumerate(self.engine.state_names)
@@ -490,7 +493,11 @@ class PipeTrainer(Trainer):
         """One ordinary HF checkpoint (`from_pretrained` loads it on one device); every rank writes its stages."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         state = self.engine.local_state()  # collective over the replicas under FSDP2
-        if self._dp_rank == 0:  # replicas hold the same weights: the first one writes
+        if self._dp_rank == 0 and is_peft_model(self.model):  # the adapter, as PeftModel.save_pretrained writes it
+            save_adapter(self.model, state, output_dir, group=self.engine.group)
+            if self.processing_class is not None and self.args.should_save:
+                self.processing_class.save_pretrained(output_dir)
+        elif self._dp_rank == 0:  # replicas hold the same weights: the first one writes
             save_pipeline_model(
                 state, self.model, output_dir, group=self.engine.group, processing_class=self.processing_class
             )
@@ -570,8 +577,12 @@ class PipeTrainer(Trainer):
         self._load_stage_weights(self.state.best_model_checkpoint)
 
     def _load_stage_weights(self, checkpoint: str) -> None:
-        names = sorted(self.engine.local_state())
-        self.engine.load_local_state(read_tensors(checkpoint, names))
+        local = self.engine.local_state()
+        if is_peft_model(self.model):  # the adapter's tensors; the frozen base weights are as they were loaded
+            keys = saved_keys(self.model, local)
+            self.engine.load_local_state(read_adapter(checkpoint, keys), only_given=True)
+        else:
+            self.engine.load_local_state(read_tensors(checkpoint, sorted(local)))
 
 
 def _pipeline_mesh(world: int, pp: int, mode: str) -> tuple[dist.ProcessGroup, DataParallel | None]:
