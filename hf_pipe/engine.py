@@ -166,8 +166,9 @@ class PipelineEngine:
         # after wrapping: FSDP2 replaces each parameter by its sharded version
         self._tied = self._setup_tied(self.local.tied)
         self.loss = PipelineLoss(self.plan.task, config)
-        #: what a user loss reported for the last step (see `loss.PipelineLoss.hook`), on every rank
-        self.metrics: dict[str, float] = {}
+        #: what a user loss reported for the last step, as (total, count) per metric (`loss.reduce_metrics`), on
+        #: every rank
+        self.metrics: dict[str, tuple[float, float]] = {}
         self.has_first = 0 in self.stage_indices
         self.has_last = self.num_stages - 1 in self.stage_indices
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()

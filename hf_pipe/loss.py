@@ -41,17 +41,14 @@ def seq_cls_problem_type(config: Any, labels: torch.Tensor) -> str:
     return "multi_label_classification"
 
 
-def reduce_metrics(per_microbatch: list[dict[str, Any]]) -> dict[str, float]:
-    """One value per metric for a step: `(sum, count)` pairs pooled over the microbatches (a token accuracy over
-    the whole batch), plain values averaged."""
-    out: dict[str, float] = {}
+def reduce_metrics(per_microbatch: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Each metric of a step as (total, count): `(sum, count)` pairs pooled over the microbatches (a token accuracy
+    over the whole batch), plain values summed with their number (their mean). Replicas pool them the same way."""
+    out: dict[str, tuple[float, float]] = {}
     for name in dict.fromkeys(k for m in per_microbatch for k in m):
         values = [m[name] for m in per_microbatch if name in m]
-        if all(isinstance(v, tuple) for v in values):
-            total, count = (sum(float(v[i]) for v in values) for i in (0, 1))
-            out[name] = total / count if count else 0.0
-        else:
-            out[name] = sum(float(v) for v in values) / len(values)
+        pairs = [v if isinstance(v, tuple) else (v, 1.0) for v in values]
+        out[name] = (sum(float(v[0]) for v in pairs), sum(float(v[1]) for v in pairs))
     return out
 
 

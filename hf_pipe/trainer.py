@@ -54,11 +54,17 @@ class PipelineModule(nn.Module):
     an error.
     """
 
-    def __init__(self, engine: PipelineEngine, config: Any):
+    def __init__(self, engine: PipelineEngine, config: Any, model: nn.Module):
         super().__init__()
         self.stages = nn.ModuleList(engine.modules)
         self.config = config
         self.engine = engine
+        object.__setattr__(self, "_model", model)  # not a submodule: its other stages' weights are on meta
+
+    def train(self, mode: bool = True) -> PipelineModule:
+        # the model's own flag follows, as it would under Trainer (TRL's trainers read `self.model.training`)
+        self._model.training = mode
+        return super().train(mode)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a pipeline stage set has no standalone forward; PipeTrainer runs it through its schedule")
@@ -139,7 +145,7 @@ class PipeTrainer(Trainer):
             frontend=frontend,
             weights=weights,
         )
-        self.pipeline = PipelineModule(self.engine, staged.config)
+        self.pipeline = PipelineModule(self.engine, staged.config, model)
         self._tied_reduced = False
         self._timeline_written = False
         super().__init__(model=model, args=args, **kwargs)
@@ -411,8 +417,20 @@ class PipeTrainer(Trainer):
         )
 
     def _record_pipeline_metrics(self, mode: str) -> None:
-        for name, value in self.engine.metrics.items():
-            self._pipeline_metrics[mode].setdefault(name, []).append(value)
+        """What compute_microbatch_loss reported for the step, pooled over the data-parallel replicas."""
+        metrics = self.engine.metrics
+        if not metrics:
+            return
+        names = sorted(metrics)
+        pooled = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.engine.device)
+        if self._dp_size > 1:
+            dist.all_reduce(pooled, group=self.data_parallel.group)
+        for name, (total, count) in zip(names, pooled.tolist()):
+            self.store_pipeline_metric(mode, name, total / count if count else 0.0)
+
+    def store_pipeline_metric(self, mode: str, name: str, value: float) -> None:
+        """Keep a step's metric until the next `log()` (averaged there); subclasses may keep them elsewhere."""
+        self._pipeline_metrics[mode].setdefault(name, []).append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # what compute_microbatch_loss reported since the last log, averaged (as TRL's trainers log their metrics)
