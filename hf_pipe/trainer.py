@@ -34,6 +34,7 @@ from .estimate import bubble_fraction
 from .families import CAUSAL_LM
 from .frontends import FRONTENDS, frontend_name
 from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
+from .seq2seq_split import dataset_lengths
 from .timeline import measured_bubble, write_timeline
 from .trainer_options import frontend_option_problems, trainer_argument_problems
 from .training_args import PipeTrainingArguments
@@ -129,6 +130,7 @@ class PipeTrainer(Trainer):
             group=pp_group,
             data_parallel=self.data_parallel,
             frontend=frontend,
+            sequence_lengths=dataset_lengths(kwargs.get("train_dataset")),
         )
         self.pipeline = PipelineModule(self.engine, model.config)
         self._tied_reduced = False
@@ -467,17 +469,21 @@ class PipeTrainer(Trainer):
             return loss, None, None
         return loss, self._broadcast_from_last_stage(logits), labels
 
-    def _broadcast_from_last_stage(self, logits: torch.Tensor | None) -> torch.Tensor:
-        """The last stage's logits on every rank, so `compute_metrics` runs (and agrees) everywhere."""
+    def _broadcast_from_last_stage(self, logits: Any) -> Any:
+        """The last stage's logits on every rank, so `compute_metrics` runs (and agrees) everywhere. A tuple (an
+        encoder-decoder's logits and encoder output) goes element by element."""
         engine = self.engine
         src = engine.stage_to_rank[engine.num_stages - 1]
-        meta = [(tuple(logits.shape), logits.dtype) if logits is not None else None]
+        parts = logits if isinstance(logits, tuple) else (logits,)
+        meta = [[(tuple(t.shape), t.dtype) for t in parts] if logits is not None else None]
         dist.broadcast_object_list(meta, group_src=src, group=engine.group)
-        shape, dtype = meta[0]
-        # gloo sends a tensor's storage: a strided view would arrive scrambled
-        logits = torch.empty(shape, dtype=dtype, device=engine.device) if logits is None else logits.contiguous()
-        dist.broadcast(logits, group_src=src, group=engine.group)
-        return logits
+        out = []
+        for i, (shape, dtype) in enumerate(meta[0]):
+            # gloo sends a tensor's storage: a strided view would arrive scrambled
+            t = torch.empty(shape, dtype=dtype, device=engine.device) if logits is None else parts[i].contiguous()
+            dist.broadcast(t, group_src=src, group=engine.group)
+            out.append(t)
+        return tuple(out) if len(out) > 1 else out[0]
 
     # -- saving and loading ------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
