@@ -80,7 +80,8 @@ class PipeTrainer(Trainer):
         if not isinstance(args, PipeTrainingArguments):
             raise TypeError(
                 f"PipeTrainer needs args=PipeTrainingArguments(...), got {type(args).__name__}; it is a "
-                "TrainingArguments subclass with the pipeline settings, so the other fields stay as they are."
+                "TrainingArguments subclass with the pipeline settings, so the other fields stay as they are "
+                "(for Seq2SeqTrainingArguments: PipeSeq2SeqTrainingArguments, with PipeSeq2SeqTrainer)."
             )
         if model is None:
             missing = "PipeTrainer needs model=...: every rank passes the same model (same seed, or same checkpoint)."

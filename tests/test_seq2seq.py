@@ -27,12 +27,56 @@ FOUR_RANKS = [
 ]
 
 
+def _exact_tokens(pred):
+    """Share of the target tokens the generated sequences (after the decoder start) get right."""
+    tokens, labels = pred
+    tokens = tokens[:, 1 : labels.shape[1] + 1]
+    known = (labels[:, : tokens.shape[1]] != -100) & (labels[:, : tokens.shape[1]] != 0)
+    return {"token_match": float((tokens == labels[:, : tokens.shape[1]])[known].mean())}
+
+
+def _generation_run(root: str, pipeline: dict | None) -> dict:
+    """Seq2SeqTrainer (pipeline None) or PipeSeq2SeqTrainer with predict_with_generate: evaluate and predict."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from hf_pipe import PipeSeq2SeqTrainer, PipeSeq2SeqTrainingArguments
+    from tests._data import PadCollator, seq2seq_dataset
+    from tests._models import tiny_model
+    from tests.test_trainer_equivalence import _common_args
+
+    args = _common_args(root, num_train_epochs=2, predict_with_generate=True, generation_max_length=10)
+    if pipeline is None:
+        cls, args = Seq2SeqTrainer, Seq2SeqTrainingArguments(**args)
+    else:
+        cls, args = PipeSeq2SeqTrainer, PipeSeq2SeqTrainingArguments(**args, **pipeline)
+    trainer = cls(
+        model=tiny_model("t5"),
+        args=args,
+        train_dataset=seq2seq_dataset(45),
+        eval_dataset=seq2seq_dataset(13, seed=5),
+        data_collator=PadCollator("seq2seq_lm"),
+        compute_metrics=_exact_tokens,
+    )
+    trainer.train()
+    evaluation = trainer.evaluate()
+    prediction = trainer.predict(seq2seq_dataset(13, seed=5), max_new_tokens=6, num_beams=2)
+    return {"eval": evaluation, "tokens": prediction.predictions, "labels": prediction.label_ids}
+
+
+GENERATE = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}
+
+
 def _references(names: tuple[str, ...], root: str) -> dict[str, dict]:
-    return {name: run_trainer(name, os.path.join(root, name, "ref"), None, {}) for name in names}
+    out = {name: run_trainer(name, os.path.join(root, name, "ref"), None, {}) for name in names}
+    out["generate"] = _generation_run(os.path.join(root, "generate"), None)
+    return out
 
 
 def _pipelines(names: tuple[str, ...], root: str, pipelines: list[dict]) -> dict[str, list[dict]]:
-    return {name: _pipeline_runs(name, os.path.join(root, name), pipelines, {}, None) for name in names}
+    out = {name: _pipeline_runs(name, os.path.join(root, name), pipelines, {}, None) for name in names}
+    if len(pipelines) == len(TWO_RANKS):  # once, in the 2-rank group
+        out["generate"] = _generation_run(os.path.join(root, "generate"), GENERATE)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +86,7 @@ def references(tmp_path_factory):
     return root, refs
 
 
-def _against_trainer(references, tmp_path, world: int, pipelines: list[dict]) -> dict:
+def _against_trainer(references, tmp_path, world: int, pipelines: list[dict]) -> tuple[dict, list]:
     ref_root, refs = references
     per_rank = run_distributed(_pipelines, world, TRAINED, str(tmp_path), pipelines, timeout=500, launcher_env=True)
     worst = {}
@@ -50,17 +94,27 @@ def _against_trainer(references, tmp_path, world: int, pipelines: list[dict]) ->
         os.symlink(ref_root / name / "ref", tmp_path / name / "ref")
         runs = [rank[name] for rank in per_rank]
         worst.update(check_runs(name, tmp_path / name, world, pipelines, refs[name], runs))
-    return worst
+    return worst, per_rank
 
 
 def test_pipetrainer_matches_trainer_on_two_ranks(references, tmp_path):
     """T5 and BART: losses, grad norms, eval loss and token accuracy (compute_metrics on the logits and encoder
-    output Trainer predicts), saved weights loaded with AutoModelForSeq2SeqLM."""
-    print(_against_trainer(references, tmp_path, 2, TWO_RANKS))
+    output Trainer predicts), saved weights loaded with AutoModelForSeq2SeqLM. And PipeSeq2SeqTrainer with
+    predict_with_generate against Seq2SeqTrainer: the same generated tokens (greedy in evaluate, beam search in
+    predict), metrics on them and eval loss."""
+    worst, per_rank = _against_trainer(references, tmp_path, 2, TWO_RANKS)
+    ref = references[1]["generate"]
+    for rank in per_rank:
+        mine = rank["generate"]
+        assert (mine["tokens"] == ref["tokens"]).all() and (mine["labels"] == ref["labels"]).all()
+        assert mine["eval"]["eval_token_match"] == ref["eval"]["eval_token_match"]
+        assert abs(mine["eval"]["eval_loss"] - ref["eval"]["eval_loss"]) < 2e-4 * ref["eval"]["eval_loss"]
+    worst["t5 generate 1f1b x2"] = {"eval_loss": abs(mine["eval"]["eval_loss"] / ref["eval"]["eval_loss"] - 1)}
+    print(worst, ref["eval"], ref["tokens"][:2])
 
 
 def test_pipetrainer_matches_trainer_on_four_ranks(references, tmp_path):
-    print(_against_trainer(references, tmp_path, 4, FOUR_RANKS))
+    print(_against_trainer(references, tmp_path, 4, FOUR_RANKS)[0])
 
 
 # (name, cases): every other piece the adapters serve, each against one process on 2 ranks, two sequence lengths
