@@ -283,7 +283,13 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 def padded_batch(name: str, batch_size: int = 8, seq_len: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded batch with uneven lengths, so microbatches hold different numbers of label tokens."""
     if name in SEQ2SEQ:
-        return seq2seq_batch(batch_size, seq_len, max(3, seq_len // 2 + seed), seed)
+        batch = seq2seq_batch(batch_size, seq_len, max(3, seq_len // 2 + seed), seed)
+        if name == "mbart":  # decoder inputs given, as DataCollatorForSeq2Seq(model=...) gives them, and masked
+            from transformers.models.mbart.modeling_mbart import shift_tokens_right
+
+            batch["decoder_input_ids"] = shift_tokens_right(batch["labels"], 1)
+            batch["decoder_attention_mask"] = (batch["labels"] != -100).long()
+        return batch
     task = {"bert-cls": "seq_cls", "bert-mlm": "masked_lm"}.get(name, "causal_lm")
     return uneven_batch(task, batch_size, seq_len, seed, token_type_ids=name == "bert-cls")
 

@@ -129,10 +129,107 @@ ENGINE_CASES = {
 
 
 def _engine_runs() -> dict[str, list[dict]]:
-    return {name: _pipeline_worker(name, cases, 0, 4, "seq2seq") for name, cases in ENGINE_CASES.items()}
+    from hf_pipe.engine import PipelineEngine
+    from tests._models import padded_batch, tiny_model
+
+    out = {name: _pipeline_worker(name, cases, 0, 4, "seq2seq") for name, cases in ENGINE_CASES.items()}
+    # every batch key reaches a stage or is refused: the decoder's inputs and mask are consumed, others are not
+    engine = PipelineEngine(tiny_model("t5"), microbatches=4, device="cpu")
+    batch = padded_batch("mbart")
+    out["consumed"] = engine.batch_problems(batch)
+    out["refused"] = engine.batch_problems({**batch, "decoder_inputs_embeds": batch["labels"], "token_type_ids": 1})
+    return out
 
 
 def test_engine_every_family_and_schedule_kind():
+    """Given decoder inputs and masks (mbart's batches) too; and the batch keys no stage consumes are refused."""
     ranks = run_distributed(_engine_runs, 2, timeout=400)
     for name, cases in ENGINE_CASES.items():
         print(check_engine_runs(name, 2, cases, [rank[name] for rank in ranks], 0, "seq2seq"))
+    assert ranks[0]["consumed"] == []
+    refused = ranks[0]["refused"]
+    assert len(refused) == 2 and all(
+        "is not consumed by the pipeline (the t5 encoder-decoder stages" in p for p in refused
+    )
+    assert "'decoder_inputs_embeds'" in refused[0] and "'token_type_ids'" in refused[1]
+
+
+# -- the plan and the refusals: no process group ----------------------------------------------------------------------
+def _t5_config(**overrides):
+    import transformers
+
+    return transformers.T5Config(
+        **{"vocab_size": 1000, "d_model": 256, "d_kv": 32, "d_ff": 1024, "num_heads": 8, "num_layers": 6,
+           "decoder_start_token_id": 0, **overrides}
+    )  # fmt: skip
+
+
+def test_plan_weighs_decoder_blocks_and_both_lengths():
+    from hf_pipe import plan_seq2seq
+    from hf_pipe.families import get_family
+
+    flops = get_family("t5").seq2seq_flops(_t5_config(), 128, 128)
+    assert flops.decoder_layer > 1.2 * flops.encoder_layer  # cross-attention
+    long_source = get_family("t5").seq2seq_flops(_t5_config(), 512, 32)
+    assert long_source.encoder_layer > 4 * long_source.decoder_layer  # the encoder runs over the longer side
+    even = plan_seq2seq(_t5_config(), 2, source_len=128, target_len=128)
+    assert even.layer_starts == [0, 7] and even.imbalance < 1.1  # 6 + 1 encoder-side blocks vs 5 decoder blocks
+    # a long source: encoder blocks weigh most, stage 0 takes fewer; a long target: it takes the encoder and more
+    assert plan_seq2seq(_t5_config(), 2, source_len=512, target_len=32).layer_starts == [0, 4]
+    assert plan_seq2seq(_t5_config(), 2, source_len=32, target_len=512).layer_starts == [0, 9]
+    assert plan_seq2seq(_t5_config(), 4, "uniform").layer_starts == [0, 3, 6, 9]
+
+
+def test_plan_gives_every_stage_what_its_stack_needs():
+    from hf_pipe import plan_seq2seq
+
+    plan = plan_seq2seq(_t5_config(), 4, [0, 3, 7, 9])
+    first, mixed, middle, last = (set(s.modules) for s in plan.stages)
+    bias = "block.0.layer.0.SelfAttention.relative_attention_bias"
+    assert {"shared", "encoder.embed_tokens", "encoder.block.0"} <= first
+    # block 0's bias, shared by the stack; the end of the encoder and the decoder's embedding where they meet
+    assert f"encoder.{bias}" in mixed and "encoder.block.0" not in mixed
+    assert {"encoder.final_layer_norm", "decoder.embed_tokens", "encoder.block.5", "decoder.block.0"} <= mixed
+    assert (
+        f"decoder.{bias}" in middle and f"decoder.{bias}" in last and {"decoder.final_layer_norm", "lm_head"} <= last
+    )
+    assert [plan.stage_blocks(s) for s in plan.stages] == ["enc 0-2", "enc 3-5 + dec 0-0", "dec 1-2", "dec 3-5"]
+    assert "decoder.relative_attention_bias" in str(plan) and "source 512 / target 512" in str(plan)
+
+
+def test_refusals_name_the_setting_and_the_fix():
+    import transformers
+
+    from hf_pipe import PipelineConfigError, plan_seq2seq
+    from hf_pipe.validate import pipeline_problems
+
+    def problems(config, **kw):
+        return pipeline_problems(config, **{"schedule": "1f1b", "pp_size": 2, "stages_per_rank": 1,
+                                            "microbatches": 2, **kw})  # fmt: skip
+
+    (msg,) = problems(_t5_config(), frontend="seq2seq", data_parallel="ddp")
+    assert "pipeline_data_parallel='ddp': replicas of an encoder-decoder pipeline" in msg
+    (msg,) = problems(_t5_config(num_layers=1, num_decoder_layers=1), frontend="seq2seq", pp_size=4, microbatches=4)
+    assert "= 4 stages, but the model has 2 blocks (encoder and decoder)" in msg
+    (msg,) = problems(_t5_config(), frontend="module")
+    assert "its stages are made by the 'seq2seq' frontend" in msg
+    (msg,) = problems(transformers.PegasusConfig(), frontend="trace")
+    assert "does not pipeline encoder-decoders" in msg and "register a hf_pipe.families.seq2seq.Seq2SeqAdapter" in msg
+    (msg,) = problems(transformers.GPT2Config(), frontend="seq2seq")
+    assert "model_type='gpt2' is not an encoder-decoder hf_pipe can split" in msg and "t5" in msg
+    with pytest.raises(PipelineConfigError, match="pipeline_split='measured' times the pieces of a decoder-only"):
+        plan_seq2seq(_t5_config(), 2, "measured")
+    with pytest.raises(PipelineConfigError, match="a stage can begin mid-block"):
+        plan_seq2seq(_t5_config(), 2, [0, 6.5])
+
+
+def test_hf_pipe_plan_for_t5(capsys):
+    from hf_pipe.cli import main
+
+    config = "num_layers=6,d_model=512,d_ff=2048,num_heads=8,decoder_start_token_id=0"
+    flags = ["--architecture", "T5ForConditionalGeneration", "--pipeline_parallel_size", "2"]
+    assert (
+        main(["plan", "--model_type", "t5", "--config", config, *flags, "--seq_len", "512", "--target_len", "64"]) == 0
+    )
+    table = capsys.readouterr().out
+    assert "(source 512 + target 64) tokens" in table and "enc 4-5 + dec 0-5" in table and "lm_head" in table
