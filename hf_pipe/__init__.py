@@ -6,6 +6,8 @@ from .engine import PipelineEngine
 from .errors import PipelineConfigError
 from .families import FamilyAdapter, register_family, registered_families
 from .schedule import SCHEDULES, schedule_class
+from .seq2seq_split import Seq2SeqSplitPlan, plan_seq2seq
+from .seq2seq_trainer import PipeSeq2SeqTrainer, PipeSeq2SeqTrainingArguments
 from .split import SplitPlan, StagePlan, annotate_split_points, plan_split
 from .trace import TraceError, pipe_split, pipeline
 from .trainer import PipelineModule, PipeTrainer
@@ -20,11 +22,14 @@ __all__ = [
     "Initialise",
     "FamilyAdapter",
     "PipelineConfigError",
+    "PipeSeq2SeqTrainer",
+    "PipeSeq2SeqTrainingArguments",
     "PipeTrainer",
     "PipeTrainingArguments",
     "PipelineArguments",
     "PipelineEngine",
     "PipelineModule",
+    "Seq2SeqSplitPlan",
     "SplitPlan",
     "SplitPoint",
     "StagePlan",
@@ -33,6 +38,7 @@ __all__ = [
     "initialize_weights",
     "pipe_split",
     "pipeline",
+    "plan_seq2seq",
     "plan_split",
     "register_family",
     "registered_families",

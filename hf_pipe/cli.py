@@ -18,6 +18,7 @@ from .errors import raise_if_any
 from .estimate import format_summary, plan_summary
 from .families import CAUSAL_LM, task_of
 from .frontends import frontend_name
+from .seq2seq_split import plan_seq2seq
 from .split import meta_model, plan_blocks, plan_split
 from .training_args import PipelineArguments
 from .validate import model_problems
@@ -36,6 +37,9 @@ class PlanArguments:
     )
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch one pipeline consumes per step."})
     seq_len: int | None = field(default=None, metadata={"help": "Tokens per sequence (default: model positions)."})
+    target_len: int | None = field(
+        default=None, metadata={"help": "Target tokens of an encoder-decoder (default: the source's, --seq_len)."}
+    )
     dtype_bytes: int = field(default=4, metadata={"help": "Bytes per weight and activation (4: fp32, 2: bf16)."})
     json: bool = field(default=False, metadata={"help": "Print JSON for tools instead of the table."})
 
@@ -91,6 +95,12 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
         plan = plan_split(config, pp * stages_per_rank, pipeline.pipeline_split, seq_len=seq_len)
         if plan.policy == "measured":  # no weights here to time: say that this plan is the FLOP estimate
             plan = dataclasses.replace(plan, policy="measured (FLOP estimate here; training times the pieces)")
+    elif frontend == "seq2seq":  # encoder then decoder blocks, at the source and target lengths
+        plan = plan_seq2seq(
+            config, pp * stages_per_rank, pipeline.pipeline_split, source_len=plan_args.seq_len,
+            target_len=plan_args.target_len,
+        )  # fmt: skip
+        seq_len = plan.source_len
     else:  # the trace frontend splits the model's own block list: plan it on a meta-device model
         task = task_of(config.architectures[0]) if getattr(config, "architectures", None) else CAUSAL_LM
         plan = plan_blocks(meta_model(config, task), pp * stages_per_rank, pipeline.pipeline_split)

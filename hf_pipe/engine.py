@@ -89,7 +89,9 @@ class PipelineEngine:
     `frontend` (see `frontends/`): `"module"` splits a family with an adapter at its modules; `"trace"` exports
     any model (a family without an adapter, or your own `nn.Module` whose forward takes `input_ids` and returns
     logits: pass `task=` `"causal_lm"`, `"masked_lm"` or `"seq_cls"`); `"auto"` takes the module split where it
-    can. `split="measured"` times the pieces on every rank before planning (collective over the world).
+    can; an encoder-decoder (T5, BART) takes `"seq2seq"` (`"auto"` picks it), its split balanced at
+    `sequence_lengths` (source, target tokens). `split="measured"` times the pieces on every rank before planning
+    (collective over the world).
 
     Example:
         >>> engine = PipelineEngine(model, schedule="1f1b", microbatches=4)
@@ -112,6 +114,7 @@ class PipelineEngine:
         frontend: str = "auto",
         task: str | None = None,
         weights: Any = None,
+        sequence_lengths: tuple[int, int] | None = None,
     ):
         self.group = group if group is not None else dist.group.WORLD
         self.dp = data_parallel
@@ -141,6 +144,8 @@ class PipelineEngine:
         )
         self.frontend = select_frontend(name, config)
         self.device = torch.device(device) if device is not None else default_device()
+        #: (source, target) tokens an encoder-decoder's split is balanced at (None: the model's positions)
+        self.sequence_lengths = sequence_lengths
         self.plan = self.frontend.plan(model, self.num_stages, split, task=task, context=self)
         if self.plan.task is None:
             raise ValueError(
@@ -434,7 +439,8 @@ class PipelineEngine:
     def eval_step(
         self, batch: Mapping[str, Any], num_items: float | None = None, num_items_in_batch: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward only: (loss on every rank, the batch's logits on the rank with the last stage, else None)."""
+        """Forward only: (loss on every rank, the batch's logits on the rank with the last stage, else None). An
+        encoder-decoder's are (logits, encoder output), as its forward returns them."""
         return self._run(batch, False, num_items, num_items_in_batch)
 
     # -- gradients -------------------------------------------------------------------------------------------

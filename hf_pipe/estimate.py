@@ -128,7 +128,9 @@ def plan_summary(
     startup: dict[int, int] = {}
     for m in memory:
         startup[m.rank] = startup.get(m.rank, 0) + m.weights_bytes
+    lengths = {"target_len": plan.target_len} if getattr(plan, "target_len", None) else {}  # an encoder-decoder's
     return {
+        **lengths,
         "model_type": plan.model_type,
         "task": plan.task,
         "policy": plan.policy,
@@ -147,6 +149,8 @@ def plan_summary(
             {
                 **asdict(m),
                 "layers": list(s.layers),
+                "blocks": plan.stage_blocks(s),
+                "extra_modules": plan.extra_modules(s),
                 "modules": list(s.modules),
                 "flops_per_token": s.flops_per_token,
                 "total_bytes": m.total_bytes,
@@ -166,19 +170,23 @@ def format_summary(summary: dict[str, Any]) -> str:
         return f"{n / 2**30:.2f}"
 
     total_flops = sum(s["flops_per_token"] for s in summary["stages"])
+    tokens = f"{summary['seq_len']} tokens"
+    if summary.get("target_len"):  # an encoder-decoder: the encoder runs over the source, the decoder the target
+        tokens = f"(source {summary['seq_len']} + target {summary['target_len']}) tokens"
+    width = max(9, *(len(s["blocks"]) for s in summary["stages"]))
     lines = [
         f"{summary['model_type']} ({summary['task']}): {len(summary['stages'])} stages on "
         f"{summary['pipeline_parallel_size']} ranks ({summary['placement']} placement), {summary['schedule']}, "
         f"{summary['microbatches']} microbatches of {summary['batch_size'] // summary['microbatches']} × "
-        f"{summary['seq_len']} tokens, split {summary['policy']}",
+        f"{tokens}, split {summary['policy']}",
         "",
-        f"{'stage':>5} {'rank':>4} {'layers':>9} {'params':>9} {'FLOPs':>6} {'weights':>8} {'grads':>8} "
+        f"{'stage':>5} {'rank':>4} {'layers':>{width}} {'params':>9} {'FLOPs':>6} {'weights':>8} {'grads':>8} "
         f"{'AdamW':>8} {'activ.':>8} {'total':>8}  (GiB)  extra modules",
     ]
     for s in summary["stages"]:
-        extra = [m.rsplit(".", 1)[-1] for m in s["modules"] if m.rsplit(".", 1)[-1] not in map(str, s["layers"])]
+        extra = s["extra_modules"]
         lines.append(
-            f"{s['stage']:>5} {s['rank']:>4} {s['layers'][0]:>4}-{s['layers'][-1]:<4} {s['params'] / 1e6:>8.1f}M "
+            f"{s['stage']:>5} {s['rank']:>4} {s['blocks']:>{width}} {s['params'] / 1e6:>8.1f}M "
             f"{100 * s['flops_per_token'] / total_flops:>5.1f}% {gib(s['weights_bytes']):>8} "
             f"{gib(s['grads_bytes']):>8} {gib(s['adamw_bytes']):>8} {gib(s['activation_bytes']):>8} "
             f"{gib(s['total_bytes']):>8}         {', '.join(extra)}"

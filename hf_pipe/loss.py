@@ -19,15 +19,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput, Seq2SeqLMOutput, SequenceClassifierOutput
 
-from .families import CAUSAL_LM, MASKED_LM, SEQ_CLS
+from .families import CAUSAL_LM, MASKED_LM, SEQ2SEQ_LM, SEQ_CLS
 from .microbatch import IGNORE_INDEX, Microbatches
 
 #: (outputs with `.logits`, labels, inputs, num_items_in_batch) -> loss, or (loss, {metric: value or (sum, count)})
 LossHook = Callable[[Any, torch.Tensor, dict[str, Any], Any], Any]
 
-_OUTPUTS = {CAUSAL_LM: CausalLMOutput, MASKED_LM: MaskedLMOutput, SEQ_CLS: SequenceClassifierOutput}
+_OUTPUTS = {
+    CAUSAL_LM: CausalLMOutput,
+    MASKED_LM: MaskedLMOutput,
+    SEQ_CLS: SequenceClassifierOutput,
+    SEQ2SEQ_LM: Seq2SeqLMOutput,
+}
+#: an encoder-decoder's forward returns (in evaluation) the logits and the encoder's output, in this order
+_SEQ2SEQ_FIELDS = ("logits", "encoder_last_hidden_state")
 
 
 def seq_cls_problem_type(config: Any, labels: torch.Tensor) -> str:
@@ -61,7 +68,7 @@ class PipelineLoss:
     """
 
     def __init__(self, task: str, config: Any):
-        if task not in (CAUSAL_LM, MASKED_LM, SEQ_CLS):
+        if task not in (CAUSAL_LM, MASKED_LM, SEQ_CLS, SEQ2SEQ_LM):
             raise ValueError(f"no loss for task {task!r}")
         self.task = task
         self.config = config
@@ -79,7 +86,7 @@ class PipelineLoss:
         if self.task == CAUSAL_LM:
             targets = shift_labels if shift_labels is not None else labels[..., 1:]
             return int((targets != IGNORE_INDEX).sum())
-        if self.task == MASKED_LM:
+        if self.task in (MASKED_LM, SEQ2SEQ_LM):  # seq2seq labels are not shifted: the decoder reads them shifted
             return int((labels != IGNORE_INDEX).sum())
         problem = seq_cls_problem_type(self.config, labels)
         # HF records the problem type it inferred on the config; do the same so checkpoints agree.
@@ -107,19 +114,23 @@ class PipelineLoss:
             return self.sum(logits, target) / self.normalizer
         return self._call_hook(logits, mbs.labels[index], mbs.inputs[index])
 
-    def whole_batch(self, logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        """The loss of a whole batch from its logits (evaluation): as Trainer computes it on one device."""
+    def whole_batch(self, logits: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """The loss of a whole batch from its logits (evaluation): as Trainer computes it on one device. `logits` may
+        be the tuple an encoder-decoder's last stage returns in evaluation (logits first)."""
         self.metrics = []
         if self.hook is None:
-            return self.sum(logits, inputs.get("shift_labels", inputs["labels"])) / self.normalizer
+            scores = logits[0] if isinstance(logits, tuple) else logits
+            return self.sum(scores, inputs.get("shift_labels", inputs["labels"])) / self.normalizer
         return self._call_hook(logits, inputs["labels"], inputs)
 
     def model_loss(self, logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         """The model's own loss for `inputs` (a microbatch, or a whole batch), normalised for this step."""
         return self.sum(logits, inputs.get("shift_labels", inputs["labels"])) / self.normalizer
 
-    def outputs(self, logits: torch.Tensor) -> Any:
+    def outputs(self, logits: Any) -> Any:
         """What the model's forward would have returned without labels: its output class, with `.logits`."""
+        if isinstance(logits, tuple):  # an encoder-decoder in evaluation: the logits and the encoder's output
+            return _OUTPUTS[self.task](**dict(zip(_SEQ2SEQ_FIELDS, logits)))
         return _OUTPUTS[self.task](logits=logits)
 
     def _call_hook(self, logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
@@ -131,8 +142,9 @@ class PipelineLoss:
 
     def sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Sum of the loss terms of one microbatch; `targets` are causal-LM `shift_labels`, or the labels."""
-        if self.task in (CAUSAL_LM, MASKED_LM):
-            # ForCausalLMLoss / ForMaskedLMLoss: upcast, ignore -100 (causal targets come already shifted)
+        if self.task in (CAUSAL_LM, MASKED_LM, SEQ2SEQ_LM):
+            # ForCausalLMLoss / ForMaskedLMLoss / T5's and BART's CrossEntropyLoss: ignore -100 (causal targets come
+            # already shifted); the upcast changes nothing in fp32 (and cross-entropy runs in fp32 under autocast)
             return F.cross_entropy(
                 logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             )

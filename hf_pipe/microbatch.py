@@ -81,9 +81,12 @@ class Microbatches:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def merge(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+    def merge(self, outputs: list[Any]) -> Any:
         """The last stage's per-microbatch outputs, in the batch's own layout (rows, then positions): padding added
-        for the cut (rows padded to the replicas' length, packed rows to a common length) is dropped."""
+        for the cut (rows padded to the replicas' length, packed rows to a common length) is dropped. Outputs that
+        are tuples (an encoder-decoder's logits and encoder output) are merged element by element."""
+        if isinstance(outputs[0], tuple):
+            return tuple(self.merge([output[i] for output in outputs]) for i in range(len(outputs[0])))
         rows, length = self.batch_shape
         if self.segments is None:
             merged = torch.cat(outputs)

@@ -20,6 +20,7 @@ from .errors import PipelineConfigError
 from .families import (
     CAUSAL_LM,
     MASKED_LM,
+    SEQ2SEQ_LM,
     SEQ_CLS,
     FamilyAdapter,
     FlopsPerToken,
@@ -69,6 +70,16 @@ class SplitPlan:
         costs = [s.flops_per_token for s in self.stages]
         return max(costs) / (sum(costs) / len(costs))
 
+    def stage_blocks(self, stage: StagePlan) -> str:
+        """A stage's blocks as a person reads them (`4-7`; an encoder-decoder's `enc 4-5 + dec 0-1`)."""
+        return f"{stage.layers[0]}-{stage.layers[-1]}"
+
+    def extra_modules(self, stage: StagePlan) -> list[str]:
+        """Short names of the modules a stage owns besides its blocks (embeddings, norm, head)."""
+        return [
+            m.rsplit(".", 1)[-1] for m in stage.modules if not _is_layer(m, stage.layers) and not _in_half(m, stage)
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "imbalance": self.imbalance, "layer_starts": self.layer_starts}
 
@@ -79,7 +90,7 @@ class SplitPlan:
         total = sum(s.flops_per_token for s in self.stages)
         rows = [f"{self.model_type} ({self.task or 'body'}), {self.num_stages} stages, policy {self.policy}:"]
         for s in self.stages:
-            extra = [m.rsplit(".", 1)[-1] for m in s.modules if not _is_layer(m, s.layers) and not _in_half(m, s)]
+            extra = self.extra_modules(s)
             halves = "".join(f", block {b} {('attention', 'MLP')[part]} half only" for b, part in s.halves)
             rows.append(
                 f"  stage {s.index}: layers {s.layers[0]}-{s.layers[-1]} ({len(s.layers) - len(s.halves) / 2:g}"
@@ -119,6 +130,11 @@ def annotate_split_points(model: nn.Module, spec: Mapping[str, SplitPoint]) -> N
 
 def resolve_family(model_type: str) -> FamilyAdapter:
     adapter = get_family(model_type)
+    if adapter is not None and adapter.frontend != "module":
+        raise PipelineConfigError(
+            f"model_type={model_type!r} is an encoder-decoder: its stages split the encoder's and the decoder's "
+            "blocks; plan it with hf_pipe.seq2seq_split.plan_seq2seq (as PipeTrainer and hf-pipe plan do)."
+        )
     if adapter is None:
         raise PipelineConfigError(
             f"model_type={model_type!r} has no split policy: hf_pipe knows {', '.join(registered_families())}. "
@@ -143,6 +159,7 @@ def meta_model(config: Any, task: str | None) -> nn.Module:
     import transformers
 
     auto = {
+        SEQ2SEQ_LM: transformers.AutoModelForSeq2SeqLM,
         CAUSAL_LM: transformers.AutoModelForCausalLM,
         MASKED_LM: transformers.AutoModelForMaskedLM,
         SEQ_CLS: transformers.AutoModelForSequenceClassification,

@@ -36,6 +36,7 @@ from .frontends import FRONTENDS, frontend_name
 from .integrations.peft import is_peft_model, read_adapter, save_adapter, saved_keys, stage_model
 from .loading import model_and_weights
 from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
+from .seq2seq_split import dataset_lengths
 from .timeline import measured_bubble, write_timeline
 from .trainer_options import frontend_option_problems, trainer_argument_problems
 from .training_args import PipeTrainingArguments
@@ -90,7 +91,8 @@ class PipeTrainer(Trainer):
         if not isinstance(args, PipeTrainingArguments):
             raise TypeError(
                 f"PipeTrainer needs args=PipeTrainingArguments(...), got {type(args).__name__}; it is a "
-                "TrainingArguments subclass with the pipeline settings, so the other fields stay as they are."
+                "TrainingArguments subclass with the pipeline settings, so the other fields stay as they are "
+                "(for Seq2SeqTrainingArguments: PipeSeq2SeqTrainingArguments, with PipeSeq2SeqTrainer)."
             )
         if model is None:
             missing = "PipeTrainer needs model=...: every rank passes the same model (same seed, or same checkpoint)."
@@ -144,6 +146,7 @@ class PipeTrainer(Trainer):
             data_parallel=self.data_parallel,
             frontend=frontend,
             weights=weights,
+            sequence_lengths=dataset_lengths(kwargs.get("train_dataset")),
         )
         self.pipeline = PipelineModule(self.engine, staged.config, model)
         self._tied_reduced = False
@@ -494,17 +497,21 @@ class PipeTrainer(Trainer):
             return loss, None, None
         return loss, self._broadcast_from_last_stage(logits), labels
 
-    def _broadcast_from_last_stage(self, logits: torch.Tensor | None) -> torch.Tensor:
-        """The last stage's logits on every rank, so `compute_metrics` runs (and agrees) everywhere."""
+    def _broadcast_from_last_stage(self, logits: Any) -> Any:
+        """The last stage's logits on every rank, so `compute_metrics` runs (and agrees) everywhere. A tuple (an
+        encoder-decoder's logits and encoder output) goes element by element."""
         engine = self.engine
         src = engine.stage_to_rank[engine.num_stages - 1]
-        meta = [(tuple(logits.shape), logits.dtype) if logits is not None else None]
+        parts = logits if isinstance(logits, tuple) else (logits,)
+        meta = [[(tuple(t.shape), t.dtype) for t in parts] if logits is not None else None]
         dist.broadcast_object_list(meta, group_src=src, group=engine.group)
-        shape, dtype = meta[0]
-        # gloo sends a tensor's storage: a strided view would arrive scrambled
-        logits = torch.empty(shape, dtype=dtype, device=engine.device) if logits is None else logits.contiguous()
-        dist.broadcast(logits, group_src=src, group=engine.group)
-        return logits
+        out = []
+        for i, (shape, dtype) in enumerate(meta[0]):
+            # gloo sends a tensor's storage: a strided view would arrive scrambled
+            t = torch.empty(shape, dtype=dtype, device=engine.device) if logits is None else parts[i].contiguous()
+            dist.broadcast(t, group_src=src, group=engine.group)
+            out.append(t)
+        return tuple(out) if len(out) > 1 else out[0]
 
     # -- saving and loading ------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

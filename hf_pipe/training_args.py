@@ -65,8 +65,10 @@ class PipelineArguments:
         metadata={
             "help": "How stages are made: 'module' (split at the modules of a family with an adapter: any batch "
             "shape, no tracing), 'trace' (torch.export through torch.distributed.pipelining: any exportable model, "
-            "traced once per batch shape), or 'auto' (module where an adapter is registered, trace otherwise).",
-            "choices": ["auto", "module", "trace"],
+            "traced once per batch shape), 'seq2seq' (an encoder-decoder with an adapter, T5 or BART: stages over "
+            "the encoder's then the decoder's blocks), or 'auto' (the adapter's frontend where one is registered, "
+            "trace otherwise).",
+            "choices": ["auto", "module", "trace", "seq2seq"],
         },
     )
     pipeline_data_parallel: str = field(

@@ -162,6 +162,60 @@ CASES = {
 }
 
 
+class _UntiedHead:
+    """T5 v1.1 / mT5 as their checkpoints load in transformers 5 (which ties T5's head unless the checkpoint holds a
+    different one): the head its own weight (scaled like the other projections, so that the tiny model's loss starts
+    near log(vocab) and SGD steps stay tame)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head.weight = torch.nn.Parameter(torch.randn_like(self.shared.weight) * config.d_model**-0.5)
+        self.all_tied_weights_keys.pop("lm_head.weight", None)
+
+
+class UntiedT5ForConditionalGeneration(_UntiedHead, transformers.T5ForConditionalGeneration):
+    pass
+
+
+class UntiedMT5ForConditionalGeneration(_UntiedHead, transformers.MT5ForConditionalGeneration):
+    pass
+
+
+_T5 = dict(d_model=HIDDEN, d_kv=16, d_ff=128, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)
+_BART = dict(
+    d_model=HIDDEN,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=96,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+)
+# encoder-decoders: 4 encoder + 4 decoder blocks, so that stages cut inside each stack
+CASES.update(
+    {
+        "t5": (transformers.T5Config, transformers.T5ForConditionalGeneration,
+               dict(_T5, num_layers=4, num_decoder_layers=4, feed_forward_proj="relu")),
+        "t5-v1_1": (transformers.T5Config, UntiedT5ForConditionalGeneration,
+                    dict(_T5, num_layers=4, num_decoder_layers=4, feed_forward_proj="gated-gelu",
+                         tie_word_embeddings=False)),
+        "mt5": (transformers.MT5Config, UntiedMT5ForConditionalGeneration,
+                dict(_T5, num_layers=4, num_decoder_layers=4, feed_forward_proj="gated-gelu")),
+        "bart": (transformers.BartConfig, transformers.BartForConditionalGeneration,
+                 dict(_BART, encoder_layers=4, decoder_layers=4)),
+        "bart-untied": (transformers.BartConfig, transformers.BartForConditionalGeneration,
+                        dict(_BART, encoder_layers=4, decoder_layers=4, tie_word_embeddings=False)),
+        "mbart": (transformers.MBartConfig, transformers.MBartForConditionalGeneration,
+                  dict(_BART, encoder_layers=4, decoder_layers=4)),
+        "plbart": (transformers.PLBartConfig, transformers.PLBartForConditionalGeneration,
+                   dict(_BART, encoder_layers=4, decoder_layers=4)),
+    }
+)  # fmt: skip
+SEQ2SEQ = ("t5", "t5-v1_1", "mt5", "bart", "bart-untied", "mbart", "plbart")
+
+
 class TinyBlock(torch.nn.Module):
     """Pre-norm causal self-attention and MLP: a user's own block, not a transformers class."""
 
@@ -228,6 +282,14 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def padded_batch(name: str, batch_size: int = 8, seq_len: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded batch with uneven lengths, so microbatches hold different numbers of label tokens."""
+    if name in SEQ2SEQ:
+        batch = seq2seq_batch(batch_size, seq_len, max(3, seq_len // 2 + seed), seed)
+        if name == "mbart":  # decoder inputs given, as DataCollatorForSeq2Seq(model=...) gives them, and masked
+            from transformers.models.mbart.modeling_mbart import shift_tokens_right
+
+            batch["decoder_input_ids"] = shift_tokens_right(batch["labels"], 1)
+            batch["decoder_attention_mask"] = (batch["labels"] != -100).long()
+        return batch
     task = {"bert-cls": "seq_cls", "bert-mlm": "masked_lm"}.get(name, "causal_lm")
     return uneven_batch(task, batch_size, seq_len, seed, token_type_ids=name == "bert-cls")
 
@@ -253,6 +315,17 @@ def uneven_batch(
         batch["labels"] = input_ids.masked_fill(mask == 0, -100)
     if token_type_ids:
         batch["token_type_ids"] = (torch.arange(seq_len)[None, :] >= seq_len // 2).long().expand(batch_size, -1)
+    return batch
+
+
+def seq2seq_batch(batch_size: int, source_len: int, target_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """Right-padded sources (pad 0, masked) and targets (-100) of uneven lengths, each side its own length."""
+    g = torch.Generator().manual_seed(seed)
+    batch = uneven_batch(None, batch_size, source_len, seed)
+    labels = torch.randint(3, VOCAB, (batch_size, target_len), generator=g)
+    lengths = torch.randint(1, target_len + 1, (batch_size,), generator=g)
+    lengths[-1] = target_len
+    batch["labels"] = labels.masked_fill(torch.arange(target_len)[None, :] >= lengths[:, None], -100)
     return batch
 
 

@@ -94,3 +94,20 @@ def test_sft_example_trains_packed_chats(tmp_path, smollm2):
     assert loss is not None, out[-2000:]
     before, after, acc_before, acc_after = map(float, loss.groups())
     assert after < before and acc_after > acc_before, out[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_t5_example_trains_and_generates_from_its_checkpoint(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    out = _run(
+        ["examples/t5/train.py", "--output_dir", str(tmp_path), "--num_train_epochs", "1", "--num_examples", "320",
+         "--eval_examples", "32", "--per_device_train_batch_size", "32", "--learning_rate", "5e-3",
+         "--logging_steps", "2", "--report_to", "none"],
+        timeout=280,
+    )  # fmt: skip
+    first, last = map(float, re.search(r"train loss ([\d.]+) -> ([\d.]+)", out).groups())
+    assert last < first - 0.5, out[-2000:]
+    assert "exact match on held-out sentences 0.00 -> " in out and "(generated)" in out, out[-2000:]
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "final")
+    assert model.config.num_layers == 3 and model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()

@@ -159,7 +159,9 @@ def test_bad_splits_say_what_to_do(split, message):
 def test_more_stages_than_layers_and_unknown_family():
     with pytest.raises(PipelineConfigError, match="every stage needs at least one block; use between 1 and 4"):
         plan_split(tiny_model("gpt2"), 5)
-    with pytest.raises(PipelineConfigError, match="model_type='t5' has no split policy"):
+    with pytest.raises(PipelineConfigError, match="model_type='gpt_neox' has no split policy"):
+        plan_split(transformers.GPTNeoXConfig(), 2)
+    with pytest.raises(PipelineConfigError, match="model_type='t5' is an encoder-decoder.*plan_seq2seq"):
         plan_split(transformers.T5Config(), 2)
 
 

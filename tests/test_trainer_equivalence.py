@@ -8,7 +8,7 @@ import os
 import pytest
 
 from hf_pipe.cpu_affinity import core_share
-from tests._data import PadCollator, cls_dataset, lm_dataset
+from tests._data import PadCollator, cls_dataset, lm_dataset, seq2seq_dataset
 from tests._dist import run_distributed
 from tests._models import tiny_model
 
@@ -21,6 +21,9 @@ TASKS = {
     "bert-cls": "seq_cls",
     "llama-tied": "causal_lm",
     "gpt_neox": "causal_lm",
+    "t5": "seq2seq_lm",
+    "t5-v1_1": "seq2seq_lm",
+    "bart": "seq2seq_lm",
 }
 
 
@@ -50,12 +53,22 @@ def _datasets(name: str, train: int = 45, evaluation: int = 13):
     # 45 and 13 rows: the last batch of an epoch (5 rows) and of evaluation (5 rows) are short and odd
     if TASKS[name] == "seq_cls":
         return cls_dataset(train, seed=0), cls_dataset(evaluation, seed=5)
+    if TASKS[name] == "seq2seq_lm":
+        return seq2seq_dataset(train, seed=0), seq2seq_dataset(evaluation, seed=5)
     return lm_dataset(train, seed=0), lm_dataset(evaluation, seed=5)
 
 
 def _accuracy(pred):
     logits, labels = pred
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def _token_accuracy(pred):
+    """An encoder-decoder's predictions are (logits, encoder output), as its forward returns them."""
+    (logits, encoder_output), labels = pred
+    assert encoder_output.shape[0] == labels.shape[0] and encoder_output.ndim == 3
+    known = labels != -100
+    return {"accuracy": float((logits.argmax(-1) == labels)[known].mean())}
 
 
 def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict, setup: dict | None = None) -> dict:
@@ -79,7 +92,7 @@ def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict, 
         args, cls = TrainingArguments(**_common_args(output_dir, **extra)), trainer_cls
     else:
         args, cls = PipeTrainingArguments(**_common_args(output_dir, **extra), **pipeline), pipe_cls
-    metrics = _accuracy if TASKS[name] == "seq_cls" else None
+    metrics = {"seq_cls": _accuracy, "seq2seq_lm": _token_accuracy}.get(TASKS[name])
     collator = setup.get("collator", PadCollator)(TASKS[name])
     trainer = cls(
         model=model,
@@ -154,8 +167,6 @@ def compare(
     """PipeTrainer runs (`pipelines`, each a dict of pipeline settings) on `world` ranks against Trainer on
     `ref_world` processes (DDP when more than one); `setup` as `run_trainer` takes it; `ref_extra` overrides the
     training arguments of the reference alone."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     ref = run_distributed(
         run_trainer,
         ref_world,
@@ -170,7 +181,26 @@ def compare(
     per_rank = run_distributed(
         _pipeline_runs, world, name, str(tmp_path), pipelines, extra, setup, timeout=400, launcher_env=True
     )
-    auto = AutoModelForSequenceClassification if TASKS[name] == "seq_cls" else AutoModelForCausalLM
+    return check_runs(name, tmp_path, world, pipelines, ref, per_rank, loss_tol, weight_tol, setup)
+
+
+def check_runs(
+    name: str,
+    tmp_path,
+    world: int,
+    pipelines: list[dict],
+    ref: dict,
+    per_rank: list[list[dict]],
+    loss_tol: float = LOSS_TOL,
+    weight_tol: float = WEIGHT_TOL,
+    setup: dict | None = None,
+) -> dict[str, float]:
+    """`compare`'s checks, on runs made already: `ref` saved under `tmp_path/ref`, pipeline i under `tmp_path/pp{i}`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    auto = {"seq_cls": AutoModelForSequenceClassification, "seq2seq_lm": AutoModelForSeq2SeqLM}.get(
+        TASKS[name], AutoModelForCausalLM
+    )
     ref_weights = auto.from_pretrained(tmp_path / "ref" / "final").state_dict()
     worst = {}
     for i, pipeline in enumerate(pipelines):

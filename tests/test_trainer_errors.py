@@ -54,6 +54,12 @@ def _t5():
     )
 
 
+def _t5_classifier():
+    return transformers.T5ForSequenceClassification(
+        transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, vocab_size=50)
+    )
+
+
 def _gpt2_three_blocks():
     return tiny_model("gpt2", n_layer=3)
 
@@ -96,8 +102,9 @@ CASES = [
     ),
     ({"pipeline_schedule": "interleaved1f1b", "model": ("gpt2", 0)}, None),  # a good setting passes
     ({"pipeline_schedule": "interleaved1f1b", "model": _gpt2_three_blocks}, "= 4 stages, but the model has 3 blocks"),
-    ({"model": _t5, "pipeline_frontend": "module"}, "model_type='t5' has no family adapter"),
-    ({"model": _t5}, "T5ForConditionalGeneration has no head PipeTrainer can train"),  # 'auto' would trace it
+    ({"model": _t5, "pipeline_frontend": "module"}, "pipeline_frontend='module' with model_type='t5': its stages"),
+    ({"model": _t5, "pipeline_frontend": "trace"}, "the trace frontend does not pipeline encoder-decoders"),
+    ({"model": _t5_classifier}, "T5ForSequenceClassification has no head PipeTrainer can train on an encoder-deco"),
     ({"pipeline_frontend": "jit"}, "pipeline_frontend='jit' is not a frontend; valid options are"),
     (
         {"model": ("gpt2", 0), "pipeline_frontend": "trace", "gradient_checkpointing": True},

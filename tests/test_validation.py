@@ -60,13 +60,15 @@ def test_more_stages_than_layers():
 
 
 def test_unknown_family():
-    msg = pipeline_problems(transformers.T5Config(), schedule="1f1b", pp_size=2, stages_per_rank=1, microbatches=2)
-    assert "model_type='t5' has no family adapter" in msg[0] and "register_family" in msg[0]
+    msg = pipeline_problems(
+        transformers.GPTNeoXConfig(), schedule="1f1b", pp_size=2, stages_per_rank=1, microbatches=2
+    )
+    assert "model_type='gpt_neox' has no family adapter" in msg[0] and "register_family" in msg[0]
 
 
 def test_traced_stages_cannot_be_sharded_by_fsdp():
     msg = pipeline_problems(
-        transformers.T5Config(),
+        transformers.GPTNeoXConfig(),
         schedule="1f1b",
         pp_size=2,
         stages_per_rank=1,

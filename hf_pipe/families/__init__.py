@@ -5,10 +5,12 @@ Adding a family is one file with a `FamilyAdapter` subclass and one `register_fa
 
 from __future__ import annotations
 
-from .base import CAUSAL_LM, MASKED_LM, SEQ_CLS, TASKS, FamilyAdapter, FlopsPerToken, task_of
+from .bart import BartAdapter
+from .base import CAUSAL_LM, MASKED_LM, SEQ2SEQ_LM, SEQ_CLS, TASKS, FamilyAdapter, FlopsPerToken, task_of
 from .bert import BertAdapter
 from .gpt2 import Gpt2Adapter
 from .llama import LlamaAdapter
+from .t5 import T5Adapter
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
 
@@ -46,10 +48,17 @@ register_family("bert", BertAdapter())
 # The Llama adapter serves these decoders unchanged; each is checked against one-process gradients in the tests.
 for _model_type in ("llama", "mistral", "qwen2", "qwen3"):
     register_family(_model_type, LlamaAdapter())
+# Encoder-decoders (stages by the seq2seq frontend), each checked against one process in the tests.
+register_family("t5", T5Adapter())
+register_family("mt5", T5Adapter())
+register_family("bart", BartAdapter())
+register_family("plbart", BartAdapter())
+register_family("mbart", BartAdapter(final_layer_norm=True))
 
 __all__ = [
     "CAUSAL_LM",
     "MASKED_LM",
+    "SEQ2SEQ_LM",
     "SEQ_CLS",
     "TASKS",
     "FamilyAdapter",

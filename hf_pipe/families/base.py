@@ -19,7 +19,9 @@ from torch import nn
 CAUSAL_LM = "causal_lm"
 MASKED_LM = "masked_lm"
 SEQ_CLS = "seq_cls"
-TASKS = (CAUSAL_LM, MASKED_LM, SEQ_CLS)
+#: an encoder-decoder's language-model head (T5, BART): labels not shifted, the decoder reads them shifted right
+SEQ2SEQ_LM = "seq2seq_lm"
+TASKS = (CAUSAL_LM, MASKED_LM, SEQ_CLS, SEQ2SEQ_LM)
 
 # Class-name endings that tell which head (and so which loss) a model carries.
 _TASK_SUFFIXES = (
@@ -30,8 +32,13 @@ _TASK_SUFFIXES = (
 )
 
 
-def task_of(class_name: str) -> str | None:
-    """The training task of a model class (`"GPT2LMHeadModel"` -> `"causal_lm"`), or None for a bare body."""
+def task_of(class_name: str, config: Any = None) -> str | None:
+    """The training task of a model class (`"GPT2LMHeadModel"` -> `"causal_lm"`), or None for a bare body.
+
+    `...ForConditionalGeneration` is an encoder-decoder's LM head only when `config.is_encoder_decoder` says so (vision-
+    language models of that name are decoders)."""
+    if class_name.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+        return SEQ2SEQ_LM
     for suffix, task in _TASK_SUFFIXES:
         if class_name.endswith(suffix):
             return task
@@ -73,6 +80,8 @@ class FamilyAdapter:
     #: the family's masks take `position_ids`, so a packed batch (positions restarting, no attention mask) attends
     #: within each sequence, and may be cut into microbatches at sequence boundaries
     packed_sequences: bool = False
+    #: the frontend (`frontends.FRONTENDS`) whose stages run this family: "module", or "seq2seq" (encoder-decoders)
+    frontend: str = "module"
 
     def num_layers(self, config: Any) -> int:
         return config.num_hidden_layers

@@ -5,9 +5,8 @@ device, and a weight source that makes exactly the stages' tensors real), says w
 and gives torch's pipeline stages for a batch shape. The engine only runs what it gets:
 
 - `module` (`module.py`): a family with an adapter split at its modules — any batch shape, no tracing;
-- `trace` (`traced.py`): any model torch.export can capture, traced once per batch shape.
-
-A third kind of stage (an encoder-decoder's) is a third file, added to `FRONTENDS`.
+- `trace` (`traced.py`): any model torch.export can capture, traced once per batch shape;
+- `seq2seq` (`seq2seq.py`): an encoder-decoder (T5, BART) split over its encoder's then its decoder's blocks.
 """
 
 from __future__ import annotations
@@ -105,11 +104,13 @@ class Frontend:
 
 
 def frontend_name(frontend: str, config: Any) -> str:
-    """ "module" or "trace" (an unknown name is returned as it is, for `frontend_problems` to report): `"auto"`
-    takes the module split where the model's family has an adapter. `config` is the model's, or None."""
+    """A name in `FRONTENDS` (an unknown name is returned as it is, for `frontend_problems` to report): `"auto"`
+    takes the frontend of the model's family adapter where it has one (`module`, or `seq2seq` for an
+    encoder-decoder), else `trace`. `config` is the model's, or None."""
     frontend = frontend.lower()
     if frontend == "auto":
-        return "module" if config is not None and get_family(getattr(config, "model_type", "")) else "trace"
+        adapter = get_family(getattr(config, "model_type", "")) if config is not None else None
+        return adapter.frontend if adapter is not None else "trace"
     return frontend
 
 
@@ -119,7 +120,8 @@ def select_frontend(frontend: str, config: Any) -> Frontend:
 
 
 from .module import ModuleFrontend  # noqa: E402  (they subclass Frontend, above)
+from .seq2seq import Seq2SeqFrontend  # noqa: E402
 from .traced import TraceFrontend  # noqa: E402
 
 #: every frontend, by the name `pipeline_frontend` takes
-FRONTENDS: dict[str, type[Frontend]] = {"module": ModuleFrontend, "trace": TraceFrontend}
+FRONTENDS: dict[str, type[Frontend]] = {"module": ModuleFrontend, "trace": TraceFrontend, "seq2seq": Seq2SeqFrontend}

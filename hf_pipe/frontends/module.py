@@ -44,6 +44,12 @@ class ModuleFrontend(Frontend):
                 "decoder can reuse hf_pipe.families.LlamaAdapter), or use the trace frontend (pipeline_frontend="
                 "'trace')."
             ]
+        if self.adapter.frontend != self.name:
+            return [
+                f"pipeline_frontend='module' with model_type={config.model_type!r}: its stages are made by the "
+                f"{self.adapter.frontend!r} frontend (an encoder-decoder); use pipeline_frontend='auto' or "
+                f"{self.adapter.frontend!r}."
+            ]
         num_stages = pp_size * stages_per_rank
         num_layers = self.adapter.num_layers(config)
         if num_stages <= num_layers:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..families import CAUSAL_LM, task_of
+from ..families import CAUSAL_LM, get_family, registered_families, task_of
 from ..families.base import ATTENTION_KWARGS
 from ..split import plan_blocks
 from ..stage import tied_groups
@@ -28,6 +28,18 @@ class TraceFrontend(Frontend):
     shape_specialised = True
 
     def problems(self, config, *, pp_size, stages_per_rank, explicit_split, data_parallel):
+        if getattr(config, "is_encoder_decoder", False):
+            seq2seq = [t for t in registered_families() if get_family(t).frontend == "seq2seq"]
+            fix = (
+                "use pipeline_frontend='auto' (or 'seq2seq')"
+                if get_family(config.model_type) is not None
+                else f"the seq2seq frontend runs {', '.join(seq2seq)}: register a hf_pipe.families.seq2seq."
+                "Seq2SeqAdapter for this family with hf_pipe.register_family"
+            )
+            return [
+                f"pipeline_frontend='trace' with model_type={config.model_type!r}: the trace frontend does not "
+                f"pipeline encoder-decoders (the encoder's output feeds every decoder stage); {fix}."
+            ]
         if data_parallel == "fsdp":
             return [
                 "pipeline_data_parallel='fsdp' shards the weights of module-split stages only; with "
