@@ -12,14 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import datasets
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from smollm2 import generate, plain_checkpoint
+from smollm2 import checkpoint_and_tokenizer, generate, text_dataset
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     DataCollatorForLanguageModeling,
     HfArgumentParser,
     set_seed,
@@ -45,12 +43,7 @@ def main() -> None:
     parser = HfArgumentParser((LoraArguments, PipeTrainingArguments))
     opts, args = parser.parse_args_into_dataclasses()
     set_seed(args.seed)
-    path = opts.model_name_or_path
-    if path is None:
-        with args.main_process_first(local=True, desc="GGUF conversion"):
-            path = plain_checkpoint(opts.converted_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    path, tokenizer = checkpoint_and_tokenizer(opts.model_name_or_path, opts.converted_dir, args)
     if args.process_index == 0:  # the demo's generation needs the whole model, on one process only
         print(f"before fine-tuning: {generate(AutoModelForCausalLM.from_pretrained(path), tokenizer, opts.prompt)!r}")
 
@@ -61,13 +54,7 @@ def main() -> None:
     )
     args.pipeline_checkpoint = path
 
-    raw = datasets.load_dataset("text", data_files={"train": opts.train_file})["train"]
-    raw = raw.filter(lambda row: len(row["text"].strip()) > 0)
-    tokenized = raw.map(
-        lambda rows: tokenizer(rows["text"], truncation=True, max_length=opts.max_length),
-        batched=True,
-        remove_columns=raw.column_names,
-    )
+    tokenized = text_dataset(tokenizer, opts.train_file, opts.max_length)
     trainer = PipeTrainer(
         model=model,
         args=args,

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import datasets
 import torch
-from smollm2 import plain_checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+from smollm2 import checkpoint_and_tokenizer
+from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
 
 from hf_pipe.trl import PipeSFTConfig, PipeSFTTrainer
 
@@ -45,12 +45,7 @@ def main() -> None:
     parser = HfArgumentParser((SFTArguments, PipeSFTConfig))
     opts, args = parser.parse_args_into_dataclasses()
     set_seed(args.seed)
-    path = opts.model_name_or_path
-    if path is None:
-        with args.main_process_first(local=True, desc="GGUF conversion"):
-            path = plain_checkpoint(opts.converted_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    path, tokenizer = checkpoint_and_tokenizer(opts.model_name_or_path, opts.converted_dir, args)
     dataset = datasets.load_dataset("json", data_files={"train": opts.train_file})["train"]
     if opts.max_samples:
         dataset = dataset.select(range(opts.max_samples))

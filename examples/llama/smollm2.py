@@ -35,6 +35,33 @@ def plain_checkpoint(converted_dir: str) -> str:
     return converted_dir
 
 
+def checkpoint_and_tokenizer(model_name_or_path: str | None, converted_dir: str, args) -> tuple[str, object]:
+    """The checkpoint to train (the given one, or SmolLM2 converted once, by the main process) and its tokenizer."""
+    path = model_name_or_path
+    if path is None:
+        with args.main_process_first(local=True, desc="GGUF conversion"):
+            path = plain_checkpoint(converted_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return path, tokenizer
+
+
+def text_dataset(tokenizer, train_file: str, max_length: int, dataset_name: str | None = None):
+    """Non-empty lines of a text file (or a hub dataset's 'text' column), tokenized and truncated."""
+    import datasets
+
+    if dataset_name:
+        raw = datasets.load_dataset(dataset_name)["train"]
+    else:
+        raw = datasets.load_dataset("text", data_files={"train": train_file})["train"]
+    raw = raw.filter(lambda row: len(row["text"].strip()) > 0)
+    return raw.map(
+        lambda rows: tokenizer(rows["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=raw.column_names,
+    )
+
+
 def generate(model, tokenizer, prompt: str) -> str:
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():

@@ -15,12 +15,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import datasets
 import torch
-from smollm2 import generate, plain_checkpoint
+from smollm2 import checkpoint_and_tokenizer, generate, text_dataset
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     DataCollatorForLanguageModeling,
     HfArgumentParser,
     set_seed,
@@ -52,28 +50,14 @@ def main() -> None:
     model_args, data_args, args = parser.parse_args_into_dataclasses()
     set_seed(args.seed)
 
-    path = model_args.model_name_or_path
-    if path is None:
-        with args.main_process_first(local=True, desc="GGUF conversion"):
-            path = plain_checkpoint(model_args.converted_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    path, tokenizer = checkpoint_and_tokenizer(model_args.model_name_or_path, model_args.converted_dir, args)
     if args.process_index == 0:  # the demo's generation needs the whole model, on one process only
         whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         print(f"before fine-tuning: {generate(whole, tokenizer, model_args.prompt)!r}")
         del whole
     args.model_init_kwargs = {"dtype": "float32", **(args.model_init_kwargs or {})}  # train in fp32
 
-    if data_args.dataset_name:
-        raw = datasets.load_dataset(data_args.dataset_name)["train"]
-    else:
-        raw = datasets.load_dataset("text", data_files={"train": data_args.train_file})["train"]
-    raw = raw.filter(lambda row: len(row["text"].strip()) > 0)
-    tokenized = raw.map(
-        lambda rows: tokenizer(rows["text"], truncation=True, max_length=data_args.max_length),
-        batched=True,
-        remove_columns=raw.column_names,
-    )
+    tokenized = text_dataset(tokenizer, data_args.train_file, data_args.max_length, data_args.dataset_name)
     trainer = PipeTrainer(
         model=path,  # each rank reads only its stages' tensors
         args=args,
