@@ -39,6 +39,7 @@ from torch.distributed.pipelining._IR import annotate_split_points as _torch_ann
 from torch.distributed.pipelining.stage import _PipelineStage
 
 from .errors import PipelineConfigError
+from .families import MULTIPLE_CHOICE
 from .graph_passes import accept_root_kwargs, forward_skip_connections
 from .split import _SPLIT_POINTS_ATTR, SplitPlan, SplitPolicy, plan_blocks
 from .timeline import TimedStageMixin
@@ -312,7 +313,9 @@ class TracedStages:
         self.fake = fake_copy(model, device)
         self.spec = block_split_spec(plan.blocks, plan.layer_starts)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 8
-        probe = torch.zeros(1, min(8, positions), dtype=torch.long, device=device)
+        # a multiple-choice model takes (examples, choices, seq)
+        shape = (1, 2, min(8, positions)) if plan.task == MULTIPLE_CHOICE else (1, min(8, positions))
+        probe = torch.zeros(shape, dtype=torch.long, device=device)
         pipe = trace_stages(model, self.spec, (probe,), fake=self.fake, training=True)
         used = [_state_fqns(pipe.get_stage_module(i)) for i in range(pipe.num_stages)]
         #: (FQNs of a tied weight, the stages whose graphs use it)

@@ -5,7 +5,18 @@ Adding a family is one file with a `FamilyAdapter` subclass and one `register_fa
 
 from __future__ import annotations
 
-from .base import CAUSAL_LM, MASKED_LM, SEQ_CLS, TASKS, FamilyAdapter, FlopsPerToken, task_of
+from .base import (
+    CAUSAL_LM,
+    MASKED_LM,
+    MULTIPLE_CHOICE,
+    QUESTION_ANSWERING,
+    SEQ_CLS,
+    TASKS,
+    TOKEN_CLS,
+    FamilyAdapter,
+    FlopsPerToken,
+    task_of,
+)
 from .bert import BertAdapter
 from .gpt2 import Gpt2Adapter
 from .llama import LlamaAdapter
@@ -50,8 +61,11 @@ for _model_type in ("llama", "mistral", "qwen2", "qwen3"):
 __all__ = [
     "CAUSAL_LM",
     "MASKED_LM",
+    "MULTIPLE_CHOICE",
+    "QUESTION_ANSWERING",
     "SEQ_CLS",
     "TASKS",
+    "TOKEN_CLS",
     "FamilyAdapter",
     "FlopsPerToken",
     "get_family",

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..families import CAUSAL_LM, FlopsPerToken, get_family, registered_families, task_of
+from ..families.base import LABEL_KEYS
 from ..grad_accumulation import InPlaceAccumulationMixin
 from ..measure import measure_costs
 from ..split import plan_split, resolve_family
@@ -94,14 +95,19 @@ class ModuleFrontend(Frontend):
         weights.materialize(model, keep, device)
         modules = build_stage_modules(model, self.adapter, plan, stage_indices)
         self.packs_sequences = self.adapter.packed_sequences and plan.task == CAUSAL_LM
+        self.task = plan.task
         return LocalStages(modules=list(modules), tied=tied, keep=keep)
 
     def batch_keys(self, batch: Mapping[str, Any]) -> set[str]:
         return set(self.adapter.batch_keys)
 
     def keys_note(self) -> str:
-        keys = ", ".join(sorted({"input_ids", "labels", *self.adapter.batch_keys}))
+        keys = ", ".join(sorted({"input_ids", *LABEL_KEYS[self.task], *self.adapter.batch_keys}))
         return f"the {self.config.model_type} stages consume {keys}"
+
+    def stage_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # what the head needs from the whole batch (the last stage never sees the token ids), before any cut
+        return {**batch, **self.adapter.head_inputs(self.config, self.task, batch)}
 
     def torch_stages(
         self,
