@@ -161,6 +161,35 @@ CASES = {
     ),  # fmt: skip
 }
 
+_LLAMA = CASES["llama"][2]
+_BERT = CASES["bert-cls"][2]
+# The heads beyond causal / masked LM and BERT's classifier, on a decoder (Llama) and encoders (BERT; RoBERTa has no
+# adapter: traced). Llama's classifiers pool at the last token that is not pad_token_id; its token classifier's
+# dropout (classifier_dropout, else 0.1) is set to 0 like every other dropout here.
+CASES.update(
+    {
+        "llama-cls": (
+            transformers.LlamaConfig,
+            transformers.LlamaForSequenceClassification,
+            dict(_LLAMA, num_labels=3, pad_token_id=0),
+        ),
+        "llama-tok": (
+            transformers.LlamaConfig,
+            transformers.LlamaForTokenClassification,
+            dict(_LLAMA, num_labels=3, classifier_dropout=0.0),
+        ),
+        "llama-qa": (transformers.LlamaConfig, transformers.LlamaForQuestionAnswering, _LLAMA),
+        "bert-tok": (transformers.BertConfig, transformers.BertForTokenClassification, _BERT),
+        "bert-qa": (transformers.BertConfig, transformers.BertForQuestionAnswering, dict(_BERT, num_labels=2)),
+        "bert-mc": (transformers.BertConfig, transformers.BertForMultipleChoice, _BERT),
+        "roberta-mc": (
+            transformers.RobertaConfig,
+            transformers.RobertaForMultipleChoice,
+            dict(_BERT, max_position_embeddings=66, pad_token_id=0),
+        ),
+    }
+)
+
 
 class TinyBlock(torch.nn.Module):
     """Pre-norm causal self-attention and MLP: a user's own block, not a transformers class."""
