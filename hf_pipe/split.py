@@ -135,13 +135,23 @@ def resolve_family(model_type: str) -> FamilyAdapter:
 
 def unsupported_head(class_name: str, model_type: str, supported: Sequence[str], frontend: str = "module") -> str:
     """The one message for a head hf_pipe cannot run: the class, the heads that run, and the fixes."""
-    where = f"the {model_type} adapter runs" if frontend == "module" else "the trace frontend trains"
+    heads = ", ".join(TASK_CLASSES[t] for t in supported)
+    own_loss = (
+        "give your own loss if its logits take none of those (compute_loss_func=..., or a PipeTrainer subclass's "
+        "compute_microbatch_loss, which receive outputs.logits)"
+    )
+    if frontend == "module":
+        return (
+            f"{class_name} has a head hf_pipe cannot run with pipeline_frontend='module': the {model_type} adapter "
+            f"runs {heads} heads. Fix: load the model with one of those heads (AutoModelFor...); or train its own "
+            "forward with pipeline_frontend='trace' (the whole forward is traced, head included), naming the loss "
+            f"its logits take with pipeline_task= one of {list(TASKS)}, and {own_loss}."
+        )
     return (
-        f"{class_name} has a head hf_pipe cannot run with pipeline_frontend={frontend!r}: {where} "
-        f"{', '.join(TASK_CLASSES[t] for t in supported)} heads. Fix: load the model with one of those heads "
-        "(AutoModelFor...); or train its own forward with pipeline_frontend='trace' (the whole forward is traced, "
-        f"head included) and either name the loss its logits take, pipeline_task= one of {list(TASKS)}, or give "
-        "your own loss: compute_loss_func=..., or a PipeTrainer subclass's compute_microbatch_loss."
+        f"{class_name} has a head hf_pipe cannot run with pipeline_frontend='trace': its class names no task, and "
+        f"the trace frontend trains {heads} heads. Fix: name the loss its forward's logits take with pipeline_task= "
+        f"one of {list(TASKS)} (a forward returning the logits, or question answering's start and end logits), "
+        f"and {own_loss}; or load the model with one of those heads (AutoModelFor...)."
     )
 
 
@@ -394,6 +404,13 @@ def plan_split(
     is_model = isinstance(model_or_config, nn.Module)
     config = model_or_config.config if is_model else model_or_config
     adapter = resolve_family(config.model_type)
+    if is_model and task is not None and task != task_of(type(model_or_config).__name__):
+        raise PipelineConfigError(
+            f"task={task!r} for {type(model_or_config).__name__}, whose class names "
+            f"{task_of(type(model_or_config).__name__) or 'no head'}: the module frontend runs a model's own head with "
+            f"its family's forward; load the model with a {TASK_CLASSES[task]} head, or trace this class's own "
+            f"forward with that loss (pipeline_frontend='trace', pipeline_task={task!r})."
+        )
     task = _resolve_task(model_or_config, config, adapter, task)
     if task is not None and task not in adapter.heads:
         name = type(model_or_config).__name__ if is_model else f"task={task!r}"
@@ -469,7 +486,9 @@ def plan_blocks(
     Embedding lookups cost next to nothing.
     """
     config = getattr(model, "config", None)
-    if config is not None and get_family(getattr(config, "model_type", "")) is not None:
+    adapter = get_family(getattr(config, "model_type", "")) if config is not None else None
+    own_task = task_of(type(model).__name__)
+    if adapter is not None and own_task in adapter.heads and task in (None, own_task):
         return plan_split(model, num_stages, split, task=task, sub_blocks=False)  # traced splits: whole blocks
     prefix = find_blocks(model)
     blocks = model.get_submodule(prefix)
@@ -480,6 +499,7 @@ def plan_blocks(
             f"{len(blocks)} blocks ({prefix}): every stage needs at least one block; use between 1 and "
             f"{len(blocks)} stages."
         )
+    task = task or own_task
     cost = [2.0 * _param_count(model, [fqn]) for fqn in layer_fqns]
     names = {id(m): n for n, m in model.named_modules()}
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -499,6 +519,4 @@ def plan_blocks(
         flops = sum(cost[i] for i in layers) + (head_cost if last else 0.0)
         stages.append(StagePlan(k, layers, tuple(modules), flops, _param_count(model, modules)))
     model_type = getattr(config, "model_type", None) or type(model).__name__
-    if task is None:
-        task = task_of(type(model).__name__)
     return SplitPlan(model_type, task, policy, len(blocks), tuple(stages), prefix)

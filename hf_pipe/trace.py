@@ -232,6 +232,22 @@ def trace_stages(
     return pipe
 
 
+def output_structure(fake: nn.Module, mode: FakeTensorMode, input_ids: torch.Tensor) -> dict[str | int, int] | None:
+    """What the fake copy's forward returns for `input_ids` (no labels): each output's name (a ModelOutput's key,
+    else its index) and number of dimensions; None where the forward does not run on fake tensors (tracing then
+    reports why)."""
+    try:
+        with mode, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fake(torch.empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device))
+    except Exception:  # noqa: BLE001  (a forward export cannot capture either: the trace quotes the reason)
+        return None
+    if torch.is_tensor(out):
+        out = (out,)
+    items = out.items() if hasattr(out, "items") else enumerate(out)
+    return {k: v.dim() if torch.is_tensor(v) else -1 for k, v in items}
+
+
 #: named inputs of a model's forward that traced stages cannot feed it: stage 0 takes the batch's token ids
 _UNTRACEABLE_INPUTS = ("inputs_embeds", "pixel_values", "past_key_values", "cache", "cache_position")
 
@@ -316,6 +332,8 @@ class TracedStages:
         # a multiple-choice model takes (examples, choices, seq)
         shape = (1, 2, min(8, positions)) if plan.task == MULTIPLE_CHOICE else (1, min(8, positions))
         probe = torch.zeros(shape, dtype=torch.long, device=device)
+        #: the forward's outputs (name or index: dimensions), see `output_structure`; None: unknown
+        self.outputs = output_structure(*self.fake, probe)
         pipe = trace_stages(model, self.spec, (probe,), fake=self.fake, training=True)
         used = [_state_fqns(pipe.get_stage_module(i)) for i in range(pipe.num_stages)]
         #: (FQNs of a tied weight, the stages whose graphs use it)

@@ -112,7 +112,7 @@ class PipeTrainer(Trainer):
             )
             + (FRONTENDS[frontend](model.config).trainer_problems(args, model) if frontend in FRONTENDS else [])
             + frontend_option_problems(args, frontend)
-            + label_names_problems(args.label_names, model)
+            + label_names_problems(args.label_names, model, args.pipeline_task)
             + trainer_argument_problems(kwargs)
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", model.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, model.config)]
@@ -130,6 +130,7 @@ class PipeTrainer(Trainer):
             group=pp_group,
             data_parallel=self.data_parallel,
             frontend=frontend,
+            task=args.pipeline_task,
         )
         self.pipeline = PipelineModule(self.engine, model.config)
         self._tied_reduced = False

@@ -236,13 +236,13 @@ def frontend_option_problems(args: Any, frontend: str) -> list[str]:
     return problems
 
 
-def label_names_problems(label_names: Any, model: Any) -> list[str]:
+def label_names_problems(label_names: Any, model: Any, task: str | None = None) -> list[str]:
     """`label_names` other than the columns the model's head reads: Trainer would gather those as the labels of
     `compute_metrics`, while the pipeline's loss reads the head's own."""
     from .families import task_of
     from .families.base import LABEL_KEYS
 
-    task = task_of(type(model).__name__)
+    task = task or task_of(type(model).__name__)
     if label_names is None or task is None or sorted(label_names) == sorted(LABEL_KEYS[task]):
         return []
     return [

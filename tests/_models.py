@@ -161,6 +161,16 @@ CASES = {
     ),  # fmt: skip
 }
 
+
+class LlamaRewardModel(transformers.LlamaForSequenceClassification):
+    """A user's class whose name tells no task (a reward model): trained traced, with `pipeline_task="seq_cls"`.
+    HF finds a loss by the class name too, so the class names it."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.loss_type = "ForSequenceClassification"
+
+
 _LLAMA = CASES["llama"][2]
 _BERT = CASES["bert-cls"][2]
 # The heads beyond causal / masked LM and BERT's classifier, on a decoder (Llama) and encoders (BERT; RoBERTa has no
@@ -173,6 +183,7 @@ CASES.update(
             transformers.LlamaForSequenceClassification,
             dict(_LLAMA, num_labels=3, pad_token_id=0),
         ),
+        "llama-rm": (transformers.LlamaConfig, LlamaRewardModel, dict(_LLAMA, num_labels=1, pad_token_id=0)),
         "llama-tok": (
             transformers.LlamaConfig,
             transformers.LlamaForTokenClassification,

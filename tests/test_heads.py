@@ -43,6 +43,8 @@ def test_decoder_sequence_classification(tmp_path):
             data={"problem": "multi_label"},
             label="multi-label",
         ),
+        # a class that names no task: its own forward traced, the loss named by pipeline_task (a reward model)
+        _case("llama-rm", [{**TRACED, "pipeline_task": "seq_cls"}], data={"problem": "regression"}),
     ]
     print(compare_many(cases, tmp_path, 2))
 

@@ -31,6 +31,7 @@ TASKS = {
     "llama-tied": "causal_lm",
     "gpt_neox": "causal_lm",
     "llama-cls": "seq_cls",
+    "llama-rm": "seq_cls",
     "llama-tok": "token_cls",
     "llama-qa": "question_answering",
     "bert-tok": "token_cls",

@@ -9,6 +9,7 @@ import transformers
 from hf_pipe import PipelineConfigError
 from tests._data import PadCollator, lm_dataset
 from tests._dist import run_distributed
+from tests._models import CASES as CASES_MODELS
 from tests._models import tiny_model
 
 
@@ -54,6 +55,12 @@ def _t5():
     )
 
 
+def _bert_pretraining():
+    """A head no adapter runs: masked LM and next-sentence logits from one forward."""
+    config_cls, _, kwargs = CASES_MODELS["bert-mlm"]
+    return transformers.BertForPreTraining(config_cls(vocab_size=97, **kwargs))
+
+
 def _gpt2_three_blocks():
     return tiny_model("gpt2", n_layer=3)
 
@@ -97,7 +104,37 @@ CASES = [
     ({"pipeline_schedule": "interleaved1f1b", "model": ("gpt2", 0)}, None),  # a good setting passes
     ({"pipeline_schedule": "interleaved1f1b", "model": _gpt2_three_blocks}, "= 4 stages, but the model has 3 blocks"),
     ({"model": _t5, "pipeline_frontend": "module"}, "model_type='t5' has no family adapter"),
-    ({"model": _t5}, "T5ForConditionalGeneration has no head PipeTrainer can train"),  # 'auto' would trace it
+    # 'auto' would trace it
+    ({"model": _t5}, "T5ForConditionalGeneration has a head hf_pipe cannot run with pipeline_frontend='trace'"),
+    # heads (issue 17): one that used to crash with an AttributeError now starts; the others are one clear error
+    ({"model": ("bert-tok", 0)}, None),
+    (
+        {"model": _bert_pretraining},
+        "BertForPreTraining has a head hf_pipe cannot run with pipeline_frontend='module': the bert adapter runs",
+    ),
+    (
+        {"model": _bert_pretraining, "pipeline_frontend": "trace"},
+        "BertForPreTraining has a head hf_pipe cannot run with pipeline_frontend='trace': its class names no task",
+    ),
+    (
+        {"model": _bert_pretraining, "pipeline_frontend": "trace", "pipeline_task": "masked_lm"},
+        "BertForPreTraining's forward returns prediction_logits (3-d), seq_relationship_logits (2-d) (without "
+        "labels), but the masked_lm loss reads logits (3-d)",
+    ),
+    (
+        {"model": ("gpt2", 0), "pipeline_task": "seq_cls"},
+        "pipeline_task='seq_cls' for GPT2LMHeadModel with pipeline_frontend='module'",
+    ),
+    (
+        {"model": ("gpt2", 0), "pipeline_task": "seq_cls", "pipeline_frontend": "trace"},
+        "GPT2LMHeadModel's forward returns logits (3-d) (without labels), but the seq_cls loss reads logits (2-d)",
+    ),
+    ({"pipeline_task": "reward"}, "pipeline_task='reward' is not a task; valid options are"),
+    (
+        {"model": ("bert-qa", 0), "label_names": ["labels"]},
+        "label_names=['labels'] for BertForQuestionAnswering, whose loss reads ['start_positions', 'end_positions']",
+    ),
+    ({"model": ("bert-qa", 0), "label_names": ["end_positions", "start_positions"]}, None),
     ({"pipeline_frontend": "jit"}, "pipeline_frontend='jit' is not a frontend; valid options are"),
     (
         {"model": ("gpt2", 0), "pipeline_frontend": "trace", "gradient_checkpointing": True},

@@ -14,10 +14,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..families import CAUSAL_LM, FlopsPerToken, get_family, registered_families, task_of
-from ..families.base import LABEL_KEYS
+from ..families.base import LABEL_KEYS, is_bare_body
 from ..grad_accumulation import InPlaceAccumulationMixin
 from ..measure import measure_costs
-from ..split import plan_split, resolve_family
+from ..split import plan_split, resolve_family, unsupported_head
 from ..stage import build_stage_modules, owner_stages, tied_groups
 from ..timeline import TimedPipelineStage, Timeline
 from . import Frontend, LocalStages
@@ -56,6 +56,22 @@ class ModuleFrontend(Frontend):
             f"stages (pipeline_parallel_size ≤ {max(fits) // stages_per_rank if fits else 1} at "
             f"{stages_per_rank} stage(s) per rank)."
         ]
+
+    def trainer_problems(self, args: Any, model: nn.Module) -> list[str]:
+        """A head the family's adapter cannot run (a custom head, another task named by pipeline_task)."""
+        if self.adapter is None:
+            return []  # reported by `problems`
+        name, task = type(model).__name__, task_of(type(model).__name__)
+        if args.pipeline_task is not None and args.pipeline_task != task:
+            return [
+                f"pipeline_task={args.pipeline_task!r} for {name} with pipeline_frontend='module' (or 'auto' for a "
+                f"family with an adapter): the module frontend runs the class's own head ({task or 'none'}) with "
+                f"the {model.config.model_type} adapter's forward; unset pipeline_task, or set "
+                "pipeline_frontend='trace' to train the class's own forward with that loss."
+            ]
+        if task in self.adapter.heads or (task is None and is_bare_body(model)):
+            return []  # a bare body: the engine says it has no head to train
+        return [unsupported_head(name, model.config.model_type, list(self.adapter.heads))]
 
     def plan(self, model, num_stages, split, *, task, context):
         costs = self._measured(model, task, context) if split == "measured" else None
