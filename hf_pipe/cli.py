@@ -37,6 +37,7 @@ class PlanArguments:
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch one pipeline consumes per step."})
     seq_len: int | None = field(default=None, metadata={"help": "Tokens per sequence (default: model positions)."})
     dtype_bytes: int = field(default=4, metadata={"help": "Bytes per weight and activation (4: fp32, 2: bf16)."})
+    num_choices: int = field(default=4, metadata={"help": "Choices per example, for a multiple-choice head."})
     json: bool = field(default=False, metadata={"help": "Print JSON for tools instead of the table."})
 
 
@@ -88,11 +89,14 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
     microbatches = pipeline.resolved_microbatches(world, batch)
     seq_len = plan_args.seq_len or min(getattr(config, "max_position_embeddings", 1024) or 1024, 2048)
     if frontend == "module":
-        plan = plan_split(config, pp * stages_per_rank, pipeline.pipeline_split, seq_len=seq_len)
+        plan = plan_split(
+            config, pp * stages_per_rank, pipeline.pipeline_split, seq_len=seq_len, task=pipeline.pipeline_task
+        )
         if plan.policy == "measured":  # no weights here to time: say that this plan is the FLOP estimate
             plan = dataclasses.replace(plan, policy="measured (FLOP estimate here; training times the pieces)")
     else:  # the trace frontend splits the model's own block list: plan it on a meta-device model
         task = task_of(config.architectures[0]) if getattr(config, "architectures", None) else CAUSAL_LM
+        task = pipeline.pipeline_task or task or CAUSAL_LM
         plan = plan_blocks(meta_model(config, task), pp * stages_per_rank, pipeline.pipeline_split)
     return plan_summary(
         plan,
@@ -104,6 +108,7 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
         batch_size=batch,
         seq_len=seq_len,
         dtype_bytes=plan_args.dtype_bytes,
+        num_choices=plan_args.num_choices,
     )
 
 
