@@ -232,10 +232,12 @@ def trace_stages(
     return pipe
 
 
-def output_structure(fake: nn.Module, mode: FakeTensorMode, input_ids: torch.Tensor) -> dict[str | int, int] | None:
-    """What the fake copy's forward returns for `input_ids` (no labels): each output's name (a ModelOutput's key,
-    else its index) and number of dimensions; None where the forward does not run on fake tensors (tracing then
-    reports why)."""
+def output_structure(model: nn.Module, input_ids: torch.Tensor) -> dict[str | int, int] | None:
+    """What the model's forward returns for `input_ids` (no labels), run on a fake copy of it: each output's name (a
+    ModelOutput's key, else its index) and number of dimensions; None where the forward does not run on fake tensors
+    (tracing then reports why). A copy of its own: a forward run outside export leaves state on the modules (cached
+    constants) that a later export of the same copy must not see (Falcon's then corrupts the heap)."""
+    fake, mode = fake_copy(model, input_ids.device)
     try:
         with mode, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -333,7 +335,7 @@ class TracedStages:
         shape = (1, 2, min(8, positions)) if plan.task == MULTIPLE_CHOICE else (1, min(8, positions))
         probe = torch.zeros(shape, dtype=torch.long, device=device)
         #: the forward's outputs (name or index: dimensions), see `output_structure`; None: unknown
-        self.outputs = output_structure(*self.fake, probe)
+        self.outputs = output_structure(model, probe)
         pipe = trace_stages(model, self.spec, (probe,), fake=self.fake, training=True)
         used = [_state_fqns(pipe.get_stage_module(i)) for i in range(pipe.num_stages)]
         #: (FQNs of a tied weight, the stages whose graphs use it)
