@@ -193,6 +193,25 @@ CASES.update(
         "bert-tok": (transformers.BertConfig, transformers.BertForTokenClassification, _BERT),
         "bert-qa": (transformers.BertConfig, transformers.BertForQuestionAnswering, dict(_BERT, num_labels=2)),
         "bert-mc": (transformers.BertConfig, transformers.BertForMultipleChoice, _BERT),
+        # the other adapters' heads (checked against one process in tests/test_heads.py)
+        "gpt2-cls": (
+            transformers.GPT2Config,
+            transformers.GPT2ForSequenceClassification,
+            dict(CASES["gpt2"][2], num_labels=3, pad_token_id=0),
+        ),
+        "gpt2-tok": (
+            transformers.GPT2Config,
+            transformers.GPT2ForTokenClassification,
+            dict(CASES["gpt2"][2], num_labels=3, classifier_dropout=0.0),
+        ),
+        "gpt2-qa": (transformers.GPT2Config, transformers.GPT2ForQuestionAnswering, CASES["gpt2"][2]),
+        "qwen2-qa": (transformers.Qwen2Config, transformers.Qwen2ForQuestionAnswering, CASES["qwen2"][2]),
+        "mistral-cls": (
+            transformers.MistralConfig,
+            transformers.MistralForSequenceClassification,
+            dict(CASES["mistral"][2], num_labels=3, pad_token_id=0),
+        ),
+        "bert-lm": (transformers.BertConfig, transformers.BertLMHeadModel, dict(_BERT, is_decoder=True)),
         "roberta-mc": (
             transformers.RobertaConfig,
             transformers.RobertaForMultipleChoice,
