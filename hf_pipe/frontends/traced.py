@@ -6,6 +6,7 @@ at the model's own tensors; the weights this rank's graphs read are the ones it 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..families import (
     TOKEN_CLS,
     task_of,
 )
-from ..families.base import ATTENTION_KWARGS, TASK_CLASSES
+from ..families.base import ATTENTION_KWARGS, TASK_CLASSES, last_non_pad_token
 from ..split import plan_blocks, unsupported_head
 from ..stage import tied_groups
 from ..timeline import Timeline
@@ -72,6 +73,7 @@ class TraceFrontend(Frontend):
         self.model_class = type(model).__name__
         self._keys = set(traced_batch_keys(model))
         self.packs_sequences = masks_follow_positions(model) and plan.task == CAUSAL_LM
+        self._pools_at_pad = plan.task == SEQ_CLS and _pools_at_pad_token(model)
         return LocalStages(modules=self.traced.modules, tied=self.traced.tied, keep=self.traced.keep)
 
     def batch_keys(self, batch: Mapping[str, Any]) -> set[str]:
@@ -83,6 +85,8 @@ class TraceFrontend(Frontend):
         return f"traced stages feed only the named inputs of {self.model_class}.forward"
 
     def stage_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self._pools_at_pad:  # HF refuses a batch of several rows without a pad token; a microbatch of one would not
+            last_non_pad_token(batch["input_ids"], self.config)
         # a traced graph is specialised to every input's shape: per-batch boundary tensors would retrace each step
         return {k: v for k, v in batch.items() if k not in ATTENTION_KWARGS}
 
@@ -104,6 +108,14 @@ class TraceFrontend(Frontend):
             TracedStage(module, index, info, device, group, timeline=timeline)
             for module, index in zip(modules, stage_indices)
         ]
+
+
+def _pools_at_pad_token(model: nn.Module) -> bool:
+    """A sequence classifier that pools at the last token that is not `pad_token_id` (HF's decoder classifiers)."""
+    try:
+        return "pad_token_id" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
 
 
 #: the outputs each task's loss reads, and their dimensions (per token: rows, seq, logits; per row: rows, logits)
