@@ -88,7 +88,8 @@ class PipelineEngine:
 
     `frontend` (see `frontends/`): `"module"` splits a family with an adapter at its modules; `"trace"` exports
     any model (a family without an adapter, or your own `nn.Module` whose forward takes `input_ids` and returns
-    logits: pass `task=`, one of `families.TASKS`); `"auto"` takes the module split where it can. `split="measured"` times the pieces on every rank before planning (collective over the world).
+    logits: pass `task=`, one of `families.TASKS`); `"auto"` takes the module split where it can.
+    `split="measured"` times the pieces on every rank before planning (collective over the world).
 
     Example:
         >>> engine = PipelineEngine(model, schedule="1f1b", microbatches=4)

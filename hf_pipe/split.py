@@ -404,12 +404,13 @@ def plan_split(
     is_model = isinstance(model_or_config, nn.Module)
     config = model_or_config.config if is_model else model_or_config
     adapter = resolve_family(config.model_type)
-    if is_model and task is not None and task != task_of(type(model_or_config).__name__):
+    own = task_of(type(model_or_config).__name__) if is_model else None
+    if is_model and task is not None and task != own:
         raise PipelineConfigError(
-            f"task={task!r} for {type(model_or_config).__name__}, whose class names "
-            f"{task_of(type(model_or_config).__name__) or 'no head'}: the module frontend runs a model's own head with "
-            f"its family's forward; load the model with a {TASK_CLASSES[task]} head, or trace this class's own "
-            f"forward with that loss (pipeline_frontend='trace', pipeline_task={task!r})."
+            f"task={task!r} for {type(model_or_config).__name__}, whose class names {own or 'no head'}: the module "
+            f"frontend runs a model's own head with its family's forward; load the model with a {TASK_CLASSES[task]} "
+            "head, or trace this class's own forward with that loss (pipeline_frontend='trace', "
+            f"pipeline_task={task!r})."
         )
     task = _resolve_task(model_or_config, config, adapter, task)
     if task is not None and task not in adapter.heads:

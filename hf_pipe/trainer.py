@@ -461,7 +461,7 @@ class PipeTrainer(Trainer):
         raise_if_any(self.engine.batch_problems(inputs))
         # as Trainer gathers them: the label_names columns, one tensor or a tuple (question answering's spans)
         labels = tuple(inputs.get(name) for name in self.label_names)
-        labels = labels[0] if len(labels) == 1 else labels
+        labels = None if not labels or any(x is None for x in labels) else labels[0] if len(labels) == 1 else labels
         num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
         normalizer = self._loss_normalizer(inputs, num_items_in_batch, False)
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
