@@ -41,6 +41,7 @@ class PlanArguments:
         default=None, metadata={"help": "Target tokens of an encoder-decoder (default: the source's, --seq_len)."}
     )
     dtype_bytes: int = field(default=4, metadata={"help": "Bytes per weight and activation (4: fp32, 2: bf16)."})
+    num_choices: int = field(default=4, metadata={"help": "Choices per example, for a multiple-choice head."})
     json: bool = field(default=False, metadata={"help": "Print JSON for tools instead of the table."})
 
 
@@ -92,7 +93,9 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
     microbatches = pipeline.resolved_microbatches(world, batch)
     seq_len = plan_args.seq_len or min(getattr(config, "max_position_embeddings", 1024) or 1024, 2048)
     if frontend == "module":
-        plan = plan_split(config, pp * stages_per_rank, pipeline.pipeline_split, seq_len=seq_len)
+        plan = plan_split(
+            config, pp * stages_per_rank, pipeline.pipeline_split, seq_len=seq_len, task=pipeline.pipeline_task
+        )
         if plan.policy == "measured":  # no weights here to time: say that this plan is the FLOP estimate
             plan = dataclasses.replace(plan, policy="measured (FLOP estimate here; training times the pieces)")
     elif frontend == "seq2seq":  # encoder then decoder blocks, at the source and target lengths
@@ -103,6 +106,7 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
         seq_len = plan.source_len
     else:  # the trace frontend splits the model's own block list: plan it on a meta-device model
         task = task_of(config.architectures[0]) if getattr(config, "architectures", None) else CAUSAL_LM
+        task = pipeline.pipeline_task or task or CAUSAL_LM
         plan = plan_blocks(meta_model(config, task), pp * stages_per_rank, pipeline.pipeline_split)
     return plan_summary(
         plan,
@@ -115,6 +119,7 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
         seq_len=seq_len,
         dtype_bytes=plan_args.dtype_bytes,
         model_params=sum(p.numel() for p in meta_model(config, plan.task).parameters()),
+        num_choices=plan_args.num_choices,
     )
 
 

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .checkpoint import canonical_state_names
 from .errors import PipelineConfigError, raise_if_any, raise_on_every_rank
 from .families import CAUSAL_LM
-from .families.base import ATTENTION_KWARGS
+from .families.base import ATTENTION_KWARGS, LABEL_KEYS
 from .frontends import LocalStages, frontend_name, select_frontend
 from .grad_accumulation import ONE_PASS_SCHEDULES, accumulate_linear_grads_in_place
 from .loss import PipelineLoss, reduce_metrics
@@ -88,10 +88,10 @@ class PipelineEngine:
 
     `frontend` (see `frontends/`): `"module"` splits a family with an adapter at its modules; `"trace"` exports
     any model (a family without an adapter, or your own `nn.Module` whose forward takes `input_ids` and returns
-    logits: pass `task=` `"causal_lm"`, `"masked_lm"` or `"seq_cls"`); `"auto"` takes the module split where it
-    can; an encoder-decoder (T5, BART) takes `"seq2seq"` (`"auto"` picks it), its split balanced at
-    `sequence_lengths` (source, target tokens). `split="measured"` times the pieces on every rank before planning
-    (collective over the world).
+    logits: pass `task=`, one of `families.TASKS`); `"auto"` takes the module split where it can; an
+    encoder-decoder (T5, BART) takes `"seq2seq"` (`"auto"` picks it), its split balanced at `sequence_lengths`
+    (source, target tokens). `split="measured"` times the pieces on every rank before planning (collective over the
+    world).
 
     Example:
         >>> engine = PipelineEngine(model, schedule="1f1b", microbatches=4)
@@ -148,10 +148,11 @@ class PipelineEngine:
         self.sequence_lengths = sequence_lengths
         self.plan = self.frontend.plan(model, self.num_stages, split, task=task, context=self)
         if self.plan.task is None:
-            raise ValueError(
-                f"{type(model).__name__} has no head to train; pass a model with one (ForCausalLM / LMHeadModel, "
-                "ForMaskedLM, ForSequenceClassification), or task='causal_lm' / 'masked_lm' / 'seq_cls' for a "
-                "model of your own whose forward returns logits."
+            raise PipelineConfigError(
+                f"{type(model).__name__} has no head to train; pass a model with one (...ForCausalLM, ...ForMaskedLM, "
+                "...ForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering, "
+                "...ForMultipleChoice), or task= one of hf_pipe.families.TASKS for a model of your own whose forward "
+                "returns logits."
             )
         self.stage_to_rank = generate_stage_to_rank_mapping(self.pp_size, self.num_stages, placement(schedule))
         self.stage_indices = [s for s in range(self.num_stages) if self.stage_to_rank[s] == self.pp_rank]
@@ -296,8 +297,10 @@ class PipelineEngine:
 
     # -- steps -----------------------------------------------------------------------------------------------
     def batch_problems(self, batch: Mapping[str, Any]) -> list[str]:
-        """Batch keys no stage consumes or this frontend cannot honour: each would be dropped silently."""
-        consumed = self.frontend.batch_keys(batch) | {"input_ids", "labels"}
+        """Batch keys no stage consumes or this frontend cannot honour: each would be dropped silently; labels the
+        head's loss needs and the batch lacks."""
+        label_keys = LABEL_KEYS[self.plan.task]
+        consumed = self.frontend.batch_keys(batch) | {"input_ids", *label_keys}
         if self.plan.task == CAUSAL_LM:
             consumed.add("shift_labels")
         problems = [
@@ -307,10 +310,16 @@ class PipelineEngine:
             for key, value in batch.items()
             if key not in consumed and value is not None
         ]
-        if "labels" not in batch:
+        if label_keys == ("labels",) and "labels" not in batch:
             problems.append(
                 "the batch has no 'labels': hf_pipe trains and evaluates with the loss of the last stage; give the "
                 "collator labels (e.g. DataCollatorForLanguageModeling(mlm=False) for a causal LM)."
+            )
+        elif missing := [k for k in label_keys if batch.get(k) is None]:
+            problems.append(
+                f"the batch has no {' / '.join(map(repr, missing))}: the {self.plan.task} head's loss reads "
+                f"{' and '.join(map(repr, label_keys))} (the answer span's token positions, one per row); give the "
+                "collator those columns."
             )
         return problems
 
@@ -343,8 +352,9 @@ class PipelineEngine:
             name, count = "forward", largest_divisor_at_most(rows, self.microbatches)
         # With DDP or FSDP2 a new shape makes torch's shape inference talk to the replicas, so they must meet new
         # shapes at the same steps: pad to the longest sequence among them (masked, labels -100).
-        length = self._longest_over_replicas(batch["input_ids"].shape[1]) if dp else None
-        return name, cut_rows(batch, count, shift, length), batch
+        length = self._longest_over_replicas(batch["input_ids"].shape[-1]) if dp else None
+        pad = getattr(self.config, "pad_token_id", None)
+        return name, cut_rows(batch, count, shift, length, pad if isinstance(pad, int) else None), batch
 
     def _longest_over_replicas(self, length: int) -> int:
         longest = torch.tensor(length, device=self.device)
@@ -391,7 +401,7 @@ class PipelineEngine:
         """One step; returns (the batch loss on every rank, the last stage's logits in batch layout or None)."""
         name, mbs, batch = self._microbatches(batch, training)
         if num_items is None:
-            num_items = self.loss.count(batch["labels"], batch.get("shift_labels"))
+            num_items = self.loss.count(batch)
         sched = self._schedule_for(name, mbs)
         targets = self.loss.begin(mbs, float(num_items), num_items_in_batch)
         logits, losses = None, []

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .families import CAUSAL_LM, MASKED_LM, MULTIPLE_CHOICE, QUESTION_ANSWERING, SEQ_CLS, TOKEN_CLS, get_family
 from .schedule import V_SCHEDULES, is_multi_stage, placement
 from .split import SplitPlan
 
@@ -25,6 +26,8 @@ class StageMemory:
     adamw_bytes: int
     activation_bytes: int
     microbatches_in_flight: int
+    #: the head's share of `activation_bytes` (the last stage: its logits and what its loss keeps for backward)
+    head_activation_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -64,6 +67,28 @@ def _activation_bytes_per_token_per_block(config: Any, dtype_bytes: int, seq_len
     return h * (34 + 5 * heads * seq_len / h) * dtype_bytes / 2
 
 
+def head_activation_bytes_per_token(plan: SplitPlan, config: Any, dtype_bytes: int, seq_len: int) -> float:
+    """What a head keeps for backward, per token: its logits (in the compute dtype) and the float32 log-softmax its
+    loss saves — over the vocabulary for causal and masked LM, over the labels for token classification and for a
+    decoder's sequence classifier (HF scores every token before pooling), over two logits for question answering;
+    a pooled classifier (BERT's sequence classification and multiple choice) keeps one hidden vector and its logits
+    per sequence."""
+    task = plan.task
+    labels = getattr(config, "num_labels", 2)
+    per_logit = dtype_bytes + 4
+    adapter = get_family(plan.model_type)
+    if task in (CAUSAL_LM, MASKED_LM):
+        return config.vocab_size * per_logit
+    if task in (SEQ_CLS, MULTIPLE_CHOICE) and adapter is not None and task not in adapter.pools_last_token:
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
+        return (hidden + (labels if task == SEQ_CLS else 1)) * per_logit / seq_len
+    if task in (SEQ_CLS, TOKEN_CLS):
+        return labels * per_logit
+    if task == QUESTION_ANSWERING:
+        return 2 * per_logit
+    return 0.0
+
+
 def stage_memory(
     plan: SplitPlan,
     config: Any,
@@ -74,17 +99,23 @@ def stage_memory(
     batch_size: int,
     seq_len: int,
     dtype_bytes: int = 4,
+    num_choices: int = 4,
 ) -> list[StageMemory]:
-    """Per stage: weights, gradients, AdamW moments (fp32) and the activations the schedule keeps alive."""
+    """Per stage: weights, gradients, AdamW moments (fp32) and the activations the schedule keeps alive, the last
+    stage's head included. A multiple-choice batch holds `num_choices` sequences per example."""
     from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
     ranks = generate_stage_to_rank_mapping(pp_size, plan.num_stages, placement(schedule))
-    tokens_per_microbatch = batch_size // microbatches * seq_len
+    sequences = num_choices if plan.task == MULTIPLE_CHOICE else 1
+    tokens_per_microbatch = batch_size // microbatches * seq_len * sequences
     per_block = _activation_bytes_per_token_per_block(config, dtype_bytes, seq_len)
+    per_head = head_activation_bytes_per_token(plan, config, dtype_bytes, seq_len)
     out = []
     for s in plan.stages:
         in_flight = _in_flight(schedule, s.index, plan.num_stages, microbatches)
-        activations = int(per_block * len(s.layers) * tokens_per_microbatch * in_flight)
+        last = s.index == plan.num_stages - 1
+        head = int(per_head * tokens_per_microbatch * in_flight) if last else 0
+        activations = int(per_block * len(s.layers) * tokens_per_microbatch * in_flight) + head
         out.append(
             StageMemory(
                 stage=s.index,
@@ -95,6 +126,7 @@ def stage_memory(
                 adamw_bytes=s.params * 8,
                 activation_bytes=activations,
                 microbatches_in_flight=in_flight,
+                head_activation_bytes=head,
             )
         )
     return out
@@ -112,6 +144,7 @@ def plan_summary(
     seq_len: int,
     dtype_bytes: int = 4,
     model_params: int | None = None,
+    num_choices: int = 4,
 ) -> dict[str, Any]:
     """Everything `hf-pipe plan` reports, as plain data. `model_params` (the whole model's, each weight once) adds
     the start-up memory of a fully built model next to that of a path or meta model (each rank its stages only)."""
@@ -124,6 +157,7 @@ def plan_summary(
         batch_size=batch_size,
         seq_len=seq_len,
         dtype_bytes=dtype_bytes,
+        num_choices=num_choices,
     )
     startup: dict[int, int] = {}
     for m in memory:
@@ -141,6 +175,8 @@ def plan_summary(
         "microbatches": microbatches,
         "batch_size": batch_size,
         "seq_len": seq_len,
+        "num_choices": num_choices if plan.task == MULTIPLE_CHOICE else None,
+        "head_flops_per_token": _head_flops(plan, config, seq_len),
         "layer_starts": plan.layer_starts,
         "max_over_mean_cost": plan.imbalance,
         "bubble_fraction": bubble_fraction(schedule, pp_size, stages_per_rank, microbatches),
@@ -161,6 +197,15 @@ def plan_summary(
         "startup_bytes_per_rank": startup,
         "startup_bytes_whole_model": model_params * dtype_bytes if model_params is not None else None,
     }
+
+
+def _head_flops(plan: SplitPlan, config: Any, seq_len: int) -> float | None:
+    """The head's forward FLOPs per token as the split balanced them (None for a model without an adapter, whose
+    plan counts the output embedding only)."""
+    adapter = get_family(plan.model_type)
+    if adapter is None or plan.task not in adapter.heads:
+        return None
+    return adapter.flops_per_token(config, plan.task, seq_len).head
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -194,8 +239,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     per_rank: dict[int, int] = {}
     for s in summary["stages"]:
         per_rank[s["rank"]] = per_rank.get(s["rank"], 0) + s["total_bytes"]
+    last = summary["stages"][-1]
+    head = f"head ({summary['task']}): {last['head_activation_bytes'] / 2**20:.2f} MiB of the last stage's activations"
+    if summary.get("head_flops_per_token") is not None:
+        share = 100 * summary["head_flops_per_token"] / total_flops
+        head += f", {summary['head_flops_per_token']:.3g} FLOPs per token ({share:.1f}% of the model's)"
+    if summary.get("num_choices"):
+        head += f"; {summary['num_choices']} choices per example (--num_choices)"
     lines += [
         "",
+        head,
         "per rank (GiB): " + ", ".join(f"rank {r}: {gib(b)}" for r, b in sorted(per_rank.items())),
         "start-up weights per rank (GiB), from a path or a meta model: "
         + ", ".join(f"rank {r}: {gib(b)}" for r, b in sorted(summary["startup_bytes_per_rank"].items()))

@@ -23,6 +23,8 @@ from .weights import Checkpoint, Initialise, Resident, checkpoint_files, has_met
 
 logger = logging.getLogger(__name__)
 
+_hinted: list[bool] = []  # the memory hint, once per process
+
 #: from_pretrained arguments that say where the files are, not how to build the model
 _HUB_KWARGS = ("revision", "trust_remote_code", "subfolder", "cache_dir", "token", "local_files_only")
 
@@ -49,7 +51,8 @@ def model_and_weights(model: str | nn.Module, args: Any) -> tuple[nn.Module, Any
                 type(model).__name__, named, named,
             )  # fmt: skip
         return model, Initialise(args.seed)
-    if args.process_index == 0:
+    if args.process_index == 0 and not _hinted:
+        _hinted.append(True)
         logger.warning(
             "hf_pipe: every rank holds the whole model at start-up; PipeTrainer(model='<checkpoint path>') or a "
             "model built on the meta device lets each rank read only its own stages."

@@ -10,18 +10,33 @@ model's loss: it is called per microbatch in training, with that microbatch's ou
 step's `num_items_in_batch`, and once per batch in evaluation (where every rank holds the whole batch's logits).
 A function of Trainer's documented form (sum over tokens / `num_items_in_batch`) then adds up to Trainer's loss; one
 that takes a mean per call behaves as under Trainer's gradient accumulation, the microbatches being the steps.
+
+Per head, the terms HF averages: causal LM, the shifted labels not -100; masked LM, token classification and
+multiple choice, the labels not -100; sequence classification, its `problem_type`'s (rows, or every label of a
+multi-label or multi-output regression). Question answering averages two means, each with its own count (the start
+and the end positions inside the sequence): each microbatch contributes its start sum over the batch's start count
+plus its end sum over the batch's end count, halved, and the step's normaliser counts one term per batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput, Seq2SeqLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import (
+    CausalLMOutput,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    Seq2SeqLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
 
-from .families import CAUSAL_LM, MASKED_LM, SEQ2SEQ_LM, SEQ_CLS
+from .families import CAUSAL_LM, MASKED_LM, MULTIPLE_CHOICE, QUESTION_ANSWERING, SEQ2SEQ_LM, SEQ_CLS, TASKS, TOKEN_CLS
+from .families.base import LABEL_KEYS
 from .microbatch import IGNORE_INDEX, Microbatches
 
 #: (outputs with `.logits`, labels, inputs, num_items_in_batch) -> loss, or (loss, {metric: value or (sum, count)})
@@ -31,6 +46,8 @@ _OUTPUTS = {
     CAUSAL_LM: CausalLMOutput,
     MASKED_LM: MaskedLMOutput,
     SEQ_CLS: SequenceClassifierOutput,
+    TOKEN_CLS: TokenClassifierOutput,
+    MULTIPLE_CHOICE: MultipleChoiceModelOutput,
     SEQ2SEQ_LM: Seq2SeqLMOutput,
 }
 #: an encoder-decoder's forward returns (in evaluation) the logits and the encoder's output, in this order
@@ -46,6 +63,22 @@ def seq_cls_problem_type(config: Any, labels: torch.Tensor) -> str:
     if labels.dtype in (torch.long, torch.int):
         return "single_label_classification"
     return "multi_label_classification"
+
+
+def span_targets(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Question answering's start or end positions as HF scores them: squeezed to one per row and clamped to
+    `[0, length]`, `length` (outside the sequence) being the ignored index."""
+    if positions.dim() > 1:
+        positions = positions.squeeze(-1)
+    return positions.clamp(0, length)
+
+
+def as_logits(output: Any) -> Any:
+    """A last stage's output as the loss reads it: one tensor, or a tuple of them (question answering's start and end
+    logits); a traced stage returns its single output in a tuple or list."""
+    if isinstance(output, (tuple, list)):
+        return output[0] if len(output) == 1 else tuple(output)
+    return output
 
 
 def reduce_metrics(per_microbatch: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
@@ -68,8 +101,8 @@ class PipelineLoss:
     """
 
     def __init__(self, task: str, config: Any):
-        if task not in (CAUSAL_LM, MASKED_LM, SEQ_CLS, SEQ2SEQ_LM):
-            raise ValueError(f"no loss for task {task!r}")
+        if task not in TASKS:
+            raise ValueError(f"no loss for task {task!r}; hf_pipe has losses for {list(TASKS)}")
         self.task = task
         self.config = config
         self.normalizer: float = 1.0
@@ -80,13 +113,20 @@ class PipelineLoss:
         self.metrics: list[dict[str, Any]] = []
         self._microbatches: Microbatches | None = None
         self._index: dict[int, int] = {}
+        #: question answering: (the batch's length, its count of start terms, of end terms)
+        self._spans: tuple[int, int, int] = (0, 0, 0)
 
-    def count(self, labels: torch.Tensor, shift_labels: torch.Tensor | None = None) -> int:
-        """Number of loss terms in `labels` (a whole batch): what HF's mean divides by."""
+    def count(self, inputs: Mapping[str, Any]) -> int:
+        """Number of loss terms of a whole batch (`labels`, causal-LM `shift_labels`, answer spans): what HF's mean
+        divides by (question answering: 1, the mean of its two means is taken inside `sum`)."""
+        if self.task == QUESTION_ANSWERING:
+            return 1
+        labels = inputs["labels"]
         if self.task == CAUSAL_LM:
+            shift_labels = inputs.get("shift_labels")
             targets = shift_labels if shift_labels is not None else labels[..., 1:]
             return int((targets != IGNORE_INDEX).sum())
-        if self.task in (MASKED_LM, SEQ2SEQ_LM):  # seq2seq labels are not shifted: the decoder reads them shifted
+        if self.task != SEQ_CLS:
             return int((labels != IGNORE_INDEX).sum())
         problem = seq_cls_problem_type(self.config, labels)
         # HF records the problem type it inferred on the config; do the same so checkpoints agree.
@@ -95,60 +135,88 @@ class PipelineLoss:
             return int((labels != IGNORE_INDEX).sum())
         return labels.numel()
 
+    def _span_counts(self, inputs: list[Mapping[str, Any]], length: int) -> tuple[int, int, int]:
+        starts, ends = (
+            sum(int((span_targets(x[k], length) != length).sum()) for x in inputs)
+            for k in LABEL_KEYS[QUESTION_ANSWERING]
+        )
+        return length, starts, ends
+
     def begin(self, microbatches: Microbatches, normalizer: float, num_items_in_batch: Any = None) -> list[Any]:
-        """Arm the loss for one step; returns the targets to give the schedule (one per microbatch)."""
+        """Arm the loss for one step; returns the targets to give the schedule (one tensor per microbatch)."""
         self._microbatches = microbatches
         self.normalizer = normalizer
         self.num_items_in_batch = num_items_in_batch
         self.metrics = []
-        targets = [s if s is not None else labels for labels, s in zip(microbatches.labels, microbatches.shift_labels)]
+        if self.task == QUESTION_ANSWERING:
+            self._spans = self._span_counts(microbatches.inputs, microbatches.batch_shape[1])
+        # torch hands each microbatch's target back to the loss, by which the microbatch is found
+        keys = ("shift_labels", "labels", *LABEL_KEYS[self.task])
+        targets = [next(x[k] for k in keys if x.get(k) is not None) for x in microbatches.inputs]
         self._index = {id(t): i for i, t in enumerate(targets)}
         return targets
 
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: Any, target: torch.Tensor) -> torch.Tensor:
+        logits = as_logits(logits)
         index = self._index.get(id(target))
         if index is None:  # torch's shape inference, on a copy of the first target
-            return logits.float().sum()
+            return sum(t.float().sum() for t in logits) if isinstance(logits, tuple) else logits.float().sum()
         mbs = self._microbatches
         if self.hook is None:
-            return self.sum(logits, target) / self.normalizer
+            return self.sum(logits, mbs.inputs[index]) / self.normalizer
         return self._call_hook(logits, mbs.labels[index], mbs.inputs[index])
 
     def whole_batch(self, logits: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """The loss of a whole batch from its logits (evaluation): as Trainer computes it on one device. `logits` may
         be the tuple an encoder-decoder's last stage returns in evaluation (logits first)."""
         self.metrics = []
+        if self.task == QUESTION_ANSWERING:
+            self._spans = self._span_counts([inputs], logits[0].shape[1])
         if self.hook is None:
-            scores = logits[0] if isinstance(logits, tuple) else logits
-            return self.sum(scores, inputs.get("shift_labels", inputs["labels"])) / self.normalizer
-        return self._call_hook(logits, inputs["labels"], inputs)
+            return self.sum(logits, inputs) / self.normalizer
+        return self._call_hook(logits, inputs.get("labels"), inputs)
 
-    def model_loss(self, logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        """The model's own loss for `inputs` (a microbatch, or a whole batch), normalised for this step."""
-        return self.sum(logits, inputs.get("shift_labels", inputs["labels"])) / self.normalizer
+    def model_loss(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """The model's own loss of `outputs` (as `outputs()` makes them) for `inputs` (a microbatch, or a whole
+        batch), normalised for this step."""
+        if self.task == QUESTION_ANSWERING:
+            return self.sum((outputs.start_logits, outputs.end_logits), inputs) / self.normalizer
+        return self.sum(outputs.logits, inputs) / self.normalizer
 
     def outputs(self, logits: Any) -> Any:
-        """What the model's forward would have returned without labels: its output class, with `.logits`."""
+        """What the model's forward would have returned without labels: its output class, with `.logits` (question
+        answering: `.start_logits` and `.end_logits`; an encoder-decoder in evaluation also its encoder's output)."""
+        if self.task == QUESTION_ANSWERING:
+            return QuestionAnsweringModelOutput(start_logits=logits[0], end_logits=logits[1])
         if isinstance(logits, tuple):  # an encoder-decoder in evaluation: the logits and the encoder's output
             return _OUTPUTS[self.task](**dict(zip(_SEQ2SEQ_FIELDS, logits)))
         return _OUTPUTS[self.task](logits=logits)
 
-    def _call_hook(self, logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    def _call_hook(self, logits: Any, labels: torch.Tensor | None, inputs: dict[str, Any]) -> torch.Tensor:
         result = self.hook(self.outputs(logits), labels, inputs, self.num_items_in_batch)
         loss, metrics = result if isinstance(result, tuple) else (result, None)
         if metrics:
             self.metrics.append(metrics)
         return loss
 
-    def sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Sum of the loss terms of one microbatch; `targets` are causal-LM `shift_labels`, or the labels."""
-        if self.task in (CAUSAL_LM, MASKED_LM, SEQ2SEQ_LM):
-            # ForCausalLMLoss / ForMaskedLMLoss / T5's and BART's CrossEntropyLoss: ignore -100 (causal targets come
-            # already shifted); the upcast changes nothing in fp32 (and cross-entropy runs in fp32 under autocast)
+    def sum(self, logits: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Sum of the loss terms of one microbatch (or batch) with HF's semantics for the task; `inputs` holds its
+        labels (causal LM: `shift_labels`, shifted once for the whole batch; an encoder-decoder's are not shifted:
+        its decoder reads them shifted)."""
+        if self.task == SEQ2SEQ_LM and isinstance(logits, tuple):
+            logits = logits[0]  # evaluation: the logits, then the encoder's output
+        if self.task in (CAUSAL_LM, MASKED_LM, TOKEN_CLS, SEQ2SEQ_LM):
+            # ForCausalLMLoss / ForMaskedLMLoss / ForTokenClassification / T5's and BART's CrossEntropyLoss: upcast,
+            # ignore -100
+            targets = inputs["shift_labels"] if self.task == CAUSAL_LM else inputs["labels"]
             return F.cross_entropy(
                 logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             )
-        labels = targets
+        if self.task == MULTIPLE_CHOICE:  # CrossEntropyLoss over the (examples, choices) scores
+            return F.cross_entropy(logits, inputs["labels"], ignore_index=IGNORE_INDEX, reduction="sum")
+        if self.task == QUESTION_ANSWERING:
+            return self._span_sum(logits, inputs)
+        labels = inputs["labels"]
         problem = seq_cls_problem_type(self.config, labels)
         if problem == "regression":
             if self.config.num_labels == 1:
@@ -159,3 +227,14 @@ class PipelineLoss:
                 logits.view(-1, self.config.num_labels), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             )
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum")
+
+    def _span_sum(self, logits: tuple[torch.Tensor, torch.Tensor], inputs: Mapping[str, Any]) -> torch.Tensor:
+        """(start CE sum / the batch's start count + end CE sum / its end count) / 2: summed over the microbatches,
+        HF's `(start_loss + end_loss) / 2` of the whole batch. Logits past the batch's length (padding added for the
+        replicas) are left out, as HF never sees them."""
+        length, *counts = self._spans
+        total = 0.0
+        for side, key, count in zip(logits, LABEL_KEYS[QUESTION_ANSWERING], counts):
+            targets = span_targets(inputs[key], length)
+            total = total + F.cross_entropy(side[:, :length], targets, ignore_index=length, reduction="sum") / count
+        return total / 2

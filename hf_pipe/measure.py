@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import SEQ_CLS, FamilyAdapter, FlopsPerToken
+from .families import MULTIPLE_CHOICE, QUESTION_ANSWERING, SEQ_CLS, TOKEN_CLS, FamilyAdapter, FlopsPerToken
+from .families.base import LABEL_KEYS, NUM_CHOICES
 from .loss import PipelineLoss
 from .stage import block_list, stage_parts
 
@@ -65,9 +66,20 @@ def measure_costs(
         return hidden.detach().requires_grad_()
 
     loss = PipelineLoss(task, config)
-    labels = torch.zeros(microbatch, dtype=torch.long, device=device) if task == SEQ_CLS else input_ids
+    rows = torch.zeros(microbatch, dtype=torch.long, device=device)
+    # the head's inputs and labels: one class per row, per token or per (one-choice) example, or spans at 0
+    inputs = {"labels": input_ids, "shift_labels": input_ids, NUM_CHOICES: 1}
+    if task in (SEQ_CLS, MULTIPLE_CHOICE):
+        inputs["labels"] = rows
+    elif task == TOKEN_CLS:
+        inputs["labels"] = torch.zeros_like(input_ids)
+    elif task == QUESTION_ANSWERING:
+        inputs.update(dict.fromkeys(LABEL_KEYS[task], rows))
+        loss._spans = (seq_len, microbatch, microbatch)
+    if task != MULTIPLE_CHOICE:
+        inputs.update(adapter.head_inputs(config, task, {"input_ids": input_ids}))
     embeddings = _timed(lambda: adapter.embed(copies, input_ids, {}), device)
-    head = _timed(lambda: loss.sum(adapter.head(copies, leaf(), task), labels), device)
+    head = _timed(lambda: loss.sum(adapter.head(copies, leaf(), task, inputs), inputs), device)
     if adapter.halves:
         first = _timed(lambda: adapter.half(block, 0, 0, leaf(), context), device)
         second = _timed(lambda: adapter.half(block, 1, 0, leaf(), context), device)

@@ -29,8 +29,8 @@ from .errors import PipelineConfigError
 IGNORE_INDEX = -100
 #: flash-attention sequence boundaries, recomputed for each microbatch
 FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-#: what the loss reads; never passed to a stage
-LOSS_KEYS = ("labels", "shift_labels")
+#: what the loss reads (question answering's answer spans included); never passed to a stage
+LOSS_KEYS = ("labels", "shift_labels", "start_positions", "end_positions")
 #: per-token values of a padding position: nothing to predict, a token id that exists
 _PAD_VALUES = {"labels": IGNORE_INDEX, "shift_labels": IGNORE_INDEX}
 #: packed microbatches are padded to a multiple of this many tokens (fewer distinct shapes: fewer stage set-ups), with
@@ -67,8 +67,9 @@ class Microbatches:
     input_ids: list[torch.Tensor]
     #: per microbatch, the keyword arguments every stage receives (attention mask, positions, ...)
     kwargs: list[dict[str, Any]]
-    #: per microbatch, the labels as the collator made them, and the causal-LM `shift_labels` (else None)
-    labels: list[torch.Tensor]
+    #: per microbatch, the labels as the collator made them (None for question answering, whose answer spans are in
+    #: `inputs`), and the causal-LM `shift_labels` (else None)
+    labels: list[torch.Tensor | None]
     shift_labels: list[torch.Tensor | None]
     #: the batch's (rows, length)
     batch_shape: tuple[int, int]
@@ -84,15 +85,16 @@ class Microbatches:
     def merge(self, outputs: list[Any]) -> Any:
         """The last stage's per-microbatch outputs, in the batch's own layout (rows, then positions): padding added
         for the cut (rows padded to the replicas' length, packed rows to a common length) is dropped. Outputs that
-        are tuples (an encoder-decoder's logits and encoder output) are merged element by element."""
-        if isinstance(outputs[0], tuple):
-            return tuple(self.merge([output[i] for output in outputs]) for i in range(len(outputs[0])))
+        are tuples (question answering's start and end logits; an encoder-decoder's logits and encoder output) are
+        merged element by element."""
+        outputs = [o[0] if isinstance(o, (tuple, list)) and len(o) == 1 else o for o in outputs]
+        if isinstance(outputs[0], (tuple, list)):
+            return tuple(self.merge([o[i] for o in outputs]) for i in range(len(outputs[0])))
         rows, length = self.batch_shape
         if self.segments is None:
             merged = torch.cat(outputs)
-            per_token = (
-                merged.dim() >= 2 and merged.shape[1] > length and self.input_ids[0].shape[1] == merged.shape[1]
-            )
+            ids = self.input_ids[0]  # per-token outputs of a row of tokens carry the cut's padding
+            per_token = ids.dim() == 2 and merged.dim() >= 2 and merged.shape[1] == ids.shape[1] > length
             return merged[:, :length].contiguous() if per_token else merged
         merged = outputs[0].new_zeros((rows, length, *outputs[0].shape[2:]))
         for output, segments in zip(outputs, self.segments):
@@ -102,15 +104,21 @@ class Microbatches:
 
 
 def cut_rows(
-    batch: Mapping[str, Any], count: int, shift_labels: torch.Tensor | None, length: int | None = None
+    batch: Mapping[str, Any],
+    count: int,
+    shift_labels: torch.Tensor | None,
+    length: int | None = None,
+    pad_token_id: int | None = None,
 ) -> Microbatches:
-    """Dim-0 chunks of a padded batch; `length` (≥ the batch's) pads every row to it first, masked, labels -100."""
+    """Dim-0 chunks of a padded batch; `length` (≥ the batch's) pads every row to it first, masked, labels -100,
+    token ids `pad_token_id` (a decoder classifier pools at the last token that is not padding). Multiple-choice
+    rows, `(examples, choices, seq)`, are cut by example and padded along the sequence."""
     batch = dict(batch)
     if shift_labels is not None:
         batch["shift_labels"] = shift_labels
-    rows, own_length = batch["input_ids"].shape
+    rows, own_length = batch["input_ids"].shape[0], batch["input_ids"].shape[-1]
     if length is not None and length > own_length:
-        batch = _pad_rows(batch, length)
+        batch = _pad_rows(batch, length, pad_token_id)
     parts = {
         k: (v.tensor_split(count) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else [v] * count)
         for k, v in batch.items()
@@ -123,19 +131,21 @@ def cut_rows(
     return _microbatches(chunks, (rows, own_length), None, rows)
 
 
-def _pad_rows(batch: dict[str, Any], length: int) -> dict[str, Any]:
+def _pad_rows(batch: dict[str, Any], length: int, pad_token_id: int | None = None) -> dict[str, Any]:
     ids = batch["input_ids"]
-    extra = length - ids.shape[1]
+    extra = length - ids.shape[-1]
     if batch.get("attention_mask") is None:
         batch["attention_mask"] = torch.ones_like(ids)
+    seq = ids.dim() - 1  # the sequence dimension (after the choices of a multiple-choice batch)
+    pad_values = {**_PAD_VALUES, "input_ids": pad_token_id or 0}
     out = {}
     for k, v in batch.items():
-        if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == ids.shape:
-            pad = (0, 0) * (v.dim() - 2) + (0, extra)
+        if torch.is_tensor(v) and v.dim() > seq and v.shape[: seq + 1] == ids.shape:
+            pad = (0, 0) * (v.dim() - seq - 1) + (0, extra)
             if k == "position_ids":  # positions go on, as HF would number the padding
-                v = torch.cat([v, v[:, -1:] + torch.arange(1, extra + 1, device=v.device)], dim=1)
+                v = torch.cat([v, v[..., -1:] + torch.arange(1, extra + 1, device=v.device)], dim=seq)
             else:
-                v = F.pad(v, pad, value=_PAD_VALUES.get(k, 0))
+                v = F.pad(v, pad, value=pad_values.get(k, 0))
         out[k] = v
     return out
 
@@ -257,7 +267,7 @@ def _microbatches(
     return Microbatches(
         input_ids=[c["input_ids"] for c in chunks],
         kwargs=[{k: v for k, v in c.items() if k not in ("input_ids", *LOSS_KEYS)} for c in chunks],
-        labels=[c["labels"] for c in chunks],
+        labels=[c.get("labels") for c in chunks],
         shift_labels=[c.get("shift_labels") for c in chunks],
         batch_shape=batch_shape,
         segments=segments,

@@ -20,14 +20,19 @@ from .errors import PipelineConfigError
 from .families import (
     CAUSAL_LM,
     MASKED_LM,
+    MULTIPLE_CHOICE,
+    QUESTION_ANSWERING,
     SEQ2SEQ_LM,
     SEQ_CLS,
+    TASKS,
+    TOKEN_CLS,
     FamilyAdapter,
     FlopsPerToken,
     get_family,
     registered_families,
     task_of,
 )
+from .families.base import TASK_CLASSES, is_bare_body
 
 #: What `split` accepts: a policy name, the layer indices where stages begin, or SplitPoint marks by module FQN.
 SplitPolicy = str | Sequence[int] | Mapping[str, SplitPoint]
@@ -144,28 +149,77 @@ def resolve_family(model_type: str) -> FamilyAdapter:
     return adapter
 
 
+def unsupported_head(class_name: str, model_type: str, supported: Sequence[str], frontend: str = "module") -> str:
+    """The one message for a head hf_pipe cannot run: the class, the heads that run, and the fixes."""
+    heads = ", ".join(TASK_CLASSES[t] for t in supported)
+    own_loss = (
+        "give your own loss if its logits take none of those (compute_loss_func=..., or a PipeTrainer subclass's "
+        "compute_microbatch_loss, which receive outputs.logits)"
+    )
+    if frontend == "module":
+        return (
+            f"{class_name} has a head hf_pipe cannot run with pipeline_frontend='module': the {model_type} adapter "
+            f"runs {heads} heads. Fix: load the model with one of those heads (AutoModelFor...); or train its own "
+            "forward with pipeline_frontend='trace' (the whole forward is traced, head included), naming the loss "
+            f"its logits take with pipeline_task= one of {list(TASKS)}, and {own_loss}."
+        )
+    return (
+        f"{class_name} has a head hf_pipe cannot run with pipeline_frontend='trace': its class names no task, and "
+        f"the trace frontend trains {heads} heads. Fix: name the loss its forward's logits take with pipeline_task= "
+        f"one of {list(TASKS)} (a forward returning the logits, or question answering's start and end logits), "
+        f"and {own_loss}; or load the model with one of those heads (AutoModelFor...)."
+    )
+
+
 def _resolve_task(model_or_config: Any, config: Any, adapter: FamilyAdapter, task: str | None) -> str | None:
     if task is not None:
         return task
     if isinstance(model_or_config, nn.Module):
-        return task_of(type(model_or_config).__name__)
-    for arch in getattr(config, "architectures", None) or []:
+        found = task_of(type(model_or_config).__name__)
+        if found is None and not is_bare_body(model_or_config):
+            raise PipelineConfigError(
+                unsupported_head(type(model_or_config).__name__, config.model_type, list(adapter.heads))
+            )
+        return found
+    architectures = getattr(config, "architectures", None) or []
+    for arch in architectures:
         if task_of(arch) in adapter.heads:
             return task_of(arch)
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    heads = [a for a in architectures if task_of(a) is None and a != MODEL_MAPPING_NAMES.get(config.model_type)]
+    if heads:
+        raise PipelineConfigError(unsupported_head(heads[0], config.model_type, list(adapter.heads)))
     return next(iter(adapter.heads))
+
+
+#: the Auto class that builds each task's head from a config
+_AUTO_CLASSES = {
+    SEQ2SEQ_LM: "AutoModelForSeq2SeqLM",
+    CAUSAL_LM: "AutoModelForCausalLM",
+    MASKED_LM: "AutoModelForMaskedLM",
+    SEQ_CLS: "AutoModelForSequenceClassification",
+    TOKEN_CLS: "AutoModelForTokenClassification",
+    QUESTION_ANSWERING: "AutoModelForQuestionAnswering",
+    MULTIPLE_CHOICE: "AutoModelForMultipleChoice",
+}
 
 
 def meta_model(config: Any, task: str | None) -> nn.Module:
     import transformers
 
-    auto = {
-        SEQ2SEQ_LM: transformers.AutoModelForSeq2SeqLM,
-        CAUSAL_LM: transformers.AutoModelForCausalLM,
-        MASKED_LM: transformers.AutoModelForMaskedLM,
-        SEQ_CLS: transformers.AutoModelForSequenceClassification,
-    }.get(task, transformers.AutoModel)
+    auto = getattr(transformers, _AUTO_CLASSES.get(task, "AutoModel"))
     with torch.device("meta"):
         return auto.from_config(config)
+
+
+def body_prefix(model: nn.Module, adapter: FamilyAdapter) -> str:
+    """The attribute of a head model that holds its body: the class's own `base_model_prefix` (Llama's and Qwen's
+    question answering heads keep `transformer` where their other heads say `model`), else the adapter's."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return prefix
+    return adapter.base_prefix
 
 
 def stage_modules(
@@ -175,9 +229,11 @@ def stage_modules(
     first: bool,
     last: bool,
     halves: Sequence[tuple[int, int]] = (),
+    prefix: str | None = None,
 ) -> list[str]:
-    """The module FQNs (from the root model) a stage owns; of a block in `halves`, only that half's sub-modules."""
-    body = f"{adapter.base_prefix}." if task is not None else ""
+    """The module FQNs (from the root model) a stage owns; of a block in `halves`, only that half's sub-modules.
+    `prefix`: the body's attribute (`body_prefix`), default the adapter's."""
+    body = f"{prefix or adapter.base_prefix}." if task is not None else ""
     fqns = [f"{body}{p}" for p in adapter.embeddings.values()] if first else []
     fqns += [f"{body}{p}" for p in adapter.shared.values()]
     half_of = dict(halves)
@@ -349,7 +405,8 @@ def plan_split(
             `"uniform"` gives every stage the same number of blocks; a list of block indices where stages begin
             (`[0, 6, 12, 18]`); or SplitPoint marks by block FQN. Marks left by `annotate_split_points` win over
             `"auto"`.
-        task: `"causal_lm"`, `"masked_lm"` or `"seq_cls"`; read from the model class or `config.architectures`.
+        task: one of `families.TASKS` (`"causal_lm"`, `"seq_cls"`, `"question_answering"`, ...); read from the
+            model class or `config.architectures`.
         seq_len: sequence length the attention cost is estimated at (default: the model's positions, at most 2048).
         costs: per-token costs to balance instead of the FLOP estimate (`"measured"` passes timings, see
             `measure.measure_costs`); `"measured"` without them plans like `"auto"`.
@@ -364,12 +421,18 @@ def plan_split(
     is_model = isinstance(model_or_config, nn.Module)
     config = model_or_config.config if is_model else model_or_config
     adapter = resolve_family(config.model_type)
+    own = task_of(type(model_or_config).__name__) if is_model else None
+    if is_model and task is not None and task != own:
+        raise PipelineConfigError(
+            f"task={task!r} for {type(model_or_config).__name__}, whose class names {own or 'no head'}: the module "
+            f"frontend runs a model's own head with its family's forward; load the model with a {TASK_CLASSES[task]} "
+            "head, or trace this class's own forward with that loss (pipeline_frontend='trace', "
+            f"pipeline_task={task!r})."
+        )
     task = _resolve_task(model_or_config, config, adapter, task)
     if task is not None and task not in adapter.heads:
-        raise PipelineConfigError(
-            f"{type(model_or_config).__name__} ({config.model_type}, task {task}) has no head hf_pipe can run; "
-            f"supported tasks for {config.model_type}: {', '.join(adapter.heads)}."
-        )
+        name = type(model_or_config).__name__ if is_model else f"task={task!r}"
+        raise PipelineConfigError(unsupported_head(name, config.model_type, list(adapter.heads)))
     num_layers = adapter.num_layers(config)
     if num_stages < 1 or num_stages > num_layers:
         raise PipelineConfigError(
@@ -378,7 +441,9 @@ def plan_split(
         )
     seq_len = seq_len or min(getattr(config, "max_position_embeddings", 2048) or 2048, 2048)
     flops = costs or adapter.flops_per_token(config, task, seq_len)
-    body = f"{adapter.base_prefix}." if task is not None else ""
+    meta = model_or_config if is_model else meta_model(config, task)
+    prefix = body_prefix(meta, adapter)
+    body = f"{prefix}." if task is not None else ""
     layer_fqns = [f"{body}{adapter.layers}.{i}" for i in range(num_layers)]
 
     marks = getattr(model_or_config, _SPLIT_POINTS_ATTR, None) if is_model else None
@@ -395,7 +460,6 @@ def plan_split(
         halves_ok,
     )
 
-    meta = model_or_config if is_model else meta_model(config, task)
     half_cost = (flops.first_half, flops.layer - flops.first_half)
     # in half-block units: unit 2k is block k's attention half, 2k + 1 its MLP half
     bounds = [round(2 * start) for start in starts] + [2 * num_layers]
@@ -408,7 +472,7 @@ def plan_split(
         first, last = k == 0, k == num_stages - 1
         cost = sum(half_cost[part] for _, part in halves) + (len(layers) - len(halves)) * flops.layer
         cost += (flops.embeddings if first else 0.0) + (flops.head if last else 0.0)
-        modules = stage_modules(adapter, task, layers, first, last, halves)
+        modules = stage_modules(adapter, task, layers, first, last, halves, prefix)
         stages.append(StagePlan(k, layers, tuple(modules), cost, _param_count(meta, modules), halves))
     return SplitPlan(config.model_type, task, policy, num_layers, tuple(stages), f"{body}{adapter.layers}")
 
@@ -440,7 +504,9 @@ def plan_blocks(
     Embedding lookups cost next to nothing.
     """
     config = getattr(model, "config", None)
-    if config is not None and get_family(getattr(config, "model_type", "")) is not None:
+    adapter = get_family(getattr(config, "model_type", "")) if config is not None else None
+    own_task = task_of(type(model).__name__)
+    if adapter is not None and own_task in adapter.heads and task in (None, own_task):
         return plan_split(model, num_stages, split, task=task, sub_blocks=False)  # traced splits: whole blocks
     prefix = find_blocks(model)
     blocks = model.get_submodule(prefix)
@@ -451,6 +517,7 @@ def plan_blocks(
             f"{len(blocks)} blocks ({prefix}): every stage needs at least one block; use between 1 and "
             f"{len(blocks)} stages."
         )
+    task = task or own_task
     cost = [2.0 * _param_count(model, [fqn]) for fqn in layer_fqns]
     names = {id(m): n for n, m in model.named_modules()}
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -470,6 +537,4 @@ def plan_blocks(
         flops = sum(cost[i] for i in layers) + (head_cost if last else 0.0)
         stages.append(StagePlan(k, layers, tuple(modules), flops, _param_count(model, modules)))
     model_type = getattr(config, "model_type", None) or type(model).__name__
-    if task is None:
-        task = task_of(type(model).__name__)
     return SplitPlan(model_type, task, policy, len(blocks), tuple(stages), prefix)

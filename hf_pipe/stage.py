@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import FamilyAdapter
-from .split import SplitPlan
+from .families import MULTIPLE_CHOICE, FamilyAdapter
+from .families.base import NUM_CHOICES, flatten_choices
+from .split import SplitPlan, body_prefix
 
 
 class StageModule(nn.Module):
@@ -47,6 +48,9 @@ class StageModule(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, **batch: Any) -> torch.Tensor:
+        if self.task == MULTIPLE_CHOICE:  # each (example, choice) is one sequence of the body, as HF flattens them
+            batch = flatten_choices(batch, batch[NUM_CHOICES])
+            x = x.flatten(0, 1) if self.is_first else x
         hidden = self.adapter.embed(self.parts, x, batch) if self.is_first else x
         context = self.adapter.context(self.config, self.parts, hidden, batch)
         for index, block in zip(self.layer_ids, self.blocks):
@@ -55,13 +59,13 @@ class StageModule(nn.Module):
             else:
                 hidden = self.adapter.layer(block, index, hidden, context)
         if self.is_last and self.task is not None:
-            return self.adapter.head(self.parts, hidden, self.task)
+            return self.adapter.head(self.parts, hidden, self.task, batch)
         # A fresh tensor, not a view: zero-bubble schedules detach stage outputs in place.
         return hidden if hidden._base is None else hidden.clone()
 
 
 def _body(model: nn.Module, adapter: FamilyAdapter, task: str | None) -> nn.Module:
-    return model.get_submodule(adapter.base_prefix) if task is not None else model
+    return model.get_submodule(body_prefix(model, adapter)) if task is not None else model
 
 
 def block_list(model: nn.Module, adapter: FamilyAdapter, task: str | None) -> nn.ModuleList:

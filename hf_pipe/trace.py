@@ -39,6 +39,7 @@ from torch.distributed.pipelining._IR import annotate_split_points as _torch_ann
 from torch.distributed.pipelining.stage import _PipelineStage
 
 from .errors import PipelineConfigError
+from .families import MULTIPLE_CHOICE
 from .graph_passes import accept_root_kwargs, forward_skip_connections
 from .split import _SPLIT_POINTS_ATTR, SplitPlan, SplitPolicy, plan_blocks
 from .timeline import TimedStageMixin
@@ -231,6 +232,24 @@ def trace_stages(
     return pipe
 
 
+def output_structure(model: nn.Module, input_ids: torch.Tensor) -> dict[str | int, int] | None:
+    """What the model's forward returns for `input_ids` (no labels), run on a fake copy of it: each output's name (a
+    ModelOutput's key, else its index) and number of dimensions; None where the forward does not run on fake tensors
+    (tracing then reports why). A copy of its own: a forward run outside export leaves state on the modules (cached
+    constants) that a later export of the same copy must not see (Falcon's then corrupts the heap)."""
+    fake, mode = fake_copy(model, input_ids.device)
+    try:
+        with mode, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fake(torch.empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device))
+    except Exception:  # noqa: BLE001  (a forward export cannot capture either: the trace quotes the reason)
+        return None
+    if torch.is_tensor(out):
+        out = (out,)
+    items = out.items() if hasattr(out, "items") else enumerate(out)
+    return {k: v.dim() if torch.is_tensor(v) else -1 for k, v in items}
+
+
 #: named inputs of a model's forward that traced stages cannot feed it: stage 0 takes the batch's token ids
 _UNTRACEABLE_INPUTS = ("inputs_embeds", "pixel_values", "past_key_values", "cache", "cache_position")
 
@@ -312,7 +331,11 @@ class TracedStages:
         self.fake = fake_copy(model, device)
         self.spec = block_split_spec(plan.blocks, plan.layer_starts)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 8
-        probe = torch.zeros(1, min(8, positions), dtype=torch.long, device=device)
+        # a multiple-choice model takes (examples, choices, seq)
+        shape = (1, 2, min(8, positions)) if plan.task == MULTIPLE_CHOICE else (1, min(8, positions))
+        probe = torch.zeros(shape, dtype=torch.long, device=device)
+        #: the forward's outputs (name or index: dimensions), see `output_structure`; None: unknown
+        self.outputs = output_structure(model, probe)
         pipe = trace_stages(model, self.spec, (probe,), fake=self.fake, training=True)
         used = [_state_fqns(pipe.get_stage_module(i)) for i in range(pipe.num_stages)]
         #: (FQNs of a tied weight, the stages whose graphs use it)

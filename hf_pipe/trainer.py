@@ -38,7 +38,7 @@ from .loading import model_and_weights
 from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
 from .seq2seq_split import dataset_lengths
 from .timeline import measured_bubble, write_timeline
-from .trainer_options import frontend_option_problems, trainer_argument_problems
+from .trainer_options import frontend_option_problems, label_names_problems, trainer_argument_problems
 from .training_args import PipeTrainingArguments
 from .validate import dataset_problems, model_problems
 
@@ -128,6 +128,7 @@ class PipeTrainer(Trainer):
             )
             + (FRONTENDS[frontend](staged.config).trainer_problems(args, staged) if frontend in FRONTENDS else [])
             + frontend_option_problems(args, frontend)
+            + label_names_problems(args.label_names, model, args.pipeline_task)
             + trainer_argument_problems(kwargs)
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", staged.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, staged.config)]
@@ -147,6 +148,7 @@ class PipeTrainer(Trainer):
             frontend=frontend,
             weights=weights,
             sequence_lengths=dataset_lengths(kwargs.get("train_dataset")),
+            task=args.pipeline_task,
         )
         self.pipeline = PipelineModule(self.engine, staged.config, model)
         self._tied_reduced = False
@@ -345,7 +347,7 @@ class PipeTrainer(Trainer):
             dp_scale = self._dp_size
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.engine.plan.task == CAUSAL_LM:
             return float(num_items_in_batch) / dp_scale
-        normalizer = float(self.engine.loss.count(inputs["labels"], inputs.get("shift_labels"))) / dp_scale
+        normalizer = float(self.engine.loss.count(inputs)) / dp_scale
         if not training:
             return normalizer
         scaled_for_ga = self.loss_is_scaled_for_ga
@@ -407,7 +409,7 @@ class PipeTrainer(Trainer):
             ...         return loss, {"z": outputs.logits.logsumexp(-1).pow(2).mean().item()}
         """
         if self.compute_loss_func is None:
-            return self.engine.loss.model_loss(outputs.logits, inputs)
+            return self.engine.loss.model_loss(outputs, inputs)
         loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self._dp_size
@@ -487,7 +489,9 @@ class PipeTrainer(Trainer):
             inputs.update(synced)
         inputs = synced
         raise_if_any(self.engine.batch_problems(inputs))
-        labels = inputs["labels"]
+        # as Trainer gathers them: the label_names columns, one tensor or a tuple (question answering's spans)
+        labels = tuple(inputs.get(name) for name in self.label_names)
+        labels = None if not labels or any(x is None for x in labels) else labels[0] if len(labels) == 1 else labels
         num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
         normalizer = self._loss_normalizer(inputs, num_items_in_batch, False)
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
@@ -498,20 +502,20 @@ class PipeTrainer(Trainer):
         return loss, self._broadcast_from_last_stage(logits), labels
 
     def _broadcast_from_last_stage(self, logits: Any) -> Any:
-        """The last stage's logits on every rank, so `compute_metrics` runs (and agrees) everywhere. A tuple (an
-        encoder-decoder's logits and encoder output) goes element by element."""
+        """The last stage's logits (a tensor, or a tuple: question answering's (start, end) pair, an
+        encoder-decoder's logits and encoder output) on every rank, so `compute_metrics` runs (and agrees) everywhere."""
         engine = self.engine
         src = engine.stage_to_rank[engine.num_stages - 1]
-        parts = logits if isinstance(logits, tuple) else (logits,)
-        meta = [[(tuple(t.shape), t.dtype) for t in parts] if logits is not None else None]
+        parts = None if logits is None else list(logits) if isinstance(logits, tuple) else [logits]
+        meta = [None if parts is None else ([(tuple(t.shape), t.dtype) for t in parts], isinstance(logits, tuple))]
         dist.broadcast_object_list(meta, group_src=src, group=engine.group)
-        out = []
-        for i, (shape, dtype) in enumerate(meta[0]):
-            # gloo sends a tensor's storage: a strided view would arrive scrambled
-            t = torch.empty(shape, dtype=dtype, device=engine.device) if logits is None else parts[i].contiguous()
-            dist.broadcast(t, group_src=src, group=engine.group)
-            out.append(t)
-        return tuple(out) if len(out) > 1 else out[0]
+        shapes, is_tuple = meta[0]
+        if parts is None:
+            parts = [torch.empty(shape, dtype=dtype, device=engine.device) for shape, dtype in shapes]
+        parts = [t.contiguous() for t in parts]  # gloo sends a tensor's storage: a strided view would arrive scrambled
+        for tensor in parts:
+            dist.broadcast(tensor, group_src=src, group=engine.group)
+        return tuple(parts) if is_tuple else parts[0]
 
     # -- saving and loading ------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -81,6 +81,10 @@ REFUSED_OPTIMIZERS: dict[str, str] = {
 }
 
 
+#: the label columns a pipeline's loss can read (sorted): `labels`, or question answering's two answer positions
+_LABEL_SETS = (["labels"], ["end_positions", "start_positions"])
+
+
 def training_args_problems(args: Any, data_parallel_size: int = 1) -> list[str]:
     """Training arguments Trainer would apply to the whole model, or across all processes, and so cannot reach the
     stages. Works on the fields as given (before `TrainingArguments.__post_init__` normalises them) and after."""
@@ -135,10 +139,11 @@ def training_args_problems(args: Any, data_parallel_size: int = 1) -> list[str]:
             "auto_find_batch_size=True: an out-of-memory retry on one rank would leave its peers waiting; "
             "set per_device_train_batch_size yourself."
         )
-    if args.label_names is not None and list(args.label_names) != ["labels"]:
+    if args.label_names is not None and sorted(args.label_names) not in _LABEL_SETS:
         problems.append(
-            f"label_names={list(args.label_names)!r}: the pipeline's loss and evaluation read the batch's 'labels'; "
-            "name the label column 'labels' and leave label_names unset (or ['labels'])."
+            f"label_names={list(args.label_names)!r}: the pipeline's loss and evaluation read the batch's 'labels' "
+            "(or, for question answering, 'start_positions' and 'end_positions'); name the label columns so and "
+            "leave label_names unset (or set it to those names)."
         )
     if getattr(args, "past_index", -1) != -1:  # a field of older transformers releases
         problems.append(
@@ -229,6 +234,22 @@ def frontend_option_problems(args: Any, frontend: str) -> list[str]:
             "(CUDA_VISIBLE_DEVICES='')."
         )
     return problems
+
+
+def label_names_problems(label_names: Any, model: Any, task: str | None = None) -> list[str]:
+    """`label_names` other than the columns the model's head reads: Trainer would gather those as the labels of
+    `compute_metrics`, while the pipeline's loss reads the head's own."""
+    from .families import task_of
+    from .families.base import LABEL_KEYS
+
+    task = task or task_of(type(model).__name__)
+    if label_names is None or task is None or sorted(label_names) == sorted(LABEL_KEYS[task]):
+        return []
+    return [
+        f"label_names={list(label_names)!r} for {type(model).__name__}, whose loss reads {list(LABEL_KEYS[task])}: "
+        "the pipeline's loss and evaluation read those columns; leave label_names unset (Trainer then finds them "
+        f"in the model's forward) or set label_names={list(LABEL_KEYS[task])}."
+    ]
 
 
 def trainer_argument_problems(arguments: dict[str, Any]) -> list[str]:

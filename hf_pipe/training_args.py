@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from .cpu_affinity import affinity_problems, allowed_cpus, local_world
 from .errors import raise_if_any
+from .families import TASKS
 from .schedule import SCHEDULES, check_schedule, default_stages_per_rank, divisors, largest_divisor_at_most
 from .split import POLICIES
 from .trainer_options import training_args_problems
@@ -69,6 +70,15 @@ class PipelineArguments:
             "the encoder's then the decoder's blocks), or 'auto' (the adapter's frontend where one is registered, "
             "trace otherwise).",
             "choices": ["auto", "module", "trace", "seq2seq"],
+        },
+    )
+    pipeline_task: str | None = field(
+        default=None,
+        metadata={
+            "help": "The head's task, for a model whose class does not name one (a custom head, your own "
+            "nn.Module), with pipeline_frontend='trace': the loss the traced forward's logits take. Default: from the "
+            "model class (...ForCausalLM, ...ForSequenceClassification, ...).",
+            "choices": list(TASKS),
         },
     )
     pipeline_data_parallel: str = field(
@@ -150,6 +160,8 @@ class PipelineArguments:
                 f"or `accelerate launch --multi_gpu --num_processes {self.pipeline_parallel_size}`."
             )
         problems += frontend_problems(self.pipeline_frontend)
+        if self.pipeline_task is not None and self.pipeline_task not in TASKS:
+            problems.append(f"pipeline_task={self.pipeline_task!r} is not a task; valid options are {list(TASKS)}.")
         if self.pipeline_data_parallel not in ("ddp", "fsdp"):
             problems.append(
                 f"pipeline_data_parallel={self.pipeline_data_parallel!r} is not a data-parallel mode; valid options "

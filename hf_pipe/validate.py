@@ -81,9 +81,13 @@ def dataset_problems(dataset: Any, setting: str, config: Any) -> list[str]:
     positions = getattr(config, "max_position_embeddings", None)
     column = getattr(dataset, "column_names", None)
     if positions and column and "input_ids" in column:
+        import pyarrow as pa
         import pyarrow.compute as pc
 
-        longest = pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0
+        ids = dataset.data.column("input_ids")
+        while pa.types.is_list(ids.type) and pa.types.is_list(ids.type.value_type):  # multiple choice: per choice
+            ids = pc.list_flatten(ids)
+        longest = pc.max(pc.list_value_length(ids)).as_py() or 0
         if longest > positions:
             problems.append(
                 f"{setting} has sequences of {longest} tokens but the model has max_position_embeddings={positions}; "

@@ -216,6 +216,65 @@ CASES.update(
 SEQ2SEQ = ("t5", "t5-v1_1", "mt5", "bart", "bart-untied", "mbart", "plbart")
 
 
+class LlamaRewardModel(transformers.LlamaForSequenceClassification):
+    """A user's class whose name tells no task (a reward model): trained traced, with `pipeline_task="seq_cls"`.
+    HF finds a loss by the class name too, so the class names it."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.loss_type = "ForSequenceClassification"
+
+
+_LLAMA = CASES["llama"][2]
+_BERT = CASES["bert-cls"][2]
+# The heads beyond causal / masked LM and BERT's classifier, on a decoder (Llama) and encoders (BERT; RoBERTa has no
+# adapter: traced). Llama's classifiers pool at the last token that is not pad_token_id; its token classifier's
+# dropout (classifier_dropout, else 0.1) is set to 0 like every other dropout here.
+CASES.update(
+    {
+        "llama-cls": (
+            transformers.LlamaConfig,
+            transformers.LlamaForSequenceClassification,
+            dict(_LLAMA, num_labels=3, pad_token_id=0),
+        ),
+        "llama-rm": (transformers.LlamaConfig, LlamaRewardModel, dict(_LLAMA, num_labels=1, pad_token_id=0)),
+        "llama-tok": (
+            transformers.LlamaConfig,
+            transformers.LlamaForTokenClassification,
+            dict(_LLAMA, num_labels=3, classifier_dropout=0.0),
+        ),
+        "llama-qa": (transformers.LlamaConfig, transformers.LlamaForQuestionAnswering, _LLAMA),
+        "bert-tok": (transformers.BertConfig, transformers.BertForTokenClassification, _BERT),
+        "bert-qa": (transformers.BertConfig, transformers.BertForQuestionAnswering, dict(_BERT, num_labels=2)),
+        "bert-mc": (transformers.BertConfig, transformers.BertForMultipleChoice, _BERT),
+        # the other adapters' heads (checked against one process in tests/test_heads.py)
+        "gpt2-cls": (
+            transformers.GPT2Config,
+            transformers.GPT2ForSequenceClassification,
+            dict(CASES["gpt2"][2], num_labels=3, pad_token_id=0),
+        ),
+        "gpt2-tok": (
+            transformers.GPT2Config,
+            transformers.GPT2ForTokenClassification,
+            dict(CASES["gpt2"][2], num_labels=3, classifier_dropout=0.0),
+        ),
+        "gpt2-qa": (transformers.GPT2Config, transformers.GPT2ForQuestionAnswering, CASES["gpt2"][2]),
+        "qwen2-qa": (transformers.Qwen2Config, transformers.Qwen2ForQuestionAnswering, CASES["qwen2"][2]),
+        "mistral-cls": (
+            transformers.MistralConfig,
+            transformers.MistralForSequenceClassification,
+            dict(CASES["mistral"][2], num_labels=3, pad_token_id=0),
+        ),
+        "bert-lm": (transformers.BertConfig, transformers.BertLMHeadModel, dict(_BERT, is_decoder=True)),
+        "roberta-mc": (
+            transformers.RobertaConfig,
+            transformers.RobertaForMultipleChoice,
+            dict(_BERT, max_position_embeddings=66, pad_token_id=0),
+        ),
+    }
+)
+
+
 class TinyBlock(torch.nn.Module):
     """Pre-norm causal self-attention and MLP: a user's own block, not a transformers class."""
 

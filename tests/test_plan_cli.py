@@ -99,3 +99,55 @@ def test_plan_for_a_family_without_adapter(capsys):
 
     with pytest.raises(PipelineConfigError, match="model_type='gpt_neox' has no family adapter"):
         main(["plan", "--model_type", "gpt_neox", "--config", config, "--pipeline_frontend", "module"])
+
+
+_SMALL = "num_hidden_layers=4,hidden_size=64,intermediate_size=128,num_attention_heads=4,vocab_size=1000"
+# per head: (model type, architecture, the head module the last stage ends with, logits per token it keeps)
+_HEADS = [
+    ("llama", "LlamaForCausalLM", "lm_head", 1000),
+    ("llama", "LlamaForSequenceClassification", "score", 2),  # scored on every token, then pooled
+    ("llama", "LlamaForTokenClassification", "score", 2),
+    ("llama", "LlamaForQuestionAnswering", "qa_outputs", 2),
+    ("bert", "BertForMaskedLM", "cls", 1000),
+    ("bert", "BertForSequenceClassification", "classifier", None),  # pooled: one vector per sequence
+    ("bert", "BertForTokenClassification", "classifier", 2),
+    ("bert", "BertForQuestionAnswering", "qa_outputs", 2),
+    ("bert", "BertForMultipleChoice", "classifier", None),
+]
+
+
+@pytest.mark.parametrize("model_type, architecture, module, logits", _HEADS, ids=[h[1] for h in _HEADS])
+def test_plan_knows_each_head(model_type, architecture, module, logits):
+    """Each head's modules on the last stage (as PipeTrainer splits the model itself), its FLOPs and the activations
+    its logits and loss keep (a multiple-choice batch holds num_choices sequences per example)."""
+    import transformers
+
+    from hf_pipe import plan_split
+    from hf_pipe.cli import PlanArguments, describe
+    from hf_pipe.training_args import PipelineArguments
+
+    plan_args = PlanArguments(model_type=model_type, config=_SMALL, architecture=architecture, seq_len=32)
+    summary = describe(plan_args, PipelineArguments(pipeline_parallel_size=2))
+    last = summary["stages"][-1]
+    assert last["modules"][-1].rsplit(".", 1)[-1] == module
+    config = transformers.AutoConfig.for_model(model_type, **_parse(_SMALL))
+    model = getattr(transformers, architecture)(config)
+    stages = plan_split(model, 2, seq_len=32).stages
+    assert [list(s.modules) for s in stages] == [s["modules"] for s in summary["stages"]]
+    # what the last stage's microbatches keep in flight: 8 rows / 4 microbatches, of 32 tokens, 1 in flight (1F1B)
+    choices = 4 if architecture.endswith("MultipleChoice") else 1
+    sequences = 8 // summary["microbatches"] * choices * last["microbatches_in_flight"]
+    if logits is not None:  # fp32 logits and the log-softmax of the loss, per token
+        assert last["head_activation_bytes"] == sequences * 32 * logits * (4 + 4)
+        assert summary["head_flops_per_token"] >= 2 * 64 * logits
+    else:  # the pooled hidden vector and the logits, per sequence
+        assert last["head_activation_bytes"] == sequences * (64 + (2 if choices == 1 else 1)) * (4 + 4)
+    if architecture.endswith("MultipleChoice"):
+        six = describe(
+            PlanArguments(**{**vars(plan_args), "num_choices": 6}), PipelineArguments(pipeline_parallel_size=2)
+        )
+        assert six["stages"][0]["activation_bytes"] == 6 * summary["stages"][0]["activation_bytes"] // 4
+
+
+def _parse(text: str) -> dict:
+    return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}

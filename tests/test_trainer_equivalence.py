@@ -8,7 +8,17 @@ import os
 import pytest
 
 from hf_pipe.cpu_affinity import core_share
-from tests._data import PadCollator, cls_dataset, lm_dataset, seq2seq_dataset
+from tests._data import (
+    HeadCollator,
+    PadCollator,
+    cls_dataset,
+    labelled_cls_dataset,
+    lm_dataset,
+    mc_dataset,
+    qa_dataset,
+    seq2seq_dataset,
+    token_dataset,
+)
 from tests._dist import run_distributed
 from tests._models import tiny_model
 
@@ -21,9 +31,27 @@ TASKS = {
     "bert-cls": "seq_cls",
     "llama-tied": "causal_lm",
     "gpt_neox": "causal_lm",
+    "llama-cls": "seq_cls",
+    "llama-rm": "seq_cls",
+    "llama-tok": "token_cls",
+    "llama-qa": "question_answering",
+    "bert-tok": "token_cls",
+    "bert-qa": "question_answering",
+    "bert-mc": "multiple_choice",
+    "roberta-mc": "multiple_choice",
     "t5": "seq2seq_lm",
     "t5-v1_1": "seq2seq_lm",
     "bart": "seq2seq_lm",
+}
+#: the Auto class that loads a saved checkpoint of each task
+AUTO = {
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+    "token_cls": "AutoModelForTokenClassification",
+    "question_answering": "AutoModelForQuestionAnswering",
+    "multiple_choice": "AutoModelForMultipleChoice",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
 }
 
 
@@ -49,18 +77,33 @@ def _common_args(output_dir: str, **overrides) -> dict:
     return args
 
 
-def _datasets(name: str, train: int = 45, evaluation: int = 13):
+def _datasets(name: str, train: int = 45, evaluation: int = 13, **data):
     # 45 and 13 rows: the last batch of an epoch (5 rows) and of evaluation (5 rows) are short and odd
-    if TASKS[name] == "seq_cls":
-        return cls_dataset(train, seed=0), cls_dataset(evaluation, seed=5)
-    if TASKS[name] == "seq2seq_lm":
-        return seq2seq_dataset(train, seed=0), seq2seq_dataset(evaluation, seed=5)
-    return lm_dataset(train, seed=0), lm_dataset(evaluation, seed=5)
+    task = TASKS[name]
+    if task == "seq_cls" and data:  # a problem type, or row lengths
+        make = labelled_cls_dataset
+    else:
+        make = {
+            "seq_cls": cls_dataset,
+            "token_cls": token_dataset,
+            "question_answering": qa_dataset,
+            "multiple_choice": mc_dataset,
+            "seq2seq_lm": seq2seq_dataset,
+        }.get(task, lm_dataset)
+    return make(train, seed=0, **data), make(evaluation, seed=5, **data)
 
 
 def _accuracy(pred):
+    """Accuracy for every head (token classification: over the labelled tokens; question answering: both span ends
+    right; regression and multi-label: the mean squared error of the logits)."""
     logits, labels = pred
-    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+    if isinstance(logits, tuple):
+        starts, ends = (side.argmax(-1) for side in logits)
+        return {"accuracy": float(((starts == labels[0]) & (ends == labels[1])).mean())}
+    if labels.dtype.kind == "f":
+        return {"mse": float(((logits.reshape(labels.shape) - labels) ** 2).mean())}
+    right = logits.argmax(-1) == labels
+    return {"accuracy": float(right[labels != -100].mean() if logits.ndim == 3 else right.mean())}
 
 
 def _token_accuracy(pred):
@@ -76,15 +119,17 @@ def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict, 
 
     `setup` (module-level objects, so that it reaches spawned ranks): `model` (tiny_model overrides), `collator`
     (a function of the task returning the data collator), `trainer_kwargs` (more Trainer arguments), `classes`
-    ((Trainer class, PipeTrainer class)), `rows` ((train, eval) dataset sizes).
+    ((Trainer class, PipeTrainer class)), `rows` ((train, eval) dataset sizes), `data` (dataset builder kwargs: row
+    lengths, a classification problem type), `args` (training arguments of this case, reference included).
     """
     from transformers import Trainer, TrainingArguments
 
     from hf_pipe import PipeTrainer, PipeTrainingArguments
 
     setup = setup or {}
+    extra = {**extra, **setup.get("args", {})}
     model = tiny_model(name, **setup.get("model", {}))
-    train, evaluation = _datasets(name, *setup.get("rows", (45, 13)))
+    train, evaluation = _datasets(name, *setup.get("rows", (45, 13)), **setup.get("data", {}))
     if pipeline is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         os.environ["ACCELERATE_USE_CPU"] = "true"  # Trainer + DDP over gloo, as `accelerate launch` on CPUs
     trainer_cls, pipe_cls = setup.get("classes", (Trainer, PipeTrainer))
@@ -92,8 +137,10 @@ def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict, 
         args, cls = TrainingArguments(**_common_args(output_dir, **extra)), trainer_cls
     else:
         args, cls = PipeTrainingArguments(**_common_args(output_dir, **extra), **pipeline), pipe_cls
-    metrics = {"seq_cls": _accuracy, "seq2seq_lm": _token_accuracy}.get(TASKS[name])
-    collator = setup.get("collator", PadCollator)(TASKS[name])
+    task = TASKS[name]
+    metrics = {"causal_lm": None, "masked_lm": None, "seq2seq_lm": _token_accuracy}.get(task, _accuracy)
+    collator = setup.get("collator", PadCollator if task in ("causal_lm", "seq_cls", "seq2seq_lm") else HeadCollator)
+    collator = collator(TASKS[name])
     trainer = cls(
         model=model,
         args=args,
@@ -184,6 +231,41 @@ def compare(
     return check_runs(name, tmp_path, world, pipelines, ref, per_rank, loss_tol, weight_tol, setup)
 
 
+def _many_references(cases: list[tuple], root: str, extra: dict) -> list[dict]:
+    return [
+        run_trainer(name, os.path.join(root, f"case{c}", "ref"), None, extra, setup)
+        for c, (name, _, setup) in enumerate(cases)
+    ]
+
+
+def _many_pipelines(cases: list[tuple], root: str, extra: dict) -> list[list[dict]]:
+    return [
+        _pipeline_runs(name, os.path.join(root, f"case{c}"), p, extra, setup)
+        for c, (name, p, setup) in enumerate(cases)
+    ]
+
+
+def compare_many(
+    cases: list[tuple[str, list[dict], dict | None]],
+    tmp_path,
+    world: int,
+    loss_tol: float = LOSS_TOL,
+    weight_tol: float = WEIGHT_TOL,
+    **extra,
+) -> dict[str, dict]:
+    """`compare` for several models at once, `cases` being (name, pipelines, setup): every Trainer reference in one
+    process, every pipeline in one group of `world` ranks (process start-up dominates tiny runs on 2 cores)."""
+    refs = run_distributed(_many_references, 1, cases, str(tmp_path), extra, timeout=400, launcher_env=True)[0]
+    per_rank = run_distributed(_many_pipelines, world, cases, str(tmp_path), extra, timeout=600, launcher_env=True)
+    worst = {}
+    for c, ((name, pipelines, setup), ref) in enumerate(zip(cases, refs)):
+        runs = [rank[c] for rank in per_rank]
+        found = check_runs(name, tmp_path / f"case{c}", world, pipelines, ref, runs, loss_tol, weight_tol, setup)
+        assert not set(found) & set(worst), f"two cases labelled {sorted(set(found) & set(worst))}: give one a label"
+        worst.update(found)
+    return worst
+
+
 def check_runs(
     name: str,
     tmp_path,
@@ -194,13 +276,13 @@ def check_runs(
     loss_tol: float = LOSS_TOL,
     weight_tol: float = WEIGHT_TOL,
     setup: dict | None = None,
-) -> dict[str, float]:
-    """`compare`'s checks, on runs made already: `ref` saved under `tmp_path/ref`, pipeline i under `tmp_path/pp{i}`."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+) -> dict[str, dict]:
+    """Assert and return the worst differences of each pipeline run (per rank) from the Trainer reference: logged
+    losses, grad norms and metrics, eval loss and metrics before and after training, the saved weights (loaded with
+    the task's AutoModelFor...)."""
+    import transformers
 
-    auto = {"seq_cls": AutoModelForSequenceClassification, "seq2seq_lm": AutoModelForSeq2SeqLM}.get(
-        TASKS[name], AutoModelForCausalLM
-    )
+    auto = getattr(transformers, AUTO[TASKS[name]])
     ref_weights = auto.from_pretrained(tmp_path / "ref" / "final").state_dict()
     worst = {}
     for i, pipeline in enumerate(pipelines):
@@ -208,6 +290,7 @@ def check_runs(
             f"{name} {pipeline.get('pipeline_frontend', 'auto')} {pipeline.get('pipeline_schedule', '1f1b')} x{world}"
         )
         label += f" split {pipeline['pipeline_split']}" if "pipeline_split" in pipeline else ""
+        label += f" {setup['label']}" if setup and "label" in setup else ""
         errs = {"loss": 0.0, "grad_norm": 0.0, "eval_loss": 0.0, "metrics": 0.0, "weights": 0.0}
         errs["metric_names"] = sorted({k for log in run_logs(ref) for k in _metric_keys(log, log)})
         for r, rank in enumerate(per_rank):

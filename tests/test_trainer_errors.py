@@ -9,6 +9,7 @@ import transformers
 from hf_pipe import PipelineConfigError
 from tests._data import PadCollator, lm_dataset
 from tests._dist import run_distributed
+from tests._models import CASES as CASES_MODELS
 from tests._models import tiny_model
 
 
@@ -60,6 +61,12 @@ def _t5_classifier():
     )
 
 
+def _bert_pretraining():
+    """A head no adapter runs: masked LM and next-sentence logits from one forward."""
+    config_cls, _, kwargs = CASES_MODELS["bert-mlm"]
+    return transformers.BertForPreTraining(config_cls(vocab_size=97, **kwargs))
+
+
 def _gpt2_three_blocks():
     return tiny_model("gpt2", n_layer=3)
 
@@ -105,6 +112,35 @@ CASES = [
     ({"model": _t5, "pipeline_frontend": "module"}, "pipeline_frontend='module' with model_type='t5': its stages"),
     ({"model": _t5, "pipeline_frontend": "trace"}, "the trace frontend does not pipeline encoder-decoders"),
     ({"model": _t5_classifier}, "T5ForSequenceClassification has no head PipeTrainer can train on an encoder-deco"),
+    # heads (issue 17): one that used to crash with an AttributeError now starts; the others are one clear error
+    ({"model": ("bert-tok", 0)}, None),
+    (
+        {"model": _bert_pretraining},
+        "BertForPreTraining has a head hf_pipe cannot run with pipeline_frontend='module': the bert adapter runs",
+    ),
+    (
+        {"model": _bert_pretraining, "pipeline_frontend": "trace"},
+        "BertForPreTraining has a head hf_pipe cannot run with pipeline_frontend='trace': its class names no task",
+    ),
+    (
+        {"model": _bert_pretraining, "pipeline_frontend": "trace", "pipeline_task": "masked_lm"},
+        "BertForPreTraining's forward returns prediction_logits (3-d), seq_relationship_logits (2-d) (without "
+        "labels), but the masked_lm loss reads logits (3-d)",
+    ),
+    (
+        {"model": ("gpt2", 0), "pipeline_task": "seq_cls"},
+        "pipeline_task='seq_cls' for GPT2LMHeadModel with pipeline_frontend='module'",
+    ),
+    (
+        {"model": ("gpt2", 0), "pipeline_task": "seq_cls", "pipeline_frontend": "trace"},
+        "GPT2LMHeadModel's forward returns logits (3-d) (without labels), but the seq_cls loss reads logits (2-d)",
+    ),
+    ({"pipeline_task": "reward"}, "pipeline_task='reward' is not a task; valid options are"),
+    (
+        {"model": ("bert-qa", 0), "label_names": ["labels"]},
+        "label_names=['labels'] for BertForQuestionAnswering, whose loss reads ['start_positions', 'end_positions']",
+    ),
+    ({"model": ("bert-qa", 0), "label_names": ["end_positions", "start_positions"]}, None),
     ({"pipeline_frontend": "jit"}, "pipeline_frontend='jit' is not a frontend; valid options are"),
     (
         {"model": ("gpt2", 0), "pipeline_frontend": "trace", "gradient_checkpointing": True},

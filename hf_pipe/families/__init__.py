@@ -6,7 +6,19 @@ Adding a family is one file with a `FamilyAdapter` subclass and one `register_fa
 from __future__ import annotations
 
 from .bart import BartAdapter
-from .base import CAUSAL_LM, MASKED_LM, SEQ2SEQ_LM, SEQ_CLS, TASKS, FamilyAdapter, FlopsPerToken, task_of
+from .base import (
+    CAUSAL_LM,
+    MASKED_LM,
+    MULTIPLE_CHOICE,
+    QUESTION_ANSWERING,
+    SEQ2SEQ_LM,
+    SEQ_CLS,
+    TASKS,
+    TOKEN_CLS,
+    FamilyAdapter,
+    FlopsPerToken,
+    task_of,
+)
 from .bert import BertAdapter
 from .gpt2 import Gpt2Adapter
 from .llama import LlamaAdapter
@@ -59,8 +71,11 @@ __all__ = [
     "CAUSAL_LM",
     "MASKED_LM",
     "SEQ2SEQ_LM",
+    "MULTIPLE_CHOICE",
+    "QUESTION_ANSWERING",
     "SEQ_CLS",
     "TASKS",
+    "TOKEN_CLS",
     "FamilyAdapter",
     "FlopsPerToken",
     "get_family",

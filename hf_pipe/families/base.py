@@ -5,6 +5,10 @@ four pieces of a stage's forward: embed (first stage), per-stage context (masks,
 every stage from the batch each rank already holds, so nothing but hidden states travels between stages), one block,
 and the head (last stage). Everything else — which blocks a stage owns, sending activations, the schedule — is
 shared code.
+
+A head is one entry of the adapter's `heads` (its modules by role) and one branch of its `head` forward, built from
+the helpers below, which compute what HF's own heads compute (the last non-padding token a decoder classifier pools,
+the start/end split of question answering, the choices of multiple choice).
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from torch import nn
 CAUSAL_LM = "causal_lm"
 MASKED_LM = "masked_lm"
 SEQ_CLS = "seq_cls"
+TOKEN_CLS = "token_cls"
+QUESTION_ANSWERING = "question_answering"
+MULTIPLE_CHOICE = "multiple_choice"
 #: an encoder-decoder's language-model head (T5, BART): labels not shifted, the decoder reads them shifted right
 SEQ2SEQ_LM = "seq2seq_lm"
-TASKS = (CAUSAL_LM, MASKED_LM, SEQ_CLS, SEQ2SEQ_LM)
+TASKS = (CAUSAL_LM, MASKED_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANSWERING, MULTIPLE_CHOICE, SEQ2SEQ_LM)
 
 # Class-name endings that tell which head (and so which loss) a model carries.
 _TASK_SUFFIXES = (
@@ -29,11 +36,30 @@ _TASK_SUFFIXES = (
     ("LMHeadModel", CAUSAL_LM),
     ("ForMaskedLM", MASKED_LM),
     ("ForSequenceClassification", SEQ_CLS),
+    ("ForTokenClassification", TOKEN_CLS),
+    ("ForQuestionAnswering", QUESTION_ANSWERING),
+    ("ForMultipleChoice", MULTIPLE_CHOICE),
 )
+#: the HF head class names of each task, for messages ("...ForQuestionAnswering")
+TASK_CLASSES = {
+    CAUSAL_LM: "...ForCausalLM / ...LMHeadModel",
+    MASKED_LM: "...ForMaskedLM",
+    SEQ_CLS: "...ForSequenceClassification",
+    TOKEN_CLS: "...ForTokenClassification",
+    QUESTION_ANSWERING: "...ForQuestionAnswering",
+    MULTIPLE_CHOICE: "...ForMultipleChoice",
+    SEQ2SEQ_LM: "...ForConditionalGeneration (encoder-decoder)",
+}
+#: the batch keys each task's loss reads (Trainer's `label_names` for the head); never passed to a stage
+LABEL_KEYS = {task: ("labels",) for task in TASKS} | {QUESTION_ANSWERING: ("start_positions", "end_positions")}
+#: keys the module frontend adds to each microbatch for the head (see `head_inputs`)
+LAST_NON_PAD = "last_non_pad_token"
+NUM_CHOICES = "num_choices"
 
 
 def task_of(class_name: str, config: Any = None) -> str | None:
-    """The training task of a model class (`"GPT2LMHeadModel"` -> `"causal_lm"`), or None for a bare body.
+    """The training task of a model class (`"GPT2LMHeadModel"` -> `"causal_lm"`), or None (a bare body, or a head
+    hf_pipe has no loss for).
 
     `...ForConditionalGeneration` is an encoder-decoder's LM head only when `config.is_encoder_decoder` says so (vision-
     language models of that name are decoders)."""
@@ -43,6 +69,13 @@ def task_of(class_name: str, config: Any = None) -> str | None:
         if class_name.endswith(suffix):
             return task
     return None
+
+
+def is_bare_body(model: nn.Module) -> bool:
+    """A HF base model (`LlamaModel`, `BertModel`): no head, the body is the model itself. Anything else without a
+    known task carries a head hf_pipe cannot run."""
+    prefix = getattr(model, "base_model_prefix", None)
+    return not prefix or not isinstance(getattr(model, prefix, None), nn.Module)
 
 
 @dataclass(frozen=True)
@@ -103,8 +136,25 @@ class FamilyAdapter:
         """Half `part` (0: attention, 1: MLP) of block `index`, residual included, exactly as the block computes it."""
         raise NotImplementedError
 
-    def head(self, parts: Mapping[str, nn.Module], hidden: torch.Tensor, task: str) -> torch.Tensor:
+    def head(
+        self, parts: Mapping[str, nn.Module], hidden: torch.Tensor, task: str, batch: Mapping[str, Any]
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The last stage's output for `task`: what the HF head returns as its logits (for question answering the
+        pair `(start_logits, end_logits)`). `batch` holds the microbatch's extra inputs and `head_inputs`' keys."""
         raise NotImplementedError
+
+    #: tasks whose head pools each sequence at its last non-padding token (decoder classifiers)
+    pools_last_token: tuple[str, ...] = ()
+
+    def head_inputs(self, config: Any, task: str, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """What the head needs from the whole batch besides hidden states, computed once before the batch is cut (the
+        last stage never sees `input_ids`): the pooled positions of a decoder classifier, the choice count."""
+        ids = batch["input_ids"]
+        if task in self.pools_last_token:
+            return {LAST_NON_PAD: last_non_pad_token(ids, config)}
+        if task == MULTIPLE_CHOICE:
+            return {NUM_CHOICES: ids.shape[1]}
+        return {}
 
 
 #: keyword arguments of HF attention (flash attention's packed-sequence boundaries; linear attention's sequence index)
@@ -132,3 +182,70 @@ def attention_flops(hidden_size: int, seq_len: int) -> float:
 def softmax_loss_flops(vocab_size: int) -> float:
     """Cross-entropy over the vocabulary per token (exp, sum, log, gather): a few operations per logit."""
     return 4.0 * vocab_size
+
+
+def head_flops(
+    task: str | None, config: Any, hidden: int, seq_len: int, *, lm: float = 0.0, pooler: bool = False
+) -> float:
+    """Forward FLOPs per token of a head and its loss. `lm`: the family's LM head per token (causal and masked LM);
+    classifiers scored on every token (token classification, question answering, a decoder's sequence classifier,
+    which HF scores on every token before pooling) cost their matrix per token; with `pooler`, sequence
+    classification and multiple choice run a pooler and a classifier once per sequence, spread over its tokens."""
+    labels = getattr(config, "num_labels", 2)
+    if task in (CAUSAL_LM, MASKED_LM):
+        return lm
+    if task in (SEQ_CLS, MULTIPLE_CHOICE) and pooler:
+        outputs = labels if task == SEQ_CLS else 1
+        return 2.0 * (hidden * hidden + hidden * outputs) / seq_len
+    if task in (SEQ_CLS, TOKEN_CLS):
+        return 2.0 * hidden * labels
+    if task == QUESTION_ANSWERING:
+        return 2.0 * hidden * 2
+    return 0.0
+
+
+def last_non_pad_token(input_ids: torch.Tensor, config: Any) -> torch.Tensor:
+    """Per row, the position a decoder classifier pools: the rightmost token that is not `pad_token_id` (left or
+    right padding alike; the last one when a row has no padding), exactly as `GenericForSequenceClassification` and
+    `GPT2ForSequenceClassification` find it. HF refuses a batch of several rows when the config has no pad token."""
+    from ..errors import PipelineConfigError
+
+    pad = config.get_text_config().pad_token_id if hasattr(config, "get_text_config") else config.pad_token_id
+    rows = input_ids.shape[0]
+    if pad is None:
+        if rows != 1:
+            raise PipelineConfigError(
+                f"pad_token_id=None in the model config, with batches of {rows} rows: a decoder classifier pools "
+                "each sequence at its last non-padding token, and HF refuses batches of more than one row without "
+                'a pad token ("Cannot handle batch sizes > 1 if no padding token is defined"); set '
+                "model.config.pad_token_id = tokenizer.pad_token_id (or the eos token id)."
+            )
+        return torch.full((rows,), -1, dtype=torch.long, device=input_ids.device)
+    non_pad = (input_ids != pad).to(torch.int32)
+    indices = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
+    return (indices * non_pad).argmax(-1)
+
+
+def pool_last_token(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """A decoder classifier's logits (scored on every token, as HF scores them) at each row's pooled position."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), batch[LAST_NON_PAD]]
+
+
+def span_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`qa_outputs`' two logits per token as HF splits them: (start_logits, end_logits), each (rows, seq)."""
+    start, end = logits.split(1, dim=-1)
+    return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+
+
+def choice_logits(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """One score per (example, choice) sequence back to (examples, choices), as `...ForMultipleChoice` reshapes."""
+    return logits.view(-1, batch[NUM_CHOICES])
+
+
+def flatten_choices(batch: Mapping[str, Any], choices: int) -> dict[str, Any]:
+    """A multiple-choice microbatch's per-choice inputs, `(examples, choices, seq)`, as the body takes them:
+    `(examples · choices, seq)`, as `...ForMultipleChoice` flattens `input_ids`, masks, token types and positions."""
+    return {
+        k: v.flatten(0, 1) if torch.is_tensor(v) and v.dim() >= 3 and v.shape[1] == choices else v
+        for k, v in batch.items()
+    }

@@ -1,10 +1,27 @@
-"""BERT: masked LM (decoder tied to the word embeddings) and sequence classification (pooler + classifier)."""
+"""BERT: masked LM and causal LM (`BertLMHeadModel`; decoder tied to the word embeddings), sequence classification
+and multiple choice (pooler + classifier), token classification and question answering (per-token classifiers)."""
 
 from __future__ import annotations
 
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from .base import MASKED_LM, SEQ_CLS, FamilyAdapter, FlopsPerToken, attention_flops, softmax_loss_flops
+from .base import (
+    CAUSAL_LM,
+    MASKED_LM,
+    MULTIPLE_CHOICE,
+    QUESTION_ANSWERING,
+    SEQ_CLS,
+    TOKEN_CLS,
+    FamilyAdapter,
+    FlopsPerToken,
+    attention_flops,
+    choice_logits,
+    head_flops,
+    softmax_loss_flops,
+    span_logits,
+)
+
+_POOLED = {"pooler": "bert.pooler", "dropout": "dropout", "classifier": "classifier"}
 
 
 class BertAdapter(FamilyAdapter):
@@ -13,7 +30,11 @@ class BertAdapter(FamilyAdapter):
     embeddings = {"embeddings": "embeddings"}
     heads = {
         MASKED_LM: {"cls": "cls"},
-        SEQ_CLS: {"pooler": "bert.pooler", "dropout": "dropout", "classifier": "classifier"},
+        CAUSAL_LM: {"cls": "cls"},
+        SEQ_CLS: _POOLED,
+        TOKEN_CLS: {"dropout": "dropout", "classifier": "classifier"},
+        QUESTION_ANSWERING: {"qa_outputs": "qa_outputs"},
+        MULTIPLE_CHOICE: _POOLED,
     }
     halves = (("attention",), ("intermediate", "output"))
     batch_keys = ("attention_mask", "position_ids", "token_type_ids")
@@ -22,12 +43,8 @@ class BertAdapter(FamilyAdapter):
         h, v, inner = config.hidden_size, config.vocab_size, config.intermediate_size
         attention = 2.0 * 4 * h * h + attention_flops(h, seq_len)
         layer = attention + 2.0 * 2 * h * inner
-        if task == MASKED_LM:
-            head = 2.0 * (h * h + h * v) + softmax_loss_flops(v)
-        elif task == SEQ_CLS:  # pooler and classifier run once per sequence
-            head = 2.0 * (h * h + h * config.num_labels) / seq_len
-        else:
-            head = 0.0
+        lm = 2.0 * (h * h + h * v) + softmax_loss_flops(v)  # the MLM transform, then the tied decoder
+        head = head_flops(task, config, h, seq_len, lm=lm, pooler=True)
         return FlopsPerToken(embeddings=3.0 * h, layer=layer, head=head, first_half=attention)
 
     def embed(self, parts, input_ids, batch):
@@ -48,7 +65,12 @@ class BertAdapter(FamilyAdapter):
             return block.attention(hidden, context)[0]
         return block.output(block.intermediate(hidden), hidden)
 
-    def head(self, parts, hidden, task):
-        if task == MASKED_LM:
+    def head(self, parts, hidden, task, batch):
+        if task in (MASKED_LM, CAUSAL_LM):
             return parts["cls"](hidden)
-        return parts["classifier"](parts["dropout"](parts["pooler"](hidden)))
+        if task == TOKEN_CLS:
+            return parts["classifier"](parts["dropout"](hidden))
+        if task == QUESTION_ANSWERING:
+            return span_logits(parts["qa_outputs"](hidden))
+        logits = parts["classifier"](parts["dropout"](parts["pooler"](hidden)))
+        return choice_logits(logits, batch) if task == MULTIPLE_CHOICE else logits

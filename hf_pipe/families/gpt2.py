@@ -7,12 +7,18 @@ from transformers.masking_utils import create_causal_mask
 from .base import (
     ATTENTION_KWARGS,
     CAUSAL_LM,
+    QUESTION_ANSWERING,
+    SEQ_CLS,
+    TOKEN_CLS,
     FamilyAdapter,
     FlopsPerToken,
     attention_flops,
     attention_kwargs,
+    head_flops,
+    pool_last_token,
     positions,
     softmax_loss_flops,
+    span_logits,
 )
 
 
@@ -21,7 +27,13 @@ class Gpt2Adapter(FamilyAdapter):
     layers = "h"
     embeddings = {"wte": "wte", "wpe": "wpe", "drop": "drop"}
     final = {"ln_f": "ln_f"}
-    heads = {CAUSAL_LM: {"lm_head": "lm_head"}}
+    heads = {
+        CAUSAL_LM: {"lm_head": "lm_head"},
+        SEQ_CLS: {"score": "score"},
+        TOKEN_CLS: {"dropout": "dropout", "classifier": "classifier"},
+        QUESTION_ANSWERING: {"qa_outputs": "qa_outputs"},
+    }
+    pools_last_token = (SEQ_CLS,)
     halves = (("ln_1", "attn"), ("ln_2", "mlp"))
     batch_keys = ("attention_mask", "position_ids", "token_type_ids", *ATTENTION_KWARGS)
     packed_sequences = True
@@ -31,7 +43,7 @@ class Gpt2Adapter(FamilyAdapter):
         inner = config.n_inner or 4 * h
         attention = 2.0 * 4 * h * h + attention_flops(h, seq_len)
         layer = attention + 2.0 * 2 * h * inner
-        head = 2.0 * h * v + softmax_loss_flops(v) if task == CAUSAL_LM else 0.0
+        head = head_flops(task, config, h, seq_len, lm=2.0 * h * v + softmax_loss_flops(v))
         return FlopsPerToken(embeddings=2.0 * h, layer=layer, head=head, first_half=attention)
 
     def embed(self, parts, input_ids, batch):
@@ -63,5 +75,12 @@ class Gpt2Adapter(FamilyAdapter):
             return attention + hidden
         return hidden + block.mlp(block.ln_2(hidden))
 
-    def head(self, parts, hidden, task):
-        return parts["lm_head"](parts["ln_f"](hidden))
+    def head(self, parts, hidden, task, batch):
+        hidden = parts["ln_f"](hidden)
+        if task == CAUSAL_LM:
+            return parts["lm_head"](hidden)
+        if task == SEQ_CLS:  # scored on every token, then pooled at the last non-padding one, as HF does
+            return pool_last_token(parts["score"](hidden), batch)
+        if task == TOKEN_CLS:
+            return parts["classifier"](parts["dropout"](hidden))
+        return span_logits(parts["qa_outputs"](hidden))

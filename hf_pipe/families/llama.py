@@ -7,12 +7,18 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .base import (
     ATTENTION_KWARGS,
     CAUSAL_LM,
+    QUESTION_ANSWERING,
+    SEQ_CLS,
+    TOKEN_CLS,
     FamilyAdapter,
     FlopsPerToken,
     attention_flops,
     attention_kwargs,
+    head_flops,
+    pool_last_token,
     positions,
     softmax_loss_flops,
+    span_logits,
 )
 
 _FULL, _SLIDING = "full_attention", "sliding_attention"
@@ -24,7 +30,13 @@ class LlamaAdapter(FamilyAdapter):
     embeddings = {"embed_tokens": "embed_tokens"}
     final = {"norm": "norm"}
     shared = {"rotary_emb": "rotary_emb"}
-    heads = {CAUSAL_LM: {"lm_head": "lm_head"}}
+    heads = {
+        CAUSAL_LM: {"lm_head": "lm_head"},
+        SEQ_CLS: {"score": "score"},
+        TOKEN_CLS: {"dropout": "dropout", "score": "score"},
+        QUESTION_ANSWERING: {"qa_outputs": "qa_outputs"},
+    }
+    pools_last_token = (SEQ_CLS,)
     halves = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
     batch_keys = ("attention_mask", "position_ids", *ATTENTION_KWARGS)
     packed_sequences = True
@@ -36,7 +48,7 @@ class LlamaAdapter(FamilyAdapter):
         kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
         attention = 2.0 * (h * (q + 2 * kv) + q * h) + attention_flops(q, seq_len)
         layer = attention + 2.0 * 3 * h * inner
-        head = 2.0 * h * v + softmax_loss_flops(v) if task == CAUSAL_LM else 0.0
+        head = head_flops(task, config, h, seq_len, lm=2.0 * h * v + softmax_loss_flops(v))
         return FlopsPerToken(embeddings=float(h), layer=layer, head=head, first_half=attention)
 
     def _layer_types(self, config):
@@ -86,5 +98,12 @@ class LlamaAdapter(FamilyAdapter):
             return hidden + attention
         return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
-    def head(self, parts, hidden, task):
-        return parts["lm_head"](parts["norm"](hidden))
+    def head(self, parts, hidden, task, batch):
+        hidden = parts["norm"](hidden)
+        if task == CAUSAL_LM:
+            return parts["lm_head"](hidden)
+        if task == SEQ_CLS:  # scored on every token, then pooled at the last non-padding one, as HF does
+            return pool_last_token(parts["score"](hidden), batch)
+        if task == TOKEN_CLS:
+            return parts["score"](parts["dropout"](hidden))
+        return span_logits(parts["qa_outputs"](hidden))

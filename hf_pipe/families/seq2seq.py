@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import SEQ2SEQ_LM, FamilyAdapter, attention_flops, softmax_loss_flops
+from .base import SEQ2SEQ_LM, FamilyAdapter, FlopsPerToken, attention_flops, softmax_loss_flops
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,12 @@ class Seq2SeqAdapter(FamilyAdapter):
     def dims(self, config: Any, decoder: bool) -> Dims:
         """The sizes of the encoder's (or the decoder's) blocks."""
         raise NotImplementedError
+
+    def flops_per_token(self, config: Any, task: str | None, seq_len: int) -> FlopsPerToken:
+        """Per target token with source and target of `seq_len` (what `hf-pipe plan` shows of the head); the split
+        itself balances `seq2seq_flops`, per sequence."""
+        flops = self.seq2seq_flops(config, seq_len, seq_len)
+        return FlopsPerToken(flops.encoder_embeddings / seq_len, flops.decoder_layer / seq_len, flops.head / seq_len)
 
     def seq2seq_flops(self, config: Any, source_len: int, target_len: int) -> Seq2SeqFlops:
         e, d = self.dims(config, False), self.dims(config, True)

@@ -14,9 +14,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..families import CAUSAL_LM, FlopsPerToken, get_family, registered_families, task_of
+from ..families.base import LABEL_KEYS, is_bare_body
 from ..grad_accumulation import InPlaceAccumulationMixin
 from ..measure import measure_costs
-from ..split import plan_split, resolve_family
+from ..split import plan_split, resolve_family, unsupported_head
 from ..stage import build_stage_modules, owner_stages, tied_groups
 from ..timeline import TimedPipelineStage, Timeline
 from . import Frontend, LocalStages
@@ -62,6 +63,22 @@ class ModuleFrontend(Frontend):
             f"{stages_per_rank} stage(s) per rank)."
         ]
 
+    def trainer_problems(self, args: Any, model: nn.Module) -> list[str]:
+        """A head the family's adapter cannot run (a custom head, another task named by pipeline_task)."""
+        if self.adapter is None:
+            return []  # reported by `problems`
+        name, task = type(model).__name__, task_of(type(model).__name__)
+        if args.pipeline_task is not None and args.pipeline_task != task:
+            return [
+                f"pipeline_task={args.pipeline_task!r} for {name} with pipeline_frontend='module' (or 'auto' for a "
+                f"family with an adapter): the module frontend runs the class's own head ({task or 'none'}) with "
+                f"the {model.config.model_type} adapter's forward; unset pipeline_task, or set "
+                "pipeline_frontend='trace' to train the class's own forward with that loss."
+            ]
+        if task in self.adapter.heads or (task is None and is_bare_body(model)):
+            return []  # a bare body: the engine says it has no head to train
+        return [unsupported_head(name, model.config.model_type, list(self.adapter.heads))]
+
     def plan(self, model, num_stages, split, *, task, context):
         costs = self._measured(model, task, context) if split == "measured" else None
         return plan_split(model, num_stages, split, task=task, costs=costs)
@@ -100,14 +117,19 @@ class ModuleFrontend(Frontend):
         weights.materialize(model, keep, device)
         modules = build_stage_modules(model, self.adapter, plan, stage_indices)
         self.packs_sequences = self.adapter.packed_sequences and plan.task == CAUSAL_LM
+        self.task = plan.task
         return LocalStages(modules=list(modules), tied=tied, keep=keep)
 
     def batch_keys(self, batch: Mapping[str, Any]) -> set[str]:
         return set(self.adapter.batch_keys)
 
     def keys_note(self) -> str:
-        keys = ", ".join(sorted({"input_ids", "labels", *self.adapter.batch_keys}))
+        keys = ", ".join(sorted({"input_ids", *LABEL_KEYS[self.task], *self.adapter.batch_keys}))
         return f"the {self.config.model_type} stages consume {keys}"
+
+    def stage_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # what the head needs from the whole batch (the last stage never sees the token ids), before any cut
+        return {**batch, **self.adapter.head_inputs(self.config, self.task, batch)}
 
     def torch_stages(
         self,

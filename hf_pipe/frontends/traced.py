@@ -6,6 +6,7 @@ at the model's own tensors; the weights this rank's graphs read are the ones it 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,9 +14,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..families import CAUSAL_LM, get_family, registered_families, task_of
-from ..families.base import ATTENTION_KWARGS
-from ..split import plan_blocks
+from ..errors import PipelineConfigError
+from ..families import (
+    CAUSAL_LM,
+    MASKED_LM,
+    MULTIPLE_CHOICE,
+    QUESTION_ANSWERING,
+    SEQ_CLS,
+    TASKS,
+    TOKEN_CLS,
+    get_family,
+    registered_families,
+    task_of,
+)
+from ..families.base import ATTENTION_KWARGS, TASK_CLASSES, last_non_pad_token
+from ..split import plan_blocks, unsupported_head
 from ..stage import tied_groups
 from ..timeline import Timeline
 from ..trace import TracedStage, TracedStages, masks_follow_positions, traced_batch_keys
@@ -51,12 +64,9 @@ class TraceFrontend(Frontend):
     def trainer_problems(self, args: Any, model: nn.Module) -> list[str]:
         """A model without a head hf_pipe has a loss for; Trainer options traced stages cannot honour."""
         problems = []
-        if task_of(type(model).__name__) is None:
-            problems.append(
-                f"{type(model).__name__} has no head PipeTrainer can train (a ...ForCausalLM / LMHeadModel, "
-                "...ForMaskedLM or ...ForSequenceClassification): its loss runs on the last stage with HF's "
-                "semantics. Load the model with one of those heads."
-            )
+        if (args.pipeline_task or task_of(type(model).__name__)) is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", "")
+            problems.append(unsupported_head(type(model).__name__, model_type, TASKS, frontend="trace"))
         if args.gradient_checkpointing:
             problems.append(
                 "gradient_checkpointing=True with pipeline_frontend='trace' (or 'auto' for a model without a family "
@@ -72,9 +82,12 @@ class TraceFrontend(Frontend):
         self.traced = TracedStages(
             model, plan, list(stage_indices), device, tied_groups(model), announce=0 in stage_indices, weights=weights
         )
+        if problem := _output_problem(type(model).__name__, plan.task, self.traced.outputs):
+            raise PipelineConfigError(problem)
         self.model_class = type(model).__name__
         self._keys = set(traced_batch_keys(model))
         self.packs_sequences = masks_follow_positions(model) and plan.task == CAUSAL_LM
+        self._pools_at_pad = plan.task == SEQ_CLS and _pools_at_pad_token(model)
         return LocalStages(modules=self.traced.modules, tied=self.traced.tied, keep=self.traced.keep)
 
     def batch_keys(self, batch: Mapping[str, Any]) -> set[str]:
@@ -86,6 +99,8 @@ class TraceFrontend(Frontend):
         return f"traced stages feed only the named inputs of {self.model_class}.forward"
 
     def stage_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self._pools_at_pad:  # HF refuses a batch of several rows without a pad token; a microbatch of one would not
+            last_non_pad_token(batch["input_ids"], self.config)
         # a traced graph is specialised to every input's shape: per-batch boundary tensors would retrace each step
         return {k: v for k, v in batch.items() if k not in ATTENTION_KWARGS}
 
@@ -107,3 +122,44 @@ class TraceFrontend(Frontend):
             TracedStage(module, index, info, device, group, timeline=timeline)
             for module, index in zip(modules, stage_indices)
         ]
+
+
+def _pools_at_pad_token(model: nn.Module) -> bool:
+    """A sequence classifier that pools at the last token that is not `pad_token_id` (HF's decoder classifiers)."""
+    try:
+        return "pad_token_id" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+
+
+#: the outputs each task's loss reads, and their dimensions (per token: rows, seq, logits; per row: rows, logits)
+_EXPECTED = {
+    CAUSAL_LM: {"logits": 3},
+    MASKED_LM: {"logits": 3},
+    TOKEN_CLS: {"logits": 3},
+    SEQ_CLS: {"logits": 2},
+    MULTIPLE_CHOICE: {"logits": 2},
+    QUESTION_ANSWERING: {"start_logits": 2, "end_logits": 2},
+}
+
+
+def _output_problem(class_name: str, task: str, outputs: dict[str | int, int] | None) -> str | None:
+    """A forward whose outputs are not what the task's loss reads (one logits tensor; question answering's start and
+    end logits), by name and shape: the loss would read the wrong tensor. `outputs` as `trace.output_structure`
+    gives them (a plain tensor or tuple has indices for names); None: not known, the trace reports what fails."""
+    expected = _EXPECTED[task]
+    if outputs is None:
+        return None
+    named = all(isinstance(k, str) for k in outputs)
+    if (list(outputs) if named else len(outputs)) == (list(expected) if named else len(expected)):
+        if list(outputs.values()) == list(expected.values()):
+            return None
+    found = ", ".join(f"{k} ({v}-d)" if isinstance(k, str) else f"a {v}-d tensor" for k, v in outputs.items())
+    wanted = ", ".join(f"{k} ({v}-d)" for k, v in expected.items())
+    return (
+        f"{class_name}'s forward returns {found} (without labels), but the {task} loss reads {wanted}: hf_pipe "
+        f"trains a traced forward that returns the logits of a {TASK_CLASSES[task]} head. Fix: pipeline_task= the "
+        "task whose logits the forward returns; or a forward that returns only those logits (a wrapper module), with "
+        "your own loss if it is none of hf_pipe's (compute_loss_func=..., or a PipeTrainer subclass's "
+        "compute_microbatch_loss, which receive outputs.logits)."
+    )
