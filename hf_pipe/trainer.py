@@ -26,15 +26,25 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .batch_sync import broadcast_batches
-from .checkpoint import read_tensors, save_pipeline_model
+from .checkpoint import canonical_state_names, read_tensors, save_pipeline_model
 from .cpu_affinity import bind_local_rank
 from .engine import DataParallel, PipelineEngine
-from .errors import raise_if_any
+from .errors import raise_if_any, raise_on_every_rank
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM
 from .frontends import FRONTENDS, frontend_name
 from .launch import PipelineTimeoutError, arm_watchdog, init_process_group, pipeline_mesh, report_failure, waiting
 from .loading import model_and_weights
+from .optimizer_state import (
+    INDEX_NAME,
+    has_named_state,
+    load_named,
+    read_named,
+    read_trainer,
+    save_named,
+    trainer_groups,
+)
+from .optimizer_state import TRAINER_NAME as TRAINER_OPTIMIZER_NAME
 from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
 from .timeline import measured_bubble, write_timeline
 from .trainer_options import frontend_option_problems, trainer_argument_problems
@@ -581,22 +591,74 @@ class PipeTrainer(Trainer):
             dist.barrier()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # One optimizer state per pipeline rank (each holds different parameters) — per replica too under FSDP2,
-        # where each holds a shard; the scheduler is the same on all.
+        # The optimizer state by parameter name, one file per pipeline rank (`optimizer_state.py`): any layout, or
+        # plain Trainer, resumes from it. Replicas hold the same state (FSDP2: shards, gathered first); the scheduler
+        # is the same on all.
         os.makedirs(output_dir, exist_ok=True)
-        if self._dp_rank == 0 or self._sharded:
-            torch.save(self.optimizer.state_dict(), os.path.join(output_dir, self._optimizer_file))
+        with waiting(f"writing the optimizer state into {output_dir}", self.engine._pipeline_ranks):
+            save_named(
+                self.optimizer, self._parameter_names, output_dir, group=self.engine.group, write=self._dp_rank == 0
+            )
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-        dist.barrier()
+        with waiting(f"the barrier after writing the optimizer state into {output_dir}", _every_rank()):
+            dist.barrier()
+
+    @property
+    def _parameter_names(self) -> dict[int, str]:
+        """id of each of this rank's parameters -> the HF name it is saved under."""
+        return {id(p): name for name, p in self.engine.named_parameters()}
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """This rank's optimizer state from a checkpoint of any layout, or of plain Trainer; no state is an error."""
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, self._optimizer_file)
-        if not os.path.isfile(path):
-            return
-        self.optimizer.load_state_dict(torch.load(path, map_location=self.engine.device, weights_only=True))
+        names = self._parameter_names
+        problems: list[str] = []
+        state = hyper = old = None
+        old_file = os.path.join(checkpoint, self._optimizer_file)
+        trainer_file = os.path.join(checkpoint, TRAINER_OPTIMIZER_NAME)
+        try:
+            if has_named_state(checkpoint):
+                state, hyper = read_named(checkpoint, list(names.values()))
+            elif os.path.isfile(old_file):  # hf_pipe's earlier per-rank files: the same layout only
+                old = torch.load(old_file, map_location=self.engine.device, weights_only=True)
+                mine = [len(g["params"]) for g in self.optimizer.param_groups]
+                if [len(g["params"]) for g in old["param_groups"]] != mine:
+                    problems.append(
+                        f"{old_file} was saved on another pipeline layout (param groups of "
+                        f"{[len(g['params']) for g in old['param_groups']]} parameters, this rank has {mine}): these "
+                        "per-rank files resume only the layout that wrote them; resume with that pipeline_parallel_size, "
+                        "split and schedule (checkpoints written since hold the state by name and resume on any layout)."
+                    )
+            elif os.path.isfile(trainer_file):  # plain Trainer's: positions in its param groups, mapped to names
+                decay = set(Trainer.get_decay_parameter_names(self, self.model))
+                groups = trainer_groups(self.model, decay, canonical_state_names(self.model))
+                state, hyper = read_trainer(trainer_file, groups)
+            else:
+                problems.append(
+                    f"resume_from_checkpoint={checkpoint} holds no optimizer state ({INDEX_NAME}, "
+                    f"{self._optimizer_file} or Trainer's {TRAINER_OPTIMIZER_NAME}), so training would go on with fresh "
+                    "AdamW moments and drift from the run it continues. Resume from a checkpoint saved with its "
+                    "optimizer (save_only_model=False), or, to start a new optimizer on purpose, load only the weights "
+                    f"(PipeTrainer(model={checkpoint!r}, ...)) and train without resume_from_checkpoint."
+                )
+            if not os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME)):
+                problems.append(
+                    f"resume_from_checkpoint={checkpoint} holds no {SCHEDULER_NAME}, so the learning-rate schedule "
+                    "would restart from its first step; resume from a complete checkpoint, or load only the weights "
+                    f"(PipeTrainer(model={checkpoint!r}, ...)) and train without resume_from_checkpoint."
+                )
+        except Exception as error:
+            problems.append(
+                f"resume_from_checkpoint={checkpoint}: its optimizer state cannot be read on rank "
+                f"{self.args.process_index} ({type(error).__name__}: {error}); resume from another checkpoint."
+            )
+        raise_on_every_rank(problems)
+        if old is not None:
+            self.optimizer.load_state_dict(old)
+        else:
+            load_named(self.optimizer, names, state, hyper)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
