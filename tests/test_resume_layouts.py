@@ -25,6 +25,7 @@ def _run(output_dir: str, pipeline: dict | None, resume: str | None = None, save
     from hf_pipe import PipeTrainer, PipeTrainingArguments
 
     common = _common_args(output_dir, save_strategy="steps" if save else "no", save_steps=2)
+    common.update({k: pipeline.pop(k) for k in ["per_device_train_batch_size"] if pipeline and k in pipeline})
     if pipeline is None:
         args, cls = TrainingArguments(**common), Trainer
     else:
@@ -100,6 +101,9 @@ def _layouts(root: str) -> dict:
     out = {}
     checkpoint = os.path.join(root, "pp2", "checkpoint-2")
     _run(os.path.join(root, "pp4"), {"pipeline_schedule": "1f1b", "pipeline_split": "0,1,2,3"}, checkpoint, False)
+    # PP=2 × DP=2, stages sharded by FSDP2: the same 8 rows a step, 4 per replica; it also saves (gathering shards)
+    fsdp = {"pipeline_parallel_size": 2, "pipeline_data_parallel": "fsdp", "per_device_train_batch_size": 4}
+    _run(os.path.join(root, "fsdp"), fsdp, checkpoint)
     bare = os.path.join(root, "bare")
     if dist.get_rank() == 0:
         shutil.copytree(checkpoint, bare)
@@ -116,12 +120,13 @@ def test_resume_on_other_layouts_reaches_the_uninterrupted_weights(tmp_path):
     (out, *_) = run_distributed(_layouts, 4, str(tmp_path), launcher_env=True, fork=True)
     run_distributed(_two_ranks, 2, str(tmp_path), launcher_env=True, fork=True)
     final = tmp_path / "pp2" / "final"
-    four, other, old = (_diff(final, tmp_path / name / "final") for name in ("pp4", "inter", "from-old"))
+    four, fsdp, other, old = (_diff(final, tmp_path / n / "final") for n in ("pp4", "fsdp", "inter", "from-old"))
     print(
-        f"2-rank 1F1B checkpoint-2 resumed: on 4 ranks {four:.2e} from the uninterrupted run's final weights, on 2 ranks "
-        f"x 2 stages (interleaved 1F1B) {other:.2e}, from the old per-rank files {old:.2e}"
+        f"2-rank 1F1B checkpoint-2 resumed: on 4 ranks {four:.2e} from the uninterrupted run's final weights, on "
+        f"PP=2 x DP=2 FSDP2 {fsdp:.2e}, on 2 ranks x 2 stages (interleaved 1F1B) {other:.2e}, from the old per-rank "
+        f"files {old:.2e}"
     )
-    assert four < LAYOUT_TOL and other < LAYOUT_TOL and old == 0.0
+    assert four < LAYOUT_TOL and fsdp < LAYOUT_TOL and other < LAYOUT_TOL and old == 0.0
     assert "holds no optimizer state" in out["error"] and "fresh AdamW moments" in out["error"], out["error"]
 
 
