@@ -3,6 +3,7 @@
 - `forward_skip_connections`: every stage receives only from the previous one and sends only to the next, so the
   multi-stage-per-rank schedules run on traced stages; stage 0 takes the model's inputs in the model's order.
 - `accept_root_kwargs`: later stages accept the microbatch kwargs every schedule passes to every stage.
+- `run_generated_code`: the stages' submodules run their graphs as generated Python, not node by node.
 """
 
 from __future__ import annotations
@@ -226,3 +227,16 @@ def accept_root_kwargs(pipe: Pipe) -> None:
             raise NotImplementedError(f"stage {i} has codegen {type(module.graph._codegen).__name__}")
         module.graph._codegen = _IgnoreRootKwargs()
         module.recompile()
+
+
+def run_generated_code(pipe: Pipe) -> None:
+    """The submodules torch's split leaves in each stage (one per model module: `model.layers.3`, ...) are
+    `torch.export` `InterpreterModule`s, which run their graph through `torch.fx.Interpreter`, one Python dispatch per
+    node: about a tenth of a traced stage's step on the benchmark's Llama. Each also holds its graph compiled to Python
+    (`GraphModule` code, the same ops in the same order); this makes them run that, except where that code would
+    shadow its own `self` (a node named after a submodule `self`, as BERT's attention has)."""
+    for i in range(pipe.num_stages):
+        for module in pipe.get_stage_module(i).modules():
+            graph = getattr(module, "graph", None)
+            if hasattr(module, "_run_with_interpreter") and not any(n.name == "self" for n in graph.nodes):
+                module._run_with_interpreter = False

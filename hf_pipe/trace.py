@@ -39,7 +39,8 @@ from torch.distributed.pipelining._IR import annotate_split_points as _torch_ann
 from torch.distributed.pipelining.stage import _PipelineStage
 
 from .errors import PipelineConfigError
-from .graph_passes import accept_root_kwargs, forward_skip_connections
+from .families import get_family
+from .graph_passes import accept_root_kwargs, forward_skip_connections, run_generated_code
 from .split import _SPLIT_POINTS_ATTR, SplitPlan, SplitPolicy, plan_blocks
 from .timeline import TimedStageMixin
 
@@ -228,6 +229,7 @@ def trace_stages(
         share_tensors(module, model, i)
     forward_skip_connections(pipe)
     accept_root_kwargs(pipe)
+    run_generated_code(pipe)
     return pipe
 
 
@@ -251,9 +253,23 @@ def masks_follow_positions(model: nn.Module) -> bool:
     return module is not None and "create_causal_mask" in vars(module)
 
 
-def block_split_spec(blocks: str, starts: list[int]) -> dict[str, SplitPoint]:
-    """`{"model.layers.4": SplitPoint.BEGINNING, ...}` for every block where a stage other than the first begins."""
-    return {f"{blocks}.{i}": SplitPoint.BEGINNING for i in starts if i > 0}
+def block_split_spec(blocks: str, starts: list[float], model_type: str = "") -> dict[str, SplitPoint]:
+    """`{"model.layers.4": SplitPoint.BEGINNING, ...}` for every block where a stage other than the first begins; a
+    stage beginning at block k's second half (`k.5`, families with `halves`) begins at its first module
+    (`model.layers.4.post_attention_layernorm`): torch's split cuts the block's graph there, the residual stream
+    being what crosses."""
+    spec = {}
+    for start in starts:
+        if start <= 0:
+            continue
+        if float(start).is_integer():
+            spec[f"{blocks}.{int(start)}"] = SplitPoint.BEGINNING
+            continue
+        adapter = get_family(model_type)
+        if adapter is None or not adapter.halves:
+            raise ValueError(f"stage start {start}: {model_type!r} blocks cannot be split in halves")
+        spec[f"{blocks}.{int(start)}.{adapter.halves[1][0]}"] = SplitPoint.BEGINNING
+    return spec
 
 
 def pipeline(
@@ -281,7 +297,7 @@ def pipeline(
         if num_stages is None:
             raise ValueError("split_policy needs num_stages")
         plan = plan_blocks(model, num_stages, split_policy)
-        split_spec = block_split_spec(plan.blocks, plan.layer_starts)
+        split_spec = block_split_spec(plan.blocks, plan.layer_starts, plan.model_type)
     if split_spec is None:  # marks left by annotate_split_points (pipe_split() calls in the forward stay anyway)
         split_spec = getattr(model, _SPLIT_POINTS_ATTR, {})
     return trace_stages(model, split_spec, mb_args, mb_kwargs)
@@ -310,7 +326,7 @@ class TracedStages:
         self.announce = announce  # this rank logs the advice to pad
         self.traces = 0
         self.fake = fake_copy(model, device)
-        self.spec = block_split_spec(plan.blocks, plan.layer_starts)
+        self.spec = block_split_spec(plan.blocks, plan.layer_starts, plan.model_type)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 8
         probe = torch.zeros(1, min(8, positions), dtype=torch.long, device=device)
         pipe = trace_stages(model, self.spec, (probe,), fake=self.fake, training=True)
