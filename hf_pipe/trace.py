@@ -41,6 +41,7 @@ from torch.distributed.pipelining.stage import _PipelineStage
 from .errors import PipelineConfigError
 from .families import get_family
 from .graph_passes import accept_root_kwargs, forward_skip_connections, run_generated_code
+from .schedule import NoSelfSendMixin
 from .split import _SPLIT_POINTS_ATTR, SplitPlan, SplitPolicy, plan_blocks
 from .timeline import TimedStageMixin
 
@@ -358,20 +359,8 @@ class TracedStages:
         return [pipe.get_stage_module(i) for i in self.stage_indices], pipe.info()
 
 
-class TracedStage(TimedStageMixin, _PipelineStage):
+class TracedStage(NoSelfSendMixin, TimedStageMixin, _PipelineStage):
     """torch's stage for a traced module, timed for the timeline, and with V placements working on gloo."""
-
-    def _get_init_p2p_neighbors_ops(self) -> list[dist.P2POp]:
-        # V placement (ZBV, DualPipeV) puts stages i and i+1 on one rank; torch's warm-up then sends to this very
-        # rank, which gloo refuses ("Pair is not connected"). Those messages are skipped.
-        me = dist.get_rank(self.group)
-        return [op for op in super()._get_init_p2p_neighbors_ops() if _peer(op) != me]
-
-
-def _peer(op: dist.P2POp) -> int:
-    if getattr(op, "group_peer", None) is not None:
-        return op.group_peer
-    return dist.get_group_rank(op.group, op.peer) if op.group is not None else op.peer
 
 
 def build_stage(pipe: Pipe, index: int, device: torch.device, group: dist.ProcessGroup | None = None, **kw: Any):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from .base import MASKED_LM, SEQ_CLS, FamilyAdapter, FlopsPerToken, attention_flops, softmax_loss_flops
+from .base import MASKED_LM, NO_CACHE, SEQ_CLS, FamilyAdapter, FlopsPerToken, attention_flops, softmax_loss_flops
 
 
 class BertAdapter(FamilyAdapter):
@@ -37,7 +37,7 @@ class BertAdapter(FamilyAdapter):
 
     def context(self, config, parts, hidden, batch):
         make_mask = create_causal_mask if config.is_decoder else create_bidirectional_mask
-        return make_mask(config=config, inputs_embeds=hidden, attention_mask=batch.get("attention_mask"), cache=None)
+        return make_mask(config=config, inputs_embeds=hidden, attention_mask=batch.get("attention_mask"), **NO_CACHE)
 
     def layer(self, block, index, hidden, context):
         return block(hidden, context)

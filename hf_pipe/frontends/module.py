@@ -16,13 +16,14 @@ from torch import nn
 from ..families import CAUSAL_LM, FlopsPerToken, get_family, registered_families, task_of
 from ..grad_accumulation import InPlaceAccumulationMixin
 from ..measure import measure_costs
+from ..schedule import NoSelfSendMixin
 from ..split import plan_split, resolve_family
 from ..stage import build_stage_modules, owner_stages, tied_groups
 from ..timeline import TimedPipelineStage, Timeline
 from . import Frontend, LocalStages
 
 
-class _ModuleStage(InPlaceAccumulationMixin, TimedPipelineStage):
+class _ModuleStage(NoSelfSendMixin, InPlaceAccumulationMixin, TimedPipelineStage):
     """A module-split stage: torch's `PipelineStage`, timed, Linear weight gradients accumulated in place."""
 
 
