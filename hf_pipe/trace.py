@@ -40,7 +40,7 @@ from torch.distributed.pipelining.stage import _PipelineStage
 
 from .errors import PipelineConfigError
 from .families import get_family
-from .graph_passes import accept_root_kwargs, forward_skip_connections, run_generated_code
+from .graph_passes import accept_root_kwargs, forward_skip_connections, run_generated_code, stop_needless_gradients
 from .schedule import NoSelfSendMixin
 from .split import _SPLIT_POINTS_ATTR, SplitPlan, SplitPolicy, plan_blocks
 from .timeline import TimedStageMixin
@@ -228,7 +228,8 @@ def trace_stages(
         module = pipe.get_stage_module(i)
         _drop_dead_attrs(module)
         share_tensors(module, model, i)
-    forward_skip_connections(pipe)
+    live = forward_skip_connections(pipe)
+    stop_needless_gradients(pipe, live)
     accept_root_kwargs(pipe)
     run_generated_code(pipe)
     return pipe
