@@ -315,8 +315,24 @@ def _with_zero_grads(value: Any, *others: torch.Tensor) -> Any:
     return value
 
 
-def _to_wire(value: torch.Tensor) -> torch.Tensor:
-    return value.to(torch.float32)
+class _Anchored(torch.autograd.Function):
+    """`value` as a tensor in `anchor`'s autograd graph (no gradient reaches either): torch 2.11's zero-bubble
+    backward asks autograd for gradients of every stage output, and refuses one outside the graph."""
+
+    @staticmethod
+    def forward(ctx, value, anchor):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+def _to_wire(value: torch.Tensor, anchor: Any = None) -> torch.Tensor:
+    value = value.to(torch.float32)
+    if isinstance(anchor, torch.Tensor) and anchor.requires_grad and torch.is_grad_enabled():
+        return _Anchored.apply(value, anchor)
+    return value
 
 
 def _from_wire(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -359,9 +375,10 @@ def stop_needless_gradients(pipe: Pipe, live: dict[int, list[Key]]) -> int:
             if not floating:  # the producer sends it as float32
                 with value.fake_mode:
                     p.meta["val"] = torch.empty(value.shape, dtype=torch.float32, device=value.device)
-                sent = _output_node(mods[s - 1].graph).args[0][j]
+                sent = _output_node(mods[s - 1].graph).args[0]
+                anchor = next((node for node, needed in zip(sent, needs) if needed), None)
                 with mods[s - 1].graph.inserting_before(_output_node(mods[s - 1].graph)):
-                    wire = mods[s - 1].graph.call_function(_to_wire, (sent,))
+                    wire = mods[s - 1].graph.call_function(_to_wire, (sent[j], anchor))
                 wire.meta = copy.copy(p.meta)
                 out = _output_node(mods[s - 1].graph)
                 out.args = (tuple(wire if k == j else a for k, a in enumerate(out.args[0])),)
