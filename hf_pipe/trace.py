@@ -122,6 +122,17 @@ def _trace(
         if error.__cause__ is None:
             raise
         raise _export_error(fake, error) from error.__cause__
+    except AssertionError as error:
+        if "unexpected placeholder node" not in str(error):
+            raise
+        # torch 2.11 (fixed by 2.13): a region the forward runs under `torch.autocast(enabled=False)` (the rotary
+        # embedding of the Llama family, GPT-NeoX, Falcon, GPT-J) exports as a subgraph that its split misplaces
+        raise TraceError(
+            f"torch {torch.__version__}'s pipeline split cannot place {type(fake).__name__}'s graph (it said: "
+            f"{error}): a part of its forward that runs under torch.autocast(enabled=False), such as a rotary "
+            "embedding, exports as a subgraph this torch misplaces. Use torch >= 2.13, or pipeline_frontend="
+            "'module' (the Llama family has an adapter; hf_pipe.register_family for another decoder)."
+        ) from error
     finally:  # so that the copy can be traced again
         _remove_split_hooks(fake.get_submodule(fqn) for fqn in spec)
 
