@@ -5,12 +5,14 @@ from torch.distributed.pipelining import SplitPoint
 from .engine import PipelineEngine
 from .errors import PipelineConfigError
 from .families import FamilyAdapter, register_family, registered_families
+from .launch import PipelineTimeoutError
+from .optimizer_state import write_trainer_optimizer
 from .schedule import SCHEDULES, schedule_class
 from .seq2seq_split import Seq2SeqSplitPlan, plan_seq2seq
 from .seq2seq_trainer import PipeSeq2SeqTrainer, PipeSeq2SeqTrainingArguments
 from .split import SplitPlan, StagePlan, annotate_split_points, plan_split
 from .trace import TraceError, pipe_split, pipeline
-from .trainer import PipelineModule, PipeTrainer
+from .trainer import PipelineModule, PipelineSaveError, PipeTrainer
 from .training_args import PipelineArguments, PipeTrainingArguments
 from .weights import Checkpoint, Initialise, initialize_weights
 
@@ -30,6 +32,8 @@ __all__ = [
     "PipelineEngine",
     "PipelineModule",
     "Seq2SeqSplitPlan",
+    "PipelineSaveError",
+    "PipelineTimeoutError",
     "SplitPlan",
     "SplitPoint",
     "StagePlan",
@@ -43,4 +47,5 @@ __all__ = [
     "register_family",
     "registered_families",
     "schedule_class",
+    "write_trainer_optimizer",
 ]

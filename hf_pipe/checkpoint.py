@@ -69,6 +69,8 @@ def save_pipeline_model(
     save_file(mine, os.path.join(staging, _shard_name(rank, world)), metadata={"format": "pt"})
     dist.barrier(group=group)
     if rank == 0:
+        if hasattr(model, "config"):
+            model.config.architectures = [type(model).__name__]  # as save_pretrained records it
         model.config.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(staging)

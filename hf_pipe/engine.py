@@ -33,6 +33,7 @@ from .families import CAUSAL_LM
 from .families.base import ATTENTION_KWARGS, LABEL_KEYS
 from .frontends import LocalStages, frontend_name, select_frontend
 from .grad_accumulation import ONE_PASS_SCHEDULES, accumulate_linear_grads_in_place
+from .launch import computing, new_group, timeout_s, waiting
 from .loss import PipelineLoss, reduce_metrics
 from .microbatch import Microbatches, cut_packed, cut_rows, is_packed, shifted_labels
 from .schedule import (
@@ -186,6 +187,26 @@ class PipelineEngine:
     def _replicated(self) -> bool:
         return self.dp is not None and self.dp.size > 1
 
+    @property
+    def _neighbours(self) -> str:
+        """The stages this rank's stages exchange activations and gradients with, and their ranks (for errors)."""
+        peers = sorted(
+            {s for i in self.stage_indices for s in (i - 1, i + 1) if 0 <= s < self.num_stages}
+            - set(self.stage_indices)
+        )
+        if not peers:
+            return "no other rank (every stage is here)"
+        return ", ".join(f"stage {s} on rank {self._global(self.stage_to_rank[s])}" for s in peers)
+
+    def _global(self, pp_rank: int) -> int:
+        return dist.get_global_rank(self.group, pp_rank) if self.group is not dist.group.WORLD else pp_rank
+
+    @property
+    def _pipeline_ranks(self) -> str:
+        return (
+            "every rank of the pipeline (ranks " + ", ".join(str(self._global(r)) for r in range(self.pp_size)) + ")"
+        )
+
     def _build(self, model: nn.Module, weights: Any) -> LocalStages:
         """This rank's stages through the frontend, their tensors real on the device; a problem on any rank (a
         checkpoint that does not fit, a weight left on meta) is one error on every rank, before any step."""
@@ -255,6 +276,7 @@ class PipelineEngine:
         `new_group` is collective over the world, so every rank walks the same groups in the same order.
         """
         tied = []
+        self._tied_owners: list[tuple[list[str], Any, list[int]]] = []  # (FQNs, group, global ranks), for errors
         local = dict(self.named_parameters())
         # every replica's pipeline, as global ranks (one pipeline when there is no data parallelism)
         pipelines = (
@@ -266,11 +288,12 @@ class PipelineEngine:
                 continue  # a frozen tied weight (a PEFT base embedding) gets no gradient to sum
             mine = None
             for pipeline in pipelines:
-                pg = dist.new_group([pipeline[r] for r in ranks])
+                pg = new_group([pipeline[r] for r in ranks], timeout_s())
                 if dist.get_rank() in pipeline:
                     mine = pg
             param = next((local[f] for f in fqns if f in local), None)
             if param is not None:
+                self._tied_owners.append((fqns, mine, [self._global(r) for r in ranks]))
                 tied.append((param, mine, self.pp_rank == ranks[0]))
         return tied
 
@@ -402,7 +425,13 @@ class PipelineEngine:
         name, mbs, batch = self._microbatches(batch, training)
         if num_items is None:
             num_items = self.loss.count(batch)
-        sched = self._schedule_for(name, mbs)
+        what = "the pipeline step (activations and gradients through the stages)" if training else "evaluation step"
+        with waiting(f"{what}", self._neighbours):
+            return self._run_schedule(name, mbs, batch, training, num_items, num_items_in_batch)
+
+    def _run_schedule(self, name, mbs, batch, training, num_items, num_items_in_batch):
+        with computing():  # tracing a new shape is compute, not a wait
+            sched = self._schedule_for(name, mbs)
         targets = self.loss.begin(mbs, float(num_items), num_items_in_batch)
         logits, losses = None, []
         if training:
@@ -418,11 +447,14 @@ class PipelineEngine:
                     loss = None
         loss = loss.detach().float().reshape(()) if loss is not None else torch.zeros((), device=self.device)
         src = self.stage_to_rank[self.num_stages - 1]
-        dist.broadcast(loss, group_src=src, group=self.group)
-        if self.loss.hook is not None:  # what the user's loss reported, on every rank
-            metrics = [reduce_metrics(self.loss.metrics) if self.has_last else None]
-            dist.broadcast_object_list(metrics, group_src=src, group=self.group, device=self.device)
-            self.metrics = metrics[0]
+        with waiting(
+            "the loss broadcast from the last stage", f"stage {self.num_stages - 1} on rank {self._global(src)}"
+        ):
+            dist.broadcast(loss, group_src=src, group=self.group)
+            if self.loss.hook is not None:  # what the user's loss reported, on every rank
+                metrics = [reduce_metrics(self.loss.metrics) if self.has_last else None]
+                dist.broadcast_object_list(metrics, group_src=src, group=self.group, device=self.device)
+                self.metrics = metrics[0]
         return loss, logits
 
     def train_step(
@@ -460,6 +492,14 @@ class PipelineEngine:
         Traced stages with data parallelism also average every gradient over the replicas here (as DDP would; a
         DDP wrapper per traced shape would hook each weight once per shape).
         """
+        ranks = sorted({r for _, _, owners in self._tied_owners for r in owners})
+        with waiting(
+            "the tied-weight gradient all-reduce",
+            f"the ranks holding a copy of a tied weight (ranks {', '.join(map(str, ranks))})",
+        ):
+            self._reduce_tied_gradients()
+
+    def _reduce_tied_gradients(self) -> None:
         if self._replicated and not self.frontend.wraps_data_parallel:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:
@@ -480,9 +520,10 @@ class PipelineEngine:
         # torch's own fused (foreach) norm over this rank's gradients, then the sum of squares over ranks
         local = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads else None
         squares = local.float().pow(2) if local is not None else torch.zeros((), device=self.device)
-        if self.dp is not None and self.dp.mode == "fsdp" and self.dp.size > 1:
-            dist.all_reduce(squares, group=self.dp.group)  # each replica holds a shard of every gradient
-        dist.all_reduce(squares, group=self.group)
+        with waiting("the gradient-norm all-reduce", self._pipeline_ranks):
+            if self.dp is not None and self.dp.mode == "fsdp" and self.dp.size > 1:
+                dist.all_reduce(squares, group=self.dp.group)  # each replica holds a shard of every gradient
+            dist.all_reduce(squares, group=self.group)
         return squares.sqrt()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

@@ -3,6 +3,8 @@
 - `forward_skip_connections`: every stage receives only from the previous one and sends only to the next, so the
   multi-stage-per-rank schedules run on traced stages; stage 0 takes the model's inputs in the model's order.
 - `accept_root_kwargs`: later stages accept the microbatch kwargs every schedule passes to every stage.
+- `run_generated_code`: the stages' submodules run their graphs as generated Python, not node by node.
+- `stop_needless_gradients`: values crossing a boundary that depend on no weight (rotary tables, masks) get none.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.pipelining._IR import Pipe, get_submod_name
 from torch.fx.graph import CodeGen
@@ -226,3 +229,182 @@ def accept_root_kwargs(pipe: Pipe) -> None:
             raise NotImplementedError(f"stage {i} has codegen {type(module.graph._codegen).__name__}")
         module.graph._codegen = _IgnoreRootKwargs()
         module.recompile()
+
+
+def run_generated_code(pipe: Pipe) -> None:
+    """The submodules torch's split leaves in each stage (one per model module: `model.layers.3`, ...) are
+    `torch.export` `InterpreterModule`s, which run their graph through `torch.fx.Interpreter`, one Python dispatch per
+    node: about a tenth of a traced stage's step on the benchmark's Llama. Each also holds its graph compiled to Python
+    (`GraphModule` code, the same ops in the same order); this makes them run that, except where that code would
+    shadow its own `self` (a node named after a submodule `self`, as BERT's attention has)."""
+    for i in range(pipe.num_stages):
+        for module in pipe.get_stage_module(i).modules():
+            graph = getattr(module, "graph", None)
+            if hasattr(module, "_run_with_interpreter") and not any(n.name == "self" for n in graph.nodes):
+                module._run_with_interpreter = False
+
+
+# -- values that need no gradient ------------------------------------------------------------------------------------
+def _needs_grad(module: nn.Module, inputs: list[bool]) -> Any:
+    """Which outputs of `module`'s graph depend on a trainable parameter or on an input that does (`inputs`, by
+    placeholder): a bool, or a list for a tuple output. Submodules' graphs are followed; anything unknown counts as
+    needing a gradient."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return any(inputs) or any(p.requires_grad for p in module.parameters())
+    needs: dict[fx.Node, Any] = {}
+    feed = iter(inputs)
+
+    def of(arg: Any) -> bool:
+        value = needs.get(arg, False) if isinstance(arg, fx.Node) else False
+        return any(value) if isinstance(value, list) else bool(value)
+
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            needs[node] = next(feed, True)
+        elif node.op == "get_attr":
+            value = module
+            for atom in node.target.split("."):
+                value = getattr(value, atom, None)
+            needs[node] = bool(getattr(value, "requires_grad", True))
+        elif node.op == "call_module":
+            sub = module.get_submodule(node.target)
+            names = [p.target for p in getattr(sub, "graph", fx.Graph()).nodes if p.op == "placeholder"]
+            given = [of(a) for a in node.args] + [
+                of(node.kwargs[n]) for n in names[len(node.args) :] if n in node.kwargs
+            ]
+            needs[node] = _needs_grad(sub, given)
+        elif (
+            node.op == "call_function"
+            and node.target is operator.getitem
+            and isinstance(needs.get(node.args[0]), list)
+        ):
+            outputs = needs[node.args[0]]
+            needs[node] = (
+                outputs[node.args[1]] if isinstance(node.args[1], int) and node.args[1] < len(outputs) else True
+            )
+        elif node.op == "output":
+            result = node.args[0]
+            if isinstance(result, fx.Node):
+                return of(result)
+            flat: list[fx.Node] = []
+            fx.node.map_arg(result, flat.append)
+            return [of(n) for n in flat]
+        else:
+            needs[node] = any(of(a) for a in node.all_input_nodes)
+    return True
+
+
+class _ZeroGrads(torch.autograd.Function):
+    """`value` itself; in backward, zero gradients for `others`: inputs a stage received but that need no gradient
+    (rotary tables, masks), for which torch's stages still send one back (torch < 2.13 requires one)."""
+
+    @staticmethod
+    def forward(ctx, value, *others):
+        ctx.others = [(o.shape, o.dtype, o.device) for o in others]
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.others))
+
+
+def _with_zero_grads(value: Any, *others: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+        return _ZeroGrads.apply(value, *others)
+    return value
+
+
+class _Anchored(torch.autograd.Function):
+    """`value` as a tensor in `anchor`'s autograd graph (no gradient reaches either): torch 2.11's zero-bubble
+    backward asks autograd for gradients of every stage output, and refuses one outside the graph."""
+
+    @staticmethod
+    def forward(ctx, value, anchor):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+def _to_wire(value: torch.Tensor, anchor: Any = None) -> torch.Tensor:
+    value = value.to(torch.float32)
+    if isinstance(anchor, torch.Tensor) and anchor.requires_grad and torch.is_grad_enabled():
+        return _Anchored.apply(value, anchor)
+    return value
+
+
+def _from_wire(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.detach().to(dtype)
+
+
+# torch < 2.13 gives every received tensor requires_grad, which a boolean mask cannot have: send such values as float32
+_NON_FLOAT_ON_WIRE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
+def stop_needless_gradients(pipe: Pipe, live: dict[int, list[Key]]) -> int:
+    """Values that cross a stage boundary but depend on no trainable weight (rotary cos/sin, float masks) get no
+    gradient: torch's traced stages make every floating input require one, so the receiving stage computed gradients
+    for them through every block (a sum over heads per use) and sent them back. They are used detached instead, and
+    the gradient torch still sends is a zero. On torch < 2.13, non-floating values (boolean masks) travel as float32
+    the same way. Returns how many values were cut off."""
+    n = pipe.num_stages
+    mods = [pipe.get_stage_module(i) for i in range(n)]
+    roots = [p for p in mods[0].graph.nodes if p.op == "placeholder"]
+    needs = _listed(_needs_grad(mods[0], [False] * len(roots)))  # the batch's tensors need no gradient
+    cut = 0
+    for s in range(1, n):
+        graph = mods[s].graph
+        placeholders = [p for p in graph.nodes if p.op == "placeholder"]
+        zero: list[fx.Node] = []
+        inputs: list[bool] = []
+        for j, p in enumerate(placeholders[: len(live[s - 1])]):
+            value = p.meta.get("val")
+            floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+            needed = needs[j] if j < len(needs) else True
+            inputs.append(needed)
+            if needed or value is None or not (floating or _NON_FLOAT_ON_WIRE):
+                continue
+            with graph.inserting_before(next(node for node in graph.nodes if node.op != "placeholder")):
+                used = graph.call_function(
+                    _from_wire if not floating else torch.Tensor.detach, (p, value.dtype) if not floating else (p,)
+                )
+            p.replace_all_uses_with(used, delete_user_cb=lambda user, used=used: user is not used)
+            used.meta = copy.copy(p.meta)
+            if not floating:  # the producer sends it as float32
+                with value.fake_mode:
+                    p.meta["val"] = torch.empty(value.shape, dtype=torch.float32, device=value.device)
+                sent = _output_node(mods[s - 1].graph).args[0]
+                anchor = next((node for node, needed in zip(sent, needs) if needed), None)
+                with mods[s - 1].graph.inserting_before(_output_node(mods[s - 1].graph)):
+                    wire = mods[s - 1].graph.call_function(_to_wire, (sent[j], anchor))
+                wire.meta = copy.copy(p.meta)
+                out = _output_node(mods[s - 1].graph)
+                out.args = (tuple(wire if k == j else a for k, a in enumerate(out.args[0])),)
+                mods[s - 1].graph.lint()
+                mods[s - 1].recompile()
+            zero.append(p)
+            cut += 1
+        outputs = _listed(_needs_grad(mods[s], inputs))
+        if zero:
+            out = _output_node(graph)
+            flat: list[fx.Node] = []
+            fx.node.map_arg(out.args[0], flat.append)
+            # the zero gradients ride on an output that gets a gradient (the hidden states)
+            first = next((node for node, needed in zip(flat, outputs) if needed), flat[0])
+            target = first.args[0] if first.target is _fresh else first  # inside the dense copy
+            with graph.inserting_before(first if first.target is _fresh else out):
+                attached = graph.call_function(_with_zero_grads, (target, *zero))
+            attached.meta = copy.copy(target.meta)
+            first.replace_input_with(target, attached) if first.target is _fresh else out.replace_input_with(
+                first, attached
+            )
+            graph.lint()
+            mods[s].recompile()
+        needs = outputs
+    return cut
+
+
+def _listed(needs: Any) -> list[bool]:
+    return needs if isinstance(needs, list) else [needs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleDualPipeV,
@@ -205,3 +206,19 @@ def check_schedule(
             f"of {', '.join(map(str, fits[:4]))} (any multiple of {pp_size} works)."
         )
     return problems
+
+
+class NoSelfSendMixin:
+    """A torch pipeline stage whose set-up messages skip its own rank: V placement (ZBV, DualPipeV) puts stages i and
+    i+1 on one rank, and torch's warm-up then sends to this very rank, which gloo refuses ("Pair is not connected";
+    torch 2.11 does so for module-split stages too)."""
+
+    def _get_init_p2p_neighbors_ops(self) -> list:
+        me = dist.get_rank(self.group)
+        return [op for op in super()._get_init_p2p_neighbors_ops() if _peer(op) != me]
+
+
+def _peer(op: dist.P2POp) -> int:
+    if getattr(op, "group_peer", None) is not None:
+        return op.group_peer
+    return dist.get_group_rank(op.group, op.peer) if op.group is not None else op.peer

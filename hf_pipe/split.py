@@ -498,7 +498,7 @@ def plan_blocks(
 ) -> SplitPlan:
     """Stage boundaries at the blocks of any model, with or without a family adapter (the trace frontend's plan).
 
-    A registered family is planned as `plan_split` does. Any other model is split at its repeated blocks
+    A registered family is planned as `plan_split` does (half blocks included). Any other model is split at its repeated blocks
     (`find_blocks`); `"auto"` then balances an estimate from the weights: a block's forward costs about two FLOPs
     per token per weight, and the last stage also runs the output embedding (the LM head), if the model has one.
     Embedding lookups cost next to nothing.
@@ -507,7 +507,8 @@ def plan_blocks(
     adapter = get_family(getattr(config, "model_type", "")) if config is not None else None
     own_task = task_of(type(model).__name__)
     if adapter is not None and own_task in adapter.heads and task in (None, own_task):
-        return plan_split(model, num_stages, split, task=task, sub_blocks=False)  # traced splits: whole blocks
+        # a stage may begin at a block's second half: `trace.block_split_spec` marks its first module
+        return plan_split(model, num_stages, split, task=task)
     prefix = find_blocks(model)
     blocks = model.get_submodule(prefix)
     layer_fqns = [f"{prefix}.{i}" for i in range(len(blocks))]

@@ -17,6 +17,8 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
+from .launch import computing, note_message
+
 
 @dataclass(frozen=True)
 class Action:
@@ -77,12 +79,32 @@ class TimedStageMixin:
         self.timeline = timeline
 
     def _timed(self, kind: str, microbatch: int, fn, *args, **kwargs):
-        if self.timeline is None or not self.timeline.recording:
-            return fn(*args, **kwargs)
-        start = time.time()
-        out = fn(*args, **kwargs)
-        self.timeline.record(self.stage_index, kind, microbatch, start, time.time())
-        return out
+        with computing():  # compute is progress, not waiting (the watchdog in `launch.py` counts only waits)
+            if self.timeline is None or not self.timeline.recording:
+                return fn(*args, **kwargs)
+            start = time.time()
+            out = fn(*args, **kwargs)
+            self.timeline.record(self.stage_index, kind, microbatch, start, time.time())
+            return out
+
+    # What a schedule step waits for, for the watchdog's message: the receives this stage posts.
+    def get_fwd_recv_ops(self, fwd_chunk_id: int):
+        ops = super().get_fwd_recv_ops(fwd_chunk_id)
+        if ops:
+            note_message(self._message("activations", fwd_chunk_id, self.stage_index - 1, ops))
+        return ops
+
+    def get_bwd_recv_ops(self, bwd_chunk_id: int):
+        ops = super().get_bwd_recv_ops(bwd_chunk_id)
+        if ops:
+            note_message(self._message("gradients", bwd_chunk_id, self.stage_index + 1, ops))
+        return ops
+
+    def _message(self, what: str, microbatch: int, peer_stage: int, ops: list) -> str:
+        peer = getattr(ops[0], "peer", None)
+        return f"stage {self.stage_index} receiving microbatch {microbatch}'s {what} from stage {peer_stage}" + (
+            f" on rank {peer}" if peer is not None else ""
+        )
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any):
         return self._timed("F", fwd_chunk_id, super().forward_one_chunk, fwd_chunk_id, *args, **kwargs)

@@ -39,8 +39,9 @@ from torch.distributed.pipelining._IR import annotate_split_points as _torch_ann
 from torch.distributed.pipelining.stage import _PipelineStage
 
 from .errors import PipelineConfigError
-from .families import MULTIPLE_CHOICE
-from .graph_passes import accept_root_kwargs, forward_skip_connections
+from .families import MULTIPLE_CHOICE, get_family
+from .graph_passes import accept_root_kwargs, forward_skip_connections, run_generated_code, stop_needless_gradients
+from .schedule import NoSelfSendMixin
 from .split import _SPLIT_POINTS_ATTR, SplitPlan, SplitPolicy, plan_blocks
 from .timeline import TimedStageMixin
 
@@ -121,6 +122,17 @@ def _trace(
         if error.__cause__ is None:
             raise
         raise _export_error(fake, error) from error.__cause__
+    except AssertionError as error:
+        if "unexpected placeholder node" not in str(error):
+            raise
+        # torch 2.11 (fixed by 2.13): a region the forward runs under `torch.autocast(enabled=False)` (the rotary
+        # embedding of the Llama family, GPT-NeoX, Falcon, GPT-J) exports as a subgraph that its split misplaces
+        raise TraceError(
+            f"torch {torch.__version__}'s pipeline split cannot place {type(fake).__name__}'s graph (it said: "
+            f"{error}): a part of its forward that runs under torch.autocast(enabled=False), such as a rotary "
+            "embedding, exports as a subgraph this torch misplaces. Use torch >= 2.13, or pipeline_frontend="
+            "'module' (the Llama family has an adapter; hf_pipe.register_family for another decoder)."
+        ) from error
     finally:  # so that the copy can be traced again
         _remove_split_hooks(fake.get_submodule(fqn) for fqn in spec)
 
@@ -227,8 +239,10 @@ def trace_stages(
         module = pipe.get_stage_module(i)
         _drop_dead_attrs(module)
         share_tensors(module, model, i)
-    forward_skip_connections(pipe)
+    live = forward_skip_connections(pipe)
+    stop_needless_gradients(pipe, live)
     accept_root_kwargs(pipe)
+    run_generated_code(pipe)
     return pipe
 
 
@@ -270,9 +284,23 @@ def masks_follow_positions(model: nn.Module) -> bool:
     return module is not None and "create_causal_mask" in vars(module)
 
 
-def block_split_spec(blocks: str, starts: list[int]) -> dict[str, SplitPoint]:
-    """`{"model.layers.4": SplitPoint.BEGINNING, ...}` for every block where a stage other than the first begins."""
-    return {f"{blocks}.{i}": SplitPoint.BEGINNING for i in starts if i > 0}
+def block_split_spec(blocks: str, starts: list[float], model_type: str = "") -> dict[str, SplitPoint]:
+    """`{"model.layers.4": SplitPoint.BEGINNING, ...}` for every block where a stage other than the first begins; a
+    stage beginning at block k's second half (`k.5`, families with `halves`) begins at its first module
+    (`model.layers.4.post_attention_layernorm`): torch's split cuts the block's graph there, the residual stream
+    being what crosses."""
+    spec = {}
+    for start in starts:
+        if start <= 0:
+            continue
+        if float(start).is_integer():
+            spec[f"{blocks}.{int(start)}"] = SplitPoint.BEGINNING
+            continue
+        adapter = get_family(model_type)
+        if adapter is None or not adapter.halves:
+            raise ValueError(f"stage start {start}: {model_type!r} blocks cannot be split in halves")
+        spec[f"{blocks}.{int(start)}.{adapter.halves[1][0]}"] = SplitPoint.BEGINNING
+    return spec
 
 
 def pipeline(
@@ -300,7 +328,7 @@ def pipeline(
         if num_stages is None:
             raise ValueError("split_policy needs num_stages")
         plan = plan_blocks(model, num_stages, split_policy)
-        split_spec = block_split_spec(plan.blocks, plan.layer_starts)
+        split_spec = block_split_spec(plan.blocks, plan.layer_starts, plan.model_type)
     if split_spec is None:  # marks left by annotate_split_points (pipe_split() calls in the forward stay anyway)
         split_spec = getattr(model, _SPLIT_POINTS_ATTR, {})
     return trace_stages(model, split_spec, mb_args, mb_kwargs)
@@ -329,7 +357,7 @@ class TracedStages:
         self.announce = announce  # this rank logs the advice to pad
         self.traces = 0
         self.fake = fake_copy(model, device)
-        self.spec = block_split_spec(plan.blocks, plan.layer_starts)
+        self.spec = block_split_spec(plan.blocks, plan.layer_starts, plan.model_type)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 8
         # a multiple-choice model takes (examples, choices, seq)
         shape = (1, 2, min(8, positions)) if plan.task == MULTIPLE_CHOICE else (1, min(8, positions))
@@ -365,20 +393,8 @@ class TracedStages:
         return [pipe.get_stage_module(i) for i in self.stage_indices], pipe.info()
 
 
-class TracedStage(TimedStageMixin, _PipelineStage):
+class TracedStage(NoSelfSendMixin, TimedStageMixin, _PipelineStage):
     """torch's stage for a traced module, timed for the timeline, and with V placements working on gloo."""
-
-    def _get_init_p2p_neighbors_ops(self) -> list[dist.P2POp]:
-        # V placement (ZBV, DualPipeV) puts stages i and i+1 on one rank; torch's warm-up then sends to this very
-        # rank, which gloo refuses ("Pair is not connected"). Those messages are skipped.
-        me = dist.get_rank(self.group)
-        return [op for op in super()._get_init_p2p_neighbors_ops() if _peer(op) != me]
-
-
-def _peer(op: dist.P2POp) -> int:
-    if getattr(op, "group_peer", None) is not None:
-        return op.group_peer
-    return dist.get_group_rank(op.group, op.peer) if op.group is not None else op.peer
 
 
 def build_stage(pipe: Pipe, index: int, device: torch.device, group: dist.ProcessGroup | None = None, **kw: Any):

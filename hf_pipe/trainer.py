@@ -21,20 +21,31 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import recursively_apply
 from accelerate.utils.memory import clear_device_cache
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .batch_sync import broadcast_batches
-from .checkpoint import read_tensors, save_pipeline_model
+from .checkpoint import canonical_state_names, read_tensors, save_pipeline_model
 from .cpu_affinity import bind_local_rank
 from .engine import DataParallel, PipelineEngine
-from .errors import raise_if_any
+from .errors import raise_if_any, raise_on_every_rank
 from .estimate import bubble_fraction
 from .families import CAUSAL_LM
 from .frontends import FRONTENDS, frontend_name
 from .integrations.peft import is_peft_model, read_adapter, save_adapter, saved_keys, stage_model
+from .launch import PipelineTimeoutError, arm_watchdog, init_process_group, pipeline_mesh, report_failure, waiting
 from .loading import model_and_weights
+from .optimizer_state import (
+    INDEX_NAME,
+    has_named_state,
+    load_named,
+    read_named,
+    read_trainer,
+    save_named,
+    trainer_groups,
+)
+from .optimizer_state import TRAINER_NAME as TRAINER_OPTIMIZER_NAME
 from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
 from .seq2seq_split import dataset_lengths
 from .timeline import measured_bubble, write_timeline
@@ -45,6 +56,12 @@ from .validate import dataset_problems, model_problems
 logger = logging.getLogger(__name__)
 
 SCHEDULER_NAME = "scheduler.pt"
+
+
+class PipelineSaveError(RuntimeError):
+    """A rank could not write its part of a checkpoint; nothing was published."""
+
+
 STAGING_DIR = ".hf_pipe-saving"
 
 
@@ -97,10 +114,14 @@ class PipeTrainer(Trainer):
         if model is None:
             missing = "PipeTrainer needs model=...: every rank passes the same model (same seed, or same checkpoint)."
             raise_if_any([missing] + trainer_argument_problems(kwargs))
-        _ = args.device  # sets up the process group (gloo on CPU, NCCL on GPU) before the stages are built
+        # the world group with ddp_timeout (on the CPU Trainer would leave gloo at torch's 30 minutes), then
+        # Trainer's own set-up on it (NCCL on GPU) before the stages are built
+        init_process_group(args.ddp_timeout, args.ddp_backend)
+        _ = args.device
         if not dist.is_initialized():
             _init_single_process_group()
         _destroy_process_group_at_exit()
+        self.watchdog = arm_watchdog(args.ddp_timeout, dist.get_rank())  # bounds every wait of the pipeline
         model, weights = model_and_weights(model, args)
         #: what the stages are cut from (a PeftModel's wrapped model, its adapters injected; else the model)
         self._stage_model = staged = stage_model(model)
@@ -135,7 +156,7 @@ class PipeTrainer(Trainer):
         )
         if args.pipeline_cpu_affinity:  # before the engine, whose `measured` split times the pieces
             logger.info("rank %d bound to CPUs %s", args.process_index, bind_local_rank())
-        pp_group, self.data_parallel = _pipeline_mesh(world, pp, args.pipeline_data_parallel)
+        pp_group, self.data_parallel = _pipeline_mesh(world, pp, args.pipeline_data_parallel, args.ddp_timeout)
         self.engine = PipelineEngine(
             staged,
             schedule=args.pipeline_schedule,
@@ -151,9 +172,11 @@ class PipeTrainer(Trainer):
             task=args.pipeline_task,
         )
         self.pipeline = PipelineModule(self.engine, staged.config, model)
+        self.watchdog.stages = list(self.engine.stage_indices)
         self._tied_reduced = False
         self._timeline_written = False
         super().__init__(model=model, args=args, **kwargs)
+        self.add_callback(_WatchdogStep(self.watchdog))
         self._pipeline_metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
         if self.compute_loss_func is not None or _overrides(type(self), "compute_microbatch_loss"):
             self.engine.loss.hook = self.compute_microbatch_loss
@@ -230,7 +253,13 @@ class PipeTrainer(Trainer):
     def _one_batch_per_pipeline(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.engine.pp_size == 1:
             return batches
-        return broadcast_batches(batches, src=0, group=self.engine.group, device=self.engine.device)
+        with waiting("the batch broadcast from the first stage's rank", f"rank {self.engine._global(0)} (stage 0)"):
+            return broadcast_batches(batches, src=0, group=self.engine.group, device=self.engine.device)
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        # Trainer first gathers the logged loss over every process; its evaluation and saving watch their own waits
+        with waiting("Trainer's gather of the logged loss", _every_rank(), until_nested=True):
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         # Trainer sums label counts over processes; every stage holds the same batches, so count them once.
@@ -530,7 +559,8 @@ class PipeTrainer(Trainer):
             save_pipeline_model(
                 state, self.model, output_dir, group=self.engine.group, processing_class=self.processing_class
             )
-        dist.barrier()
+        with waiting(f"the barrier after saving the model to {output_dir}", _every_rank()):
+            dist.barrier()
         if self.args.should_save:
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         if self.args.push_to_hub and not _internal_call:
@@ -546,22 +576,40 @@ class PipeTrainer(Trainer):
         run_dir = self._get_output_dir(trial)
         staging_root = os.path.join(run_dir, STAGING_DIR)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        everyone = _every_rank() + ", each writing its part"
         if self.args.should_save:
             shutil.rmtree(staging_root, ignore_errors=True)
-        dist.barrier()
+        with waiting(f"the barrier before writing {name}", everyone):
+            dist.barrier()
         self.args.output_dir = staging_root  # Trainer derives the checkpoint folder from it
         try:
-            super()._save_checkpoint(model, trial)
+            with waiting(f"writing {name} (the barriers between ranks' parts)", everyone):
+                super()._save_checkpoint(model, trial)
+        except PipelineTimeoutError:
+            raise
+        except Exception as error:
+            # This rank could not write its part (disk full, permission denied): say so to every rank (peers waiting
+            # at a barrier of this save lose their connection to this process and report it), publish nothing.
+            message = (
+                f"rank {self.args.process_index} could not write its part of {name} at step {self.state.global_step}"
+                f" into {staging_root}: {type(error).__name__}: {error}. Nothing was published: the last complete "
+                "checkpoint in output_dir is still the one to resume from (resume_from_checkpoint=True). Fix: free "
+                "space or fix the permissions of output_dir on this rank's node, or point output_dir elsewhere."
+            )
+            report_failure(message)
+            raise PipelineSaveError(message) from error
         finally:
             self.args.output_dir = run_dir
-        dist.barrier()  # every rank's files are complete
+        with waiting(f"the barrier after writing {name} (every rank's files complete)", everyone):
+            dist.barrier()
         final = os.path.join(run_dir, name)
         if self.args.should_save:
             if os.path.isdir(final):  # saved again at the same step (e.g. at the end of training)
                 shutil.rmtree(final)
             os.replace(os.path.join(staging_root, name), final)
             shutil.rmtree(staging_root, ignore_errors=True)
-        dist.barrier()
+        with waiting(f"the barrier after publishing {name}", everyone):
+            dist.barrier()
         # Trainer looked for the best checkpoint in the staging folder; point every rank at the real one.
         if self.state.best_global_step:
             best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
@@ -575,25 +623,78 @@ class PipeTrainer(Trainer):
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
-        dist.barrier()
+        with waiting(f"the barrier after saving {name}", everyone):
+            dist.barrier()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # One optimizer state per pipeline rank (each holds different parameters) — per replica too under FSDP2,
-        # where each holds a shard; the scheduler is the same on all.
+        # The optimizer state by parameter name, one file per pipeline rank (`optimizer_state.py`): any layout, or
+        # plain Trainer, resumes from it. Replicas hold the same state (FSDP2: shards, gathered first); the scheduler
+        # is the same on all.
         os.makedirs(output_dir, exist_ok=True)
-        if self._dp_rank == 0 or self._sharded:
-            torch.save(self.optimizer.state_dict(), os.path.join(output_dir, self._optimizer_file))
+        with waiting(f"writing the optimizer state into {output_dir}", self.engine._pipeline_ranks):
+            save_named(
+                self.optimizer, self._parameter_names, output_dir, group=self.engine.group, write=self._dp_rank == 0
+            )
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-        dist.barrier()
+        with waiting(f"the barrier after writing the optimizer state into {output_dir}", _every_rank()):
+            dist.barrier()
+
+    @property
+    def _parameter_names(self) -> dict[int, str]:
+        """id of each of this rank's parameters -> the HF name it is saved under."""
+        return {id(p): name for name, p in self.engine.named_parameters()}
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """This rank's optimizer state from a checkpoint of any layout, or of plain Trainer; no state is an error."""
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, self._optimizer_file)
-        if not os.path.isfile(path):
-            return
-        self.optimizer.load_state_dict(torch.load(path, map_location=self.engine.device, weights_only=True))
+        names = self._parameter_names
+        problems: list[str] = []
+        state = hyper = old = None
+        old_file = os.path.join(checkpoint, self._optimizer_file)
+        trainer_file = os.path.join(checkpoint, TRAINER_OPTIMIZER_NAME)
+        try:
+            if has_named_state(checkpoint):
+                state, hyper = read_named(checkpoint, list(names.values()))
+            elif os.path.isfile(old_file):  # hf_pipe's earlier per-rank files: the same layout only
+                old = torch.load(old_file, map_location=self.engine.device, weights_only=True)
+                mine = [len(g["params"]) for g in self.optimizer.param_groups]
+                if [len(g["params"]) for g in old["param_groups"]] != mine:
+                    problems.append(
+                        f"{old_file} was saved on another pipeline layout (param groups of "
+                        f"{[len(g['params']) for g in old['param_groups']]} parameters, this rank has {mine}): these "
+                        "per-rank files resume only the layout that wrote them; resume with that pipeline_parallel_size, "
+                        "split and schedule (checkpoints written since hold the state by name and resume on any layout)."
+                    )
+            elif os.path.isfile(trainer_file):  # plain Trainer's: positions in its param groups, mapped to names
+                decay = set(Trainer.get_decay_parameter_names(self, self.model))
+                groups = trainer_groups(self.model, decay, canonical_state_names(self.model))
+                state, hyper = read_trainer(trainer_file, groups)
+            else:
+                problems.append(
+                    f"resume_from_checkpoint={checkpoint} holds no optimizer state ({INDEX_NAME}, "
+                    f"{self._optimizer_file} or Trainer's {TRAINER_OPTIMIZER_NAME}), so training would go on with fresh "
+                    "AdamW moments and drift from the run it continues. Resume from a checkpoint saved with its "
+                    "optimizer (save_only_model=False), or, to start a new optimizer on purpose, load only the weights "
+                    f"(PipeTrainer(model={checkpoint!r}, ...)) and train without resume_from_checkpoint."
+                )
+            if not os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME)):
+                problems.append(
+                    f"resume_from_checkpoint={checkpoint} holds no {SCHEDULER_NAME}, so the learning-rate schedule "
+                    "would restart from its first step; resume from a complete checkpoint, or load only the weights "
+                    f"(PipeTrainer(model={checkpoint!r}, ...)) and train without resume_from_checkpoint."
+                )
+        except Exception as error:
+            problems.append(
+                f"resume_from_checkpoint={checkpoint}: its optimizer state cannot be read on rank "
+                f"{self.args.process_index} ({type(error).__name__}: {error}); resume from another checkpoint."
+            )
+        raise_on_every_rank(problems)
+        if old is not None:
+            self.optimizer.load_state_dict(old)
+        else:
+            load_named(self.optimizer, names, state, hyper)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -614,14 +715,12 @@ class PipeTrainer(Trainer):
             self.engine.load_local_state(read_tensors(checkpoint, sorted(local)))
 
 
-def _pipeline_mesh(world: int, pp: int, mode: str) -> tuple[dist.ProcessGroup, DataParallel | None]:
-    """This rank's pipeline group and, with several replicas, its data-parallel side, from a ("dp", "pp") mesh."""
+def _pipeline_mesh(world: int, pp: int, mode: str, timeout_s: float) -> tuple[dist.ProcessGroup, DataParallel | None]:
+    """This rank's pipeline group and, with several replicas, its data-parallel side, from a ("dp", "pp") mesh whose
+    groups carry ddp_timeout."""
     if world == pp:
         return dist.group.WORLD, None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    mesh = init_device_mesh(device_type, (world // pp, pp), mesh_dim_names=("dp", "pp"))
+    mesh = pipeline_mesh(world, pp, timeout_s)
     data_parallel = DataParallel(
         group=mesh.get_group("dp"),
         mesh=mesh["dp"],
@@ -631,6 +730,23 @@ def _pipeline_mesh(world: int, pp: int, mode: str) -> tuple[dist.ProcessGroup, D
         pipelines=mesh.mesh.tolist(),
     )
     return mesh.get_group("pp"), data_parallel
+
+
+def _every_rank() -> str:
+    return f"every launched rank (ranks 0-{dist.get_world_size() - 1})"
+
+
+class _WatchdogStep(TrainerCallback):
+    """The step the watchdog names in its message: the one running, or the one whose save or evaluation follows."""
+
+    def __init__(self, dog):
+        self.dog = dog
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.dog.step = state.global_step + 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.dog.step = state.global_step
 
 
 def _init_single_process_group() -> None:

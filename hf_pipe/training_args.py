@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from .cpu_affinity import affinity_problems, allowed_cpus, local_world
 from .errors import raise_if_any
 from .families import TASKS
+from .launch import init_process_group
 from .schedule import SCHEDULES, check_schedule, default_stages_per_rank, divisors, largest_divisor_at_most
 from .split import POLICIES
 from .trainer_options import training_args_problems
@@ -216,6 +217,8 @@ class PipeTrainingArguments(PipelineArguments, TrainingArguments):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         # before Trainer's own set-up, which would fail first, and less clearly, on some of these (DeepSpeed)
         raise_if_any(self.pipeline_problems(_launched_world_size()))
+        # Trainer's set-up (below) starts the process group: on the CPU without ddp_timeout, so start it first
+        init_process_group(self.ddp_timeout, self.ddp_backend)
         super().__post_init__()
 
     def pipeline_problems(self, world_size: int, batch_size: int | None = None) -> list[str]:

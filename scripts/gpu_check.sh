@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU check (a few minutes): the distributed tests' equivalence checks on CUDA with NCCL, one GPU per rank.
-# Needs the project installed with a CUDA build of torch (scripts/setup.sh with HF_PIPE_TORCH_VERSION, or your own).
+# GPU check (about 5 minutes on one H200): equivalence on CUDA (fp32, bf16; module and trace frontends), PipeTrainer's
+# overhead against Trainer with gradient accumulation on one GPU, peak memory against hf-pipe plan's estimate; with
+# 2+ GPUs, --multi adds the NCCL runs. Runs from the source tree on the installed torch (>= 2.11) and transformers
+# (>= 5.17): PYTHON=python3 bash scripts/gpu_check.sh on a machine with its own CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

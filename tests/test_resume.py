@@ -60,7 +60,8 @@ def test_stop_and_resume_matches_uninterrupted(tmp_path, frontend):
     assert [e["step"] for e in stopped["logs"]] == [1, 2, 3]
     checkpoint = tmp_path / "run" / "checkpoint-2"
     expected = {"config.json", "model.safetensors.index.json", "scheduler.pt", "trainer_state.json"}
-    expected |= {"optimizer-pp00000.pt", "optimizer-pp00001.pt", "rng_state_0.pth", "rng_state_1.pth"}
+    expected |= {"optimizer.index.json", "optimizer-00001-of-00002.pt", "optimizer-00002-of-00002.pt"}
+    expected |= {"rng_state_0.pth", "rng_state_1.pth"}
     assert expected <= set(os.listdir(checkpoint))
     assert torch.load(checkpoint / "scheduler.pt", weights_only=True)["last_epoch"] == 2
     resumed = run_distributed(

@@ -169,6 +169,18 @@ def positions(hidden: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
 
 
+def _cache_keyword() -> str:
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+#: "no KV cache" for transformers' mask functions, whose keyword is `cache` from 5.20 on, `past_key_values` before
+NO_CACHE: dict[str, None] = {_cache_keyword(): None}
+
+
 def attention_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The batch's attention keyword arguments, which HF passes from the model's forward down to each attention."""
     return {k: batch[k] for k in ATTENTION_KWARGS if batch.get(k) is not None}

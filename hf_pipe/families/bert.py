@@ -9,6 +9,7 @@ from .base import (
     CAUSAL_LM,
     MASKED_LM,
     MULTIPLE_CHOICE,
+    NO_CACHE,
     QUESTION_ANSWERING,
     SEQ_CLS,
     TOKEN_CLS,
@@ -54,7 +55,7 @@ class BertAdapter(FamilyAdapter):
 
     def context(self, config, parts, hidden, batch):
         make_mask = create_causal_mask if config.is_decoder else create_bidirectional_mask
-        return make_mask(config=config, inputs_embeds=hidden, attention_mask=batch.get("attention_mask"), cache=None)
+        return make_mask(config=config, inputs_embeds=hidden, attention_mask=batch.get("attention_mask"), **NO_CACHE)
 
     def layer(self, block, index, hidden, context):
         return block(hidden, context)

@@ -7,6 +7,7 @@ from transformers.masking_utils import create_causal_mask
 from .base import (
     ATTENTION_KWARGS,
     CAUSAL_LM,
+    NO_CACHE,
     QUESTION_ANSWERING,
     SEQ_CLS,
     TOKEN_CLS,
@@ -58,7 +59,7 @@ class Gpt2Adapter(FamilyAdapter):
             config=config,
             inputs_embeds=hidden,
             attention_mask=batch.get("attention_mask"),
-            cache=None,
+            **NO_CACHE,
             position_ids=position_ids,
         )
         return mask, position_ids, attention_kwargs(batch)

@@ -7,6 +7,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .base import (
     ATTENTION_KWARGS,
     CAUSAL_LM,
+    NO_CACHE,
     QUESTION_ANSWERING,
     SEQ_CLS,
     TOKEN_CLS,
@@ -68,7 +69,7 @@ class LlamaAdapter(FamilyAdapter):
             config=config,
             inputs_embeds=hidden,
             attention_mask=batch.get("attention_mask"),
-            cache=None,
+            **NO_CACHE,
             position_ids=position_ids,
         )
         types = self._layer_types(config)

@@ -17,13 +17,14 @@ from ..families import CAUSAL_LM, FlopsPerToken, get_family, registered_families
 from ..families.base import LABEL_KEYS, is_bare_body
 from ..grad_accumulation import InPlaceAccumulationMixin
 from ..measure import measure_costs
+from ..schedule import NoSelfSendMixin
 from ..split import plan_split, resolve_family, unsupported_head
 from ..stage import build_stage_modules, owner_stages, tied_groups
 from ..timeline import TimedPipelineStage, Timeline
 from . import Frontend, LocalStages
 
 
-class _ModuleStage(InPlaceAccumulationMixin, TimedPipelineStage):
+class _ModuleStage(NoSelfSendMixin, InPlaceAccumulationMixin, TimedPipelineStage):
     """A module-split stage: torch's `PipelineStage`, timed, Linear weight gradients accumulated in place."""
 
 

@@ -1,12 +1,13 @@
 """A tiny PipeTrainer run for the launcher tests, with optional fault injection (test code, not library code).
 
-torchrun --nproc_per_node 2 tests/scripts/tiny_train.py OUTPUT_DIR [--fail raise|kill|kill_in_save]
-    [--fail_rank R] [--fail_step S] [--resume]
+torchrun --nproc_per_node 2 tests/scripts/tiny_train.py OUTPUT_DIR [--fail raise|kill|stop|stop_in_step|stop_before_tied|kill_in_save|stop_in_save|enospc_in_save]
+    [--fail_rank R] [--fail_step S] [--resume] [--ddp_timeout SECONDS] [--model gpt2|llama]
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -21,12 +22,16 @@ from tests._data import PadCollator, lm_dataset  # noqa: E402
 from tests._models import tiny_model  # noqa: E402
 
 
-def _mark_and_fail(output_dir: str, how: str) -> None:
+def _mark(output_dir: str) -> None:
     with open(os.path.join(output_dir, "failed_at"), "w") as f:
         f.write(str(time.time()))
+
+
+def _mark_and_fail(output_dir: str, how: str) -> None:
+    _mark(output_dir)
     if how == "raise":
         raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGSTOP if how == "stop" else signal.SIGKILL)
 
 
 class FailAt(TrainerCallback):
@@ -34,17 +39,35 @@ class FailAt(TrainerCallback):
         self.output_dir, self.how, self.rank, self.step = output_dir, how, rank, step
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.how in ("raise", "kill") and state.global_step == self.step and args.process_index == self.rank:
+        if (
+            self.how in ("raise", "kill", "stop")
+            and state.global_step == self.step
+            and args.process_index == self.rank
+        ):
             _mark_and_fail(self.output_dir, self.how)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
-    parser.add_argument("--fail", choices=["raise", "kill", "kill_in_save"])
+    parser.add_argument(
+        "--fail",
+        choices=[
+            "raise",
+            "kill",
+            "stop",
+            "stop_in_step",
+            "stop_before_tied",
+            "kill_in_save",
+            "stop_in_save",
+            "enospc_in_save",
+        ],
+    )
     parser.add_argument("--fail_rank", type=int, default=1)
     parser.add_argument("--fail_step", type=int, default=3)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--ddp_timeout", type=int, default=60)
+    parser.add_argument("--model", default="gpt2", help="a tests._models name: gpt2 (tied), llama (untied)")
     opts = parser.parse_args()
     args = PipeTrainingArguments(
         output_dir=opts.output_dir,
@@ -60,21 +83,47 @@ def main() -> None:
         disable_tqdm=True,
         pipeline_schedule="1f1b",
         pipeline_microbatches=4,
-        ddp_timeout=60,
+        ddp_timeout=opts.ddp_timeout,
     )
-    if opts.fail == "kill_in_save" and int(os.environ["RANK"]) == opts.fail_rank:
-        # die after writing this rank's optimizer state into the checkpoint being saved at fail_step
+    failing = opts.fail and int(os.environ["RANK"]) == opts.fail_rank
+    if failing and opts.fail.endswith("_in_save"):
+        # kill: die after writing this rank's optimizer state into the checkpoint being saved at fail_step;
+        # stop: stop there without dying; enospc: fail to write it, as on a full disk
         original = PipeTrainer._save_optimizer_and_scheduler
 
-        def dying_save(self, output_dir):
+        def failing_save(self, output_dir):
+            if self.state.global_step == opts.fail_step and opts.fail == "enospc_in_save":
+                _mark(opts.output_dir)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), output_dir)
             original(self, output_dir)
             if self.state.global_step == opts.fail_step:
-                _mark_and_fail(opts.output_dir, "kill")
+                _mark_and_fail(opts.output_dir, opts.fail.split("_")[0])
 
-        PipeTrainer._save_optimizer_and_scheduler = dying_save
+        PipeTrainer._save_optimizer_and_scheduler = failing_save
+    if failing and opts.fail == "stop_in_step":  # stopped in the middle of a pipeline step, before its stage runs
+        original_step = PipeTrainer.training_step
+
+        def stopping_step(self, *args, **kwargs):
+            if self.state.global_step + 1 == opts.fail_step:
+                _mark_and_fail(opts.output_dir, "stop")
+            return original_step(self, *args, **kwargs)
+
+        PipeTrainer.training_step = stopping_step
+    if failing and opts.fail == "stop_before_tied":  # stopped after its backward, before the tied-weight all-reduce
+        from hf_pipe.engine import PipelineEngine
+
+        original_reduce, calls = PipelineEngine.reduce_tied_gradients, []
+
+        def stopping_reduce(self):
+            calls.append(1)
+            if len(calls) == opts.fail_step:
+                _mark_and_fail(opts.output_dir, "stop")
+            return original_reduce(self)
+
+        PipelineEngine.reduce_tied_gradients = stopping_reduce
     callbacks = [FailAt(opts.output_dir, opts.fail, opts.fail_rank, opts.fail_step)] if opts.fail else None
     trainer = PipeTrainer(
-        model=tiny_model("gpt2"),
+        model=tiny_model(opts.model),
         args=args,
         train_dataset=lm_dataset(48, seed=0),
         data_collator=PadCollator("causal_lm"),
