@@ -656,7 +656,8 @@ class PipeTrainer(Trainer):
         trainer_file = os.path.join(checkpoint, TRAINER_OPTIMIZER_NAME)
         try:
             if has_named_state(checkpoint):
-                state, hyper = read_named(checkpoint, list(names.values()))
+                trained = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+                state, hyper = read_named(checkpoint, trained)  # frozen weights (a PEFT base) have no state
             elif os.path.isfile(old_file):  # hf_pipe's earlier per-rank files: the same layout only
                 old = torch.load(old_file, map_location=self.engine.device, weights_only=True)
                 mine = [len(g["params"]) for g in self.optimizer.param_groups]
