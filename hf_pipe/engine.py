@@ -173,9 +173,11 @@ class PipelineEngine:
         # after wrapping: FSDP2 replaces each parameter by its sharded version
         self._tied = self._setup_tied(self.local.tied)
         self.loss = PipelineLoss(self.plan.task, config)
-        #: what a user loss reported for the last step, as (total, count) per metric (`loss.reduce_metrics`), on
-        #: every rank
-        self.metrics: dict[str, tuple[float, float]] = {}
+        #: what a user loss reported for the last step, as (reduction, total, count) per metric
+        #: (`loss.reduce_metrics`), on every rank
+        self.metrics: dict[str, tuple[str, float, float]] = {}
+        #: consecutive rows of a batch that one loss term compares (a preference pair: 2), kept in one microbatch
+        self.rows_per_example = 1
         self.has_first = 0 in self.stage_indices
         self.has_last = self.num_stages - 1 in self.stage_indices
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()
@@ -369,7 +371,7 @@ class PipelineEngine:
                 pp_size=self.pp_size,
                 stages_per_rank=self.stages_per_rank,
                 microbatches=self.microbatches,
-                batch_size=rows,
+                batch_size=rows // self.rows_per_example,
             )
         else:  # forward only: any count of equal microbatches works
             name, count = "forward", largest_divisor_at_most(rows, self.microbatches)

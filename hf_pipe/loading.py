@@ -60,19 +60,24 @@ def model_and_weights(model: str | nn.Module, args: Any) -> tuple[nn.Module, Any
     return model, Resident()
 
 
-def skeleton(path: str, kwargs: dict[str, Any]) -> nn.Module:
+def skeleton(path: str, kwargs: dict[str, Any], auto_class: Any = None, **config_kwargs: Any) -> nn.Module:
     """The model `from_pretrained(path, **kwargs)` would build — its class, config, dtype and attention — on the
-    meta device: no weights allocated."""
+    meta device: no weights allocated. With `auto_class` (e.g. `AutoModelForSequenceClassification`), the model
+    `auto_class.from_pretrained(path, **config_kwargs)` would build instead (a reward model from a causal LM's
+    checkpoint: the new head is initialised when the stages are read)."""
     import transformers
     from transformers import AutoConfig, GenerationConfig
 
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    config = AutoConfig.from_pretrained(path, **hub)
+    config = AutoConfig.from_pretrained(path, **hub, **config_kwargs)
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
+    if auto_class is not None:
+        cls = auto_class._model_mapping.get(type(config), None)
     if cls is None:
         raise PipelineConfigError(
-            f"the config at {path!r} names no transformers model class (architectures={architectures}); load the "
+            f"the config at {path!r} names no {getattr(auto_class, '__name__', 'transformers')} model class "
+            f"(architectures={architectures}); load the "
             "model yourself on the meta device (with torch.device('meta'): model = AutoModelFor...from_config(config)) "
             "and pass it with pipeline_checkpoint."
         )

@@ -39,7 +39,8 @@ from .families import CAUSAL_LM, MASKED_LM, MULTIPLE_CHOICE, QUESTION_ANSWERING,
 from .families.base import LABEL_KEYS
 from .microbatch import IGNORE_INDEX, Microbatches
 
-#: (outputs with `.logits`, labels, inputs, num_items_in_batch) -> loss, or (loss, {metric: value or (sum, count)})
+#: (outputs with `.logits`, labels, inputs, num_items_in_batch) -> loss, or (loss, metrics): each metric a value,
+#: a (sum, count) pair, or ("min" | "max", value)
 LossHook = Callable[[Any, torch.Tensor, dict[str, Any], Any], Any]
 
 _OUTPUTS = {
@@ -81,14 +82,25 @@ def as_logits(output: Any) -> Any:
     return output
 
 
-def reduce_metrics(per_microbatch: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Each metric of a step as (total, count): `(sum, count)` pairs pooled over the microbatches (a token accuracy
-    over the whole batch), plain values summed with their number (their mean). Replicas pool them the same way."""
-    out: dict[str, tuple[float, float]] = {}
+#: how a metric of a step is pooled over its microbatches and the data-parallel replicas
+METRIC_REDUCTIONS = ("mean", "min", "max")
+
+
+def reduce_metrics(per_microbatch: list[dict[str, Any]]) -> dict[str, tuple[str, float, float]]:
+    """Each metric of a step as (reduction, total, count): `(sum, count)` pairs pooled over the microbatches (a token
+    accuracy over the whole batch), plain values summed with their number (their mean), `("min", value)` and
+    `("max", value)` the least and greatest. Replicas pool them the same way."""
+    out: dict[str, tuple[str, float, float]] = {}
     for name in dict.fromkeys(k for m in per_microbatch for k in m):
         values = [m[name] for m in per_microbatch if name in m]
+        extreme = isinstance(values[0], tuple) and values[0][0] in METRIC_REDUCTIONS
+        if extreme:
+            how = values[0][0]
+            pick = min if how == "min" else max
+            out[name] = (how, pick(float(v[1]) for v in values), 1.0)
+            continue
         pairs = [v if isinstance(v, tuple) else (v, 1.0) for v in values]
-        out[name] = (sum(float(v[0]) for v in pairs), sum(float(v[1]) for v in pairs))
+        out[name] = ("mean", sum(float(v[0]) for v in pairs), sum(float(v[1]) for v in pairs))
     return out
 
 

@@ -36,6 +36,7 @@ from .frontends import FRONTENDS, frontend_name
 from .integrations.peft import is_peft_model, read_adapter, save_adapter, saved_keys, stage_model
 from .launch import PipelineTimeoutError, arm_watchdog, init_process_group, pipeline_mesh, report_failure, waiting
 from .loading import model_and_weights
+from .loss import METRIC_REDUCTIONS
 from .optimizer_state import (
     INDEX_NAME,
     has_named_state,
@@ -56,6 +57,7 @@ from .validate import dataset_problems, model_problems
 logger = logging.getLogger(__name__)
 
 SCHEDULER_NAME = "scheduler.pt"
+_REDUCE_OPS = {"mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 class PipelineSaveError(RuntimeError):
@@ -424,8 +426,9 @@ class PipeTrainer(Trainer):
         the cut) and the step's `num_items_in_batch` (as Trainer passes it); the losses of a step's microbatches
         are added, so return this microbatch's share: a sum over its tokens divided by `num_items_in_batch`.
         In evaluation it is called once per batch, with the whole batch. Return `(loss, metrics)` to log
-        metrics: `{name: value}` (averaged over the step's microbatches) or `{name: (sum, count)}` (pooled over
-        them, e.g. a token accuracy); they reach `log()` on every rank, averaged over the steps since the last log,
+        metrics: `{name: value}` (averaged over the step's microbatches), `{name: (sum, count)}` (pooled over
+        them, e.g. a token accuracy) or `{name: ("min", value)}` / `("max", value)` (the least or greatest over
+        microbatches and replicas); they reach `log()` on every rank, averaged over the steps since the last log,
         `eval_`-prefixed in evaluation.
 
         Default: Trainer's `compute_loss_func` when one was given (scaled by the data-parallel replicas under
@@ -451,16 +454,20 @@ class PipeTrainer(Trainer):
         )
 
     def _record_pipeline_metrics(self, mode: str) -> None:
-        """What compute_microbatch_loss reported for the step, pooled over the data-parallel replicas."""
+        """What compute_microbatch_loss reported for the step, pooled over the data-parallel replicas (means as
+        (total, count), minima and maxima as such)."""
         metrics = self.engine.metrics
-        if not metrics:
-            return
-        names = sorted(metrics)
-        pooled = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.engine.device)
-        if self._dp_size > 1:
-            dist.all_reduce(pooled, group=self.data_parallel.group)
-        for name, (total, count) in zip(names, pooled.tolist()):
-            self.store_pipeline_metric(mode, name, total / count if count else 0.0)
+        values = {}
+        for how in METRIC_REDUCTIONS:
+            names = sorted(n for n, (reduction, *_) in metrics.items() if reduction == how)
+            if not names:
+                continue
+            pooled = torch.tensor([metrics[n][1:] for n in names], dtype=torch.float64, device=self.engine.device)
+            if self._dp_size > 1:
+                dist.all_reduce(pooled, op=_REDUCE_OPS[how], group=self.data_parallel.group)
+            values.update({n: total / count if count else 0.0 for n, (total, count) in zip(names, pooled.tolist())})
+        for name in sorted(values):
+            self.store_pipeline_metric(mode, name, values[name])
 
     def store_pipeline_metric(self, mode: str, name: str, value: float) -> None:
         """Keep a step's metric until the next `log()` (averaged there); subclasses may keep them elsewhere."""

@@ -1,4 +1,5 @@
-"""TRL's supervised fine-tuning under the pipeline: `PipeSFTTrainer` with `PipeSFTConfig`.
+"""TRL's supervised fine-tuning and reward modelling under the pipeline: `PipeSFTTrainer` with `PipeSFTConfig`,
+`PipeRewardTrainer` with `PipeRewardConfig`.
 
 `PipeSFTTrainer` takes exactly `trl.SFTTrainer`'s arguments and keeps what SFT does — dataset preparation, chat
 templates, `completion_only_loss` / `assistant_only_loss` masks, packing (BFD, padding-free: cut into microbatches at
@@ -13,9 +14,19 @@ reads its stages' weights from the checkpoint.
     trainer = PipeSFTTrainer(model="path/to/model", args=PipeSFTConfig(output_dir="out", packing=True),
                              train_dataset=dataset, peft_config=LoraConfig(...))
 
-DPO-style trainers (DPO, KTO, ORPO, reward modelling) would also need each pair's chosen and rejected sequences to
-travel as one batch (their loss compares the two), reference-model log-probabilities through a second, frozen
-pipeline (or precomputed), and their metrics per pair: not provided yet.
+`PipeRewardTrainer` takes exactly `trl.RewardTrainer`'s arguments and keeps its dataset preparation (chat templates,
+EOS, `max_length` filter), its pad token on the model's config (the classifier pools each row's last non-padding
+token) and its collator. Each batch's rows are reordered so that every pair (chosen, rejected) travels in one
+microbatch; the last stage computes the pairwise loss `-logsigmoid(chosen - rejected - margin)` (with the dataset's
+`margin` column when it has one) plus `center_rewards_coefficient * (chosen + rejected)**2`, averaged over the
+batch's pairs as RewardTrainer averages them, and its `min_reward` / `mean_reward` / `max_reward` / `accuracy` /
+`margin` over the whole batch and the replicas; `num_tokens` is counted once per pipeline. A model id or path is
+built as `AutoModelForSequenceClassification` with `num_labels=1` on the meta device, each rank reading its stages;
+the new score head is then initialised seeded per module as hf_pipe initialises from scratch (RewardTrainer draws it
+from the global generator instead): pass a built model for RewardTrainer's very head.
+
+DPO-style trainers (DPO, KTO, ORPO) would also need reference-model log-probabilities through a second, frozen
+pipeline (or precomputed): not provided yet.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 try:
-    from trl import SFTConfig, SFTTrainer
+    from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 except ImportError as err:  # pragma: no cover - the extra is missing
     raise ImportError("hf_pipe.trl needs TRL: pip install 'hf_pipe[trl]' (trl>=1.16)") from err
 
@@ -37,7 +48,7 @@ from .loading import skeleton
 from .trainer import PipeTrainer
 from .training_args import PipeTrainingArguments
 
-__all__ = ["PipeSFTConfig", "PipeSFTTrainer"]
+__all__ = ["PipeRewardConfig", "PipeRewardTrainer", "PipeSFTConfig", "PipeSFTTrainer"]
 
 
 @dataclass
@@ -95,13 +106,9 @@ class PipeSFTTrainer(SFTTrainer, PipeTrainer):
     compute_loss = PipeTrainer.compute_loss
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        # SFT's num_tokens: every token of the batch (padding-free batches: the whole row), over the replicas
+        # SFT's num_tokens: every token of the batch (padding-free batches: the whole row)
         tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["position_ids"].size(1)
-        count = torch.as_tensor(tokens, device=self.engine.device, dtype=torch.long)
-        if self._dp_size > 1:
-            dist.all_reduce(count, group=self.data_parallel.group)
-        self._total_train_tokens += int(count)
-        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        _count_train_tokens(self, tokens)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_microbatch_loss(self, outputs, labels, inputs, num_items_in_batch):
@@ -129,3 +136,112 @@ class PipeSFTTrainer(SFTTrainer, PipeTrainer):
 
     def store_pipeline_metric(self, mode: str, name: str, value: float) -> None:
         self._metrics[mode][name].append(value)  # SFT's own store, averaged by its log()
+
+
+def _count_train_tokens(trainer: PipeTrainer, tokens: Any) -> None:
+    """TRL's `num_tokens`: the batch's tokens summed over the pipeline replicas (a pipeline's ranks share a batch)."""
+    count = torch.as_tensor(tokens, device=trainer.engine.device, dtype=torch.long)
+    if trainer._dp_size > 1:
+        dist.all_reduce(count, group=trainer.data_parallel.group)
+    trainer._total_train_tokens += int(count)
+    trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+
+
+@dataclass
+class PipeRewardConfig(PipeTrainingArguments, RewardConfig):
+    """`trl.RewardConfig` with the pipeline fields of `PipeTrainingArguments` (every RewardConfig default kept)."""
+
+
+class PipeRewardTrainer(RewardTrainer, PipeTrainer):
+    """`trl.RewardTrainer` whose reward model runs as a pipeline over the launched ranks (see the module docstring).
+
+    Example:
+        >>> args = PipeRewardConfig(output_dir="out", center_rewards_coefficient=0.01, pipeline_schedule="1f1b")
+        >>> trainer = PipeRewardTrainer(model=path, args=args, train_dataset=preferences, processing_class=tokenizer)
+        >>> trainer.train()
+    """
+
+    def __init__(self, model: Any, args: PipeRewardConfig | None = None, *positional: Any, **kwargs: Any):
+        if not isinstance(args, PipeRewardConfig):
+            raise TypeError(
+                f"PipeRewardTrainer needs args=PipeRewardConfig(...), got {type(args).__name__}: a RewardConfig with "
+                "the pipeline settings."
+            )
+        problems = []
+        if args.activation_offloading:
+            problems.append(
+                "activation_offloading=True: RewardTrainer offloads the activations of its one forward, which the "
+                "pipeline's schedule replaces with a forward per microbatch and stage; set it to False (or use "
+                "gradient_checkpointing)."
+            )
+        if kwargs.get("compute_loss_func") is not None:  # pragma: no cover - RewardTrainer takes no such argument
+            problems.append("compute_loss_func: RewardTrainer's pairwise loss replaces it; subclass instead.")
+        raise_if_any(problems)
+        if isinstance(model, str):  # the reward model's skeleton, each rank reading its stages from the checkpoint
+            from transformers import AutoModelForSequenceClassification
+
+            path = model
+            model = skeleton(
+                path, dict(args.model_init_kwargs or {}), AutoModelForSequenceClassification, num_labels=1
+            )
+            args.pipeline_checkpoint = args.pipeline_checkpoint or path
+        super().__init__(model, args, *positional, **kwargs)
+        self.engine.rows_per_example = 2  # a pair's rows stay in one microbatch
+
+    # RewardTrainer's compute_loss runs the whole model: the pipeline runs the pairwise loss on its last stage
+    compute_loss = PipeTrainer.compute_loss
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        _count_train_tokens(self, inputs["attention_mask"].sum())
+        return super().training_step(model, _pairs(inputs), num_items_in_batch)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys=None):
+        self._metrics["eval"]["num_tokens"] = [self._total_train_tokens]
+        loss, logits, labels = super().prediction_step(model, _pairs(inputs), prediction_loss_only, ignore_keys)
+        if logits is not None:  # back in the collator's order: the chosen rows, then the rejected ones
+            logits = torch.cat([logits[0::2], logits[1::2]])
+        return loss, logits, labels
+
+    def _loss_normalizer(self, inputs: dict[str, Any], num_items_in_batch: Any, training: bool = True) -> float:
+        # RewardTrainer's loss is a mean over the batch's pairs, divided by the accumulation steps in training
+        pairs = inputs["input_ids"].shape[0] // 2
+        return float(pairs * (self.current_gradient_accumulation_steps if training else 1))
+
+    def compute_microbatch_loss(self, outputs, labels, inputs, num_items_in_batch):
+        """RewardTrainer's pairwise loss and metrics for the pairs of one microbatch (rows chosen, rejected, ...;
+        `labels` holds each row's pair margin)."""
+        rewards = outputs.logits.squeeze(-1)
+        chosen, rejected = rewards[0::2], rewards[1::2]
+        per_pair = -F.logsigmoid(chosen - rejected - labels[0::2].to(rewards.dtype))
+        if self.args.center_rewards_coefficient is not None:
+            per_pair = per_pair + self.args.center_rewards_coefficient * (chosen + rejected) ** 2
+        loss = per_pair.sum() / self.engine.loss.normalizer
+        with torch.no_grad():
+            pairs = chosen.numel()
+            metrics = {
+                "min_reward": ("min", rewards.min()),
+                "mean_reward": (rewards.sum(), rewards.numel()),
+                "max_reward": ("max", rewards.max()),
+                "accuracy": ((chosen > rejected).sum(), pairs),
+                "margin": ((chosen - rejected).sum(), pairs),
+            }
+        return loss, metrics
+
+    def store_pipeline_metric(self, mode: str, name: str, value: float) -> None:
+        self._metrics[mode][name].append(value)  # RewardTrainer's own store, averaged by its log()
+
+
+def _pairs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A preference batch (the chosen rows, then the rejected ones, `margin` per pair) with each pair's rows next to
+    each other and the margins (zero without a `margin` column) in `labels`, one per row: the pipeline's loss
+    target."""
+    rows = inputs["input_ids"].shape[0]
+    order = torch.arange(rows, device=inputs["input_ids"].device).view(2, rows // 2).t().reshape(-1)
+    batch = {
+        k: v[order] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v for k, v in inputs.items()
+    }
+    margin = batch.pop("margin", None)
+    if margin is None:
+        margin = torch.zeros(rows // 2, device=order.device)
+    batch["labels"] = margin.float().repeat_interleave(2)
+    return batch

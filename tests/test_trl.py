@@ -122,3 +122,100 @@ def test_pipe_sft_matches_sft_trainer(tmp_path):
         errs["weights"] = max((weights[n] - expected[n]).abs().max().item() for n in weights)
         print(case, errs)
         assert max(errs[k] for k in (*LOGGED, "eval")) < TOL and errs["weights"] < 5e-4, (case, errs)
+
+
+# -- reward modelling ------------------------------------------------------------------------------------------------
+REWARD_CASES = {
+    # gradient accumulation over 2 batches: RewardTrainer's mean over pairs, divided by the accumulation steps
+    "pairs": {"gradient_accumulation_steps": 2},
+    # 4 stages interleaved on the 2 ranks
+    "margin-centered": {"margin": True, "center_rewards_coefficient": 0.1, "schedule": "interleaved1f1b"},
+    # a reward model's checkpoint: the skeleton built as AutoModelForSequenceClassification, its stages read per rank
+    "path": {"path": True},
+}
+REWARD_LOGGED = ("loss", "grad_norm", "min_reward", "mean_reward", "max_reward", "accuracy", "margin", "num_tokens")
+
+
+def _preferences(n: int, seed: int, margin: bool):
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+
+    def text():
+        length = int(torch.randint(3, 12, (1,), generator=g))
+        return " ".join(f"w{int(i)}" for i in torch.randint(2, VOCAB, (length,), generator=g))
+
+    rows = [{"chosen": text(), "rejected": text()} for _ in range(n)]
+    if margin:
+        for row in rows:
+            row["margin"] = float(torch.rand((), generator=g))
+    return datasets.Dataset.from_list(rows)
+
+
+def _reward_run(case: str, output_dir: str, pipeline: bool, checkpoint: str) -> dict:
+    from trl import RewardConfig, RewardTrainer
+
+    from hf_pipe.trl import PipeRewardConfig, PipeRewardTrainer
+
+    options = dict(REWARD_CASES[case])
+    margin, path = options.pop("margin", False), options.pop("path", False)
+    schedule = {"pipeline_schedule": options.pop("schedule", "1f1b"), "pipeline_microbatches": 4}
+    settings = dict(
+        output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=2e-3,
+        num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], seed=3, max_length=32,
+        disable_tqdm=True, use_cpu=True, bf16=False, **options,
+    )  # fmt: skip
+    config = PipeRewardConfig(**settings, **schedule) if pipeline else RewardConfig(**settings)
+    cls = PipeRewardTrainer if pipeline else RewardTrainer
+    trainer = cls(
+        model=checkpoint if path else _reward_model(),
+        args=config,
+        train_dataset=_preferences(36, 0, margin),
+        eval_dataset=_preferences(12, 5, margin),
+        processing_class=_tokenizer(),
+    )
+    trainer.train()
+    evaluation = trainer.evaluate()
+    predictions = trainer.predict(trainer.eval_dataset).predictions
+    model = trainer.engine if pipeline else trainer.model
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
+    return {"logs": logs, "eval": evaluation, "predictions": torch.as_tensor(predictions), "weights": weights}
+
+
+def _reward_model():
+    return tiny_model("llama-cls", num_labels=1, pad_token_id=0, eos_token_id=1)
+
+
+def _reward_runs(cases: list[str], root: str, pipeline: bool, checkpoint: str) -> dict:
+    return {case: _reward_run(case, os.path.join(root, case), pipeline, checkpoint) for case in cases}
+
+
+@pytest.mark.timeout(600)
+def test_pipe_reward_trainer_matches_reward_trainer(tmp_path):
+    """Losses, grad norms, RewardTrainer's reward / accuracy / margin metrics and num_tokens, eval metrics, predicted
+    rewards (in the collator's order) and weights, on 2 ranks against RewardTrainer on one process."""
+    cases, checkpoint = list(REWARD_CASES), str(tmp_path / "reward-model")
+    _reward_model().save_pretrained(checkpoint)
+    ref = run_distributed(_reward_runs, 1, cases, str(tmp_path / "ref"), False, checkpoint, launcher_env=True)[0]
+    mine = run_distributed(_reward_runs, 2, cases, str(tmp_path / "pp"), True, checkpoint, launcher_env=True)
+    for case in cases:
+        theirs, errs = ref[case], dict.fromkeys((*REWARD_LOGGED, "eval", "predictions", "weights"), 0.0)
+        for rank in mine:
+            run = rank[case]
+            assert [e["step"] for e in run["logs"]] == [e["step"] for e in theirs["logs"]], case
+            for a, b in zip(run["logs"], theirs["logs"]):
+                for key in REWARD_LOGGED:
+                    errs[key] = max(errs[key], _rel(a[key], b[key]))
+            for key in ("eval_loss", *(f"eval_{k}" for k in REWARD_LOGGED[2:])):
+                errs["eval"] = max(errs["eval"], _rel(run["eval"][key], theirs["eval"][key]))
+            assert run["predictions"].shape == theirs["predictions"].shape, case
+            errs["predictions"] = max(errs["predictions"], (run["predictions"] - theirs["predictions"]).abs().max())
+        weights = {}
+        for rank in mine:
+            weights.update(rank[case]["weights"])
+        assert weights.keys() == theirs["weights"].keys(), case
+        errs["weights"] = max((weights[n] - theirs["weights"][n]).abs().max().item() for n in weights)
+        print(case, errs)
+        assert max(errs[k] for k in (*REWARD_LOGGED, "eval")) < TOL, (case, errs)
+        assert errs["predictions"] < 1e-4 and errs["weights"] < 5e-4, (case, errs)
