@@ -160,7 +160,11 @@ class PipelineEngine:
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         self.local = self._build(model, weights if weights is not None else Resident())
         self.modules: list[nn.Module] = self.local.modules
-        if self.frontend.accumulates_in_place and not self._replicated and self.schedule_name in ONE_PASS_SCHEDULES:
+        #: Linear weight gradients written straight into `.grad` (`grad_accumulation.py`), on every stage module
+        self._in_place = (
+            self.frontend.accumulates_in_place and not self._replicated and self.schedule_name in ONE_PASS_SCHEDULES
+        )
+        if self._in_place:
             accumulate_linear_grads_in_place(self.modules)
         canonical = canonical_state_names(model)
         # Stage-local state key -> the model FQN HF saves it under (a tied weight: the name HF keeps).
@@ -410,6 +414,8 @@ class PipelineEngine:
             group=self.group,
             timeline=self.timeline,
         )
+        if self._in_place and self.frontend.shape_specialised:  # traced at this shape: new graphs
+            accumulate_linear_grads_in_place([stage.submod for stage in stages])
         loss_fn = self.loss if training else None  # evaluation scores the merged logits
         if not training and self.stages_per_rank > 1:
             sched = forward_only_schedule(stages, self.stage_to_rank, len(mbs), loss_fn)

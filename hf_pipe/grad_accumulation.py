@@ -7,7 +7,7 @@ write per weight per microbatch, where one batch pays them once. `_LinearAccumul
 plain autograd). Measured on the benchmark's Llama stages, one CPU thread each: about 1% of step time.
 
 The weight gradient then never passes through autograd's accumulation, so nothing that waits for it there may be
-present: it is installed only on module-split stages without DDP/FSDP (their hooks fire on that accumulation),
+present: it is installed only on stages without DDP/FSDP (their hooks fire on that accumulation),
 on schedules that run a microbatch's backward in one pass (zero-bubble schedules compute weight gradients in a
 separate pass), on parameters without hooks of their own, and it steps aside under autocast. And it writes into
 `.grad` only inside a stage's microbatch backward (`InPlaceAccumulationMixin`): any other backward through those
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 #: schedules (and their short-batch fallbacks) whose backward is one pass per microbatch
 ONE_PASS_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "loopedbfs")
@@ -74,22 +74,63 @@ def _hooked(param: nn.Parameter) -> bool:
     return bool(getattr(param, "_post_accumulate_grad_hooks", None) or getattr(param, "_backward_hooks", None))
 
 
-def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def linear_accumulating(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` whose weight gradient goes straight into `.grad` (see the module docstring)."""
     if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-        return _LinearAccumulate.apply(x, module.weight, module.bias)
-    return F.linear(x, module.weight, module.bias)
+        return _LinearAccumulate.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear_accumulating(x, module.weight, module.bias)
+
+
+def _eligible(weight: Any, bias: Any) -> bool:
+    params = [weight] + ([bias] if bias is not None else [])
+    return all(isinstance(p, nn.Parameter) and p.requires_grad and not _hooked(p) for p in params)
+
+
+def _graph_attr(module: nn.Module, node: Any) -> Any:
+    """The tensor a `get_attr` node of `module`'s graph reads; None for any other argument."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = module
+    for atom in node.target.split("."):
+        value = getattr(value, atom, None)
+    return value
+
+
+def _accumulate_in_graph(module: nn.Module) -> int:
+    """Traced stages: each `aten.linear` of a trainable weight in `module`'s own graph (torch.export's modules run
+    their graph's generated code, recompiled here)."""
+    graph, code = getattr(module, "graph", None), module.__dict__.get("graph_module")
+    if not isinstance(graph, fx.Graph) or code is None:
+        return 0
+    count = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if bias is not None and _graph_attr(module, bias) is None:
+            continue
+        if _eligible(_graph_attr(module, node.args[1]), None if bias is None else _graph_attr(module, bias)):
+            node.target = linear_accumulating
+            count += 1
+    if count:
+        code.recompile()
+    return count
 
 
 def accumulate_linear_grads_in_place(modules: Sequence[nn.Module]) -> int:
-    """Route the weight gradients of every trainable `nn.Linear` in `modules` through `_LinearAccumulate`; returns
-    how many. The modules keep their parameters and state dict; only their forward is replaced."""
+    """Route the weight gradients of every trainable `nn.Linear` in `modules` (and of every `aten.linear` of a
+    trainable weight in their traced graphs) through `_LinearAccumulate`; returns how many. The modules keep their
+    parameters and state dict; only their forward is replaced. Calling it again on the same modules does nothing."""
     count = 0
     for module in {id(m): m for root in modules for m in root.modules()}.values():
-        if type(module) is not nn.Linear or not module.weight.requires_grad:
+        count += _accumulate_in_graph(module)
+        if type(module) is not nn.Linear or "forward" in vars(module):
             continue
-        params = [module.weight] + ([module.bias] if module.bias is not None else [])
-        if any(_hooked(p) for p in params) or (module.bias is not None and not module.bias.requires_grad):
-            continue
-        module.forward = _forward.__get__(module)
-        count += 1
+        if _eligible(module.weight, module.bias):
+            module.forward = _forward.__get__(module)
+            count += 1
     return count

@@ -40,6 +40,7 @@ from torch.distributed.pipelining.stage import _PipelineStage
 
 from .errors import PipelineConfigError
 from .families import MULTIPLE_CHOICE, get_family
+from .grad_accumulation import InPlaceAccumulationMixin
 from .graph_passes import accept_root_kwargs, forward_skip_connections, run_generated_code, stop_needless_gradients
 from .schedule import NoSelfSendMixin
 from .split import _SPLIT_POINTS_ATTR, SplitPlan, SplitPolicy, plan_blocks
@@ -393,8 +394,9 @@ class TracedStages:
         return [pipe.get_stage_module(i) for i in self.stage_indices], pipe.info()
 
 
-class TracedStage(NoSelfSendMixin, TimedStageMixin, _PipelineStage):
-    """torch's stage for a traced module, timed for the timeline, and with V placements working on gloo."""
+class TracedStage(NoSelfSendMixin, InPlaceAccumulationMixin, TimedStageMixin, _PipelineStage):
+    """torch's stage for a traced module, timed for the timeline, its Linear weight gradients accumulated in place
+    (`grad_accumulation.py`), and with V placements working on gloo."""
 
 
 def build_stage(pipe: Pipe, index: int, device: torch.device, group: dist.ProcessGroup | None = None, **kw: Any):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
+from .base import NO_CACHE
 from .seq2seq import Dims, Seq2SeqAdapter, layer_dropped
 
 
@@ -78,7 +79,7 @@ class BartAdapter(Seq2SeqAdapter):
         mask = batch.get("decoder_attention_mask")
         if mask is None:  # as BartDecoder: every position attends (causally)
             mask = torch.ones(hidden.shape[:2], device=hidden.device)
-        causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, cache=None)
+        causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, **NO_CACHE)
         cross = create_bidirectional_mask(
             config=config,
             inputs_embeds=hidden,
@@ -91,7 +92,7 @@ class BartAdapter(Seq2SeqAdapter):
         causal, cross = context
         if layer_dropped(stack, block.training):
             return hidden
-        out = block(hidden, causal, encoder_output, encoder_attention_mask=cross, cache=None, use_cache=False)
+        out = block(hidden, causal, encoder_output, encoder_attention_mask=cross, **NO_CACHE, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
     def seq2seq_head(self, model_config, stack, parts, hidden, buffers):

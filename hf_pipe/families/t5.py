@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
+from .base import NO_CACHE
 from .seq2seq import Dims, Seq2SeqAdapter
 
 _BIAS = "layer.0.SelfAttention.relative_attention_bias"
@@ -58,7 +59,7 @@ class T5Adapter(Seq2SeqAdapter):
 
     def encoder_layer(self, stack, block, hidden, context):
         mask, bias = context
-        return block(hidden, mask, bias, None, None, None, cache=None)[0]
+        return block(hidden, mask, bias, None, None, None, **NO_CACHE)[0]
 
     def encoder_end(self, stack, parts, hidden):
         return parts["enc_final_dropout"](parts["enc_final_layer_norm"](hidden))
@@ -69,7 +70,7 @@ class T5Adapter(Seq2SeqAdapter):
     def decoder_context(self, stack, parts, hidden, encoder_output, batch):
         config = stack.config
         mask = create_causal_mask(
-            config=config, inputs_embeds=hidden, attention_mask=batch.get("decoder_attention_mask"), cache=None
+            config=config, inputs_embeds=hidden, attention_mask=batch.get("decoder_attention_mask"), **NO_CACHE
         )
         cross_mask = create_bidirectional_mask(
             config=config,
@@ -82,7 +83,7 @@ class T5Adapter(Seq2SeqAdapter):
     def decoder_layer(self, stack, block, hidden, encoder_output, context):
         mask, bias, cross_mask = context
         # cross-attention bias None: each block makes the zeros block 0 would have handed on
-        return block(hidden, mask, bias, encoder_output, cross_mask, None, cache=None)[0]
+        return block(hidden, mask, bias, encoder_output, cross_mask, None, **NO_CACHE)[0]
 
     def seq2seq_head(self, model_config, stack, parts, hidden, buffers):
         hidden = parts["dec_final_dropout"](parts["dec_final_layer_norm"](hidden))

@@ -38,6 +38,7 @@ from . import Frontend, LocalStages
 class TraceFrontend(Frontend):
     name = "trace"
     wraps_data_parallel = False  # a DDP wrapper per traced shape would hook each weight once per shape
+    accumulates_in_place = True  # the linear ops of each traced graph, at each new shape
     shape_specialised = True
 
     def problems(self, config, *, pp_size, stages_per_rank, explicit_split, data_parallel):
