@@ -381,7 +381,7 @@ class PipeTrainer(Trainer):
         normalizer = float(self.engine.loss.count(inputs)) / dp_scale
         if not training:
             return normalizer
-        scaled_for_ga = self.loss_is_scaled_for_ga
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.19
         if scaled_for_ga is None:
             scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         if not scaled_for_ga:

@@ -196,12 +196,12 @@ def _compile_problems(args: Any) -> list[str]:
 
 
 def _checkpointing_problems(args: Any) -> list[str]:
-    if not (args.activation_checkpointing or args.gradient_checkpointing):
+    # activation_checkpointing: the new name (transformers >= 5.20) of gradient_checkpointing, the same after
+    # __post_init__; a JSON string from the command line
+    if not (getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing):
         return []
-    # the new name or its deprecated alias (the same after __post_init__); a JSON string from the command line
-    name = (
-        "activation_checkpointing_kwargs" if args.activation_checkpointing_kwargs else "gradient_checkpointing_kwargs"
-    )
+    renamed = getattr(args, "activation_checkpointing_kwargs", None)
+    name = "activation_checkpointing_kwargs" if renamed else "gradient_checkpointing_kwargs"
     kwargs = getattr(args, name) or {}
     if isinstance(kwargs, str):
         kwargs = json.loads(kwargs) if kwargs.startswith("{") else {}

@@ -7,6 +7,7 @@ the other adapters (GPT-2, Qwen2, Mistral, BERT's causal LM), one step against t
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests._data import left_padding
@@ -28,6 +29,7 @@ def _case(name: str, pipelines: list[dict], **setup) -> tuple:
     return name, pipelines, {"rows": ROWS, **setup}
 
 
+@pytest.mark.rotary_trace  # traced Llama-family heads among the cases
 def test_decoder_sequence_classification(tmp_path):
     """LlamaForSequenceClassification, as reward models and decoder classifiers are trained."""
     cases = [
@@ -54,6 +56,7 @@ def test_decoder_sequence_classification(tmp_path):
     print(compare_many(cases, tmp_path, 2))
 
 
+@pytest.mark.rotary_trace  # traced Llama-family heads among the cases
 def test_token_classification_and_multiple_choice(tmp_path):
     cases = [
         _case("llama-tok", [ONE_F_ONE_B, INTERLEAVED, TRACED]),
@@ -64,6 +67,7 @@ def test_token_classification_and_multiple_choice(tmp_path):
     print(compare_many(cases, tmp_path, 2))
 
 
+@pytest.mark.rotary_trace  # traced Llama-family heads among the cases
 def test_question_answering(tmp_path):
     """Answer spans as the labels (Trainer's label_names), two gradient-accumulation steps of uneven batches."""
     cases = [
@@ -133,6 +137,7 @@ def _engine_runs(names: list[str]) -> dict[str, tuple]:
     return out
 
 
+@pytest.mark.rotary_trace  # traced Llama-family heads among the cases
 def test_every_adapter_head_against_one_process():
     names = list(ENGINE_CASES)
     ranks = run_distributed(_engine_runs, 2, names, timeout=300)

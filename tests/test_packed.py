@@ -56,6 +56,7 @@ def packed_rows(task: str):
 
 
 # -- equal to Trainer ------------------------------------------------------------------------------------------------
+@pytest.mark.rotary_trace
 def test_packed_llama_eager(tmp_path):
     """One packed row with flash-attention kwargs; module-split stages on two schedules, and traced stages."""
     pipelines = [*TWO_SCHEDULES, {**TWO_SCHEDULES[0], "pipeline_frontend": "trace"}]

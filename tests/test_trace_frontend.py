@@ -18,12 +18,15 @@ from tests.test_engine_equivalence import check_against_reference
 TRACE_SCHEDULES = [("1f1b", 1), ("interleaved1f1b", 2)]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-cls", "gpt_neox", "falcon", "gptj", "custom"])
+@pytest.mark.parametrize(
+    "name", ["gpt2", *(pytest.param(n, marks=pytest.mark.rotary_trace) for n in ("llama", "gpt_neox", "falcon")),
+             "bert-cls", "gptj", "custom"]
+)  # fmt: skip
 def test_trace_matches_one_process(name):
     print(check_against_reference(name, 2, TRACE_SCHEDULES, frontend="trace"))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert-mlm", "llama-tied"])
+@pytest.mark.parametrize("name", ["gpt2", "bert-mlm", pytest.param("llama-tied", marks=pytest.mark.rotary_trace)])
 def test_trace_every_other_schedule(name):
     """Tied embeddings on two ranks (or, on V placements, two stages of one rank) and the zero-bubble schedules."""
     cases = [("gpipe", 1), ("loopedbfs", 2), ("interleavedzerobubble", 2), ("zbvzerobubble", 2), ("dualpipev", 2)]
@@ -69,6 +72,7 @@ def test_export_failure_on_every_rank_before_any_step():
     assert all(m is not None and "could not capture _DataDependent" in m for m in messages), messages
 
 
+@pytest.mark.rotary_trace
 def test_pipeline_api_split_spec_pipe_split_and_policies():
     """`hf_pipe.pipeline` cuts where asked (SplitPoint marks, pipe_split() in the forward, policies), shares the
     model's weights, and the cut pipe computes what the model does (one process, no ranks)."""

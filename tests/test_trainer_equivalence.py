@@ -361,6 +361,7 @@ def test_pipetrainer_trace_frontend(name, tmp_path):
     print(compare(name, tmp_path, 2, TRACED))
 
 
+@pytest.mark.rotary_trace
 def test_pipetrainer_family_without_adapter(tmp_path):
     """GPT-NeoX has no adapter: pipeline_frontend='auto' traces it."""
     print(compare("gpt_neox", tmp_path, 2, [{"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}]))

@@ -42,7 +42,20 @@ from .module import _ModuleStage
 class _Seq2SeqTorchStage(_ModuleStage):
     """A module-split torch stage whose zero-bubble input pass gives the weights torch's split would mishandle their
     gradients at once (`split_backward.py`): T5's shared position bias, a tied embedding and head on one stage, the
-    decoder's first blocks meeting the encoder's output."""
+    decoder's first blocks meeting the encoder's output. A stage built for evaluation makes its module return the
+    encoder's output too (`Seq2SeqStage.evaluation_outputs`), for torch's shape inference as for every microbatch."""
+
+    def __init__(self, *args: Any, training: bool = True, **kwargs: Any):
+        self.for_training = training  # before torch's set-up, which may infer shapes
+        super().__init__(*args, **kwargs)
+
+    def _shape_inference(self, *args: Any, **kwargs: Any):
+        self.submod.evaluation_outputs = not self.for_training  # torch < 2.13 infers shapes under no_grad
+        return super()._shape_inference(*args, **kwargs)
+
+    def forward_one_chunk(self, *args: Any, **kwargs: Any):
+        self.submod.evaluation_outputs = not self.for_training
+        return super().forward_one_chunk(*args, **kwargs)
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
         if backward_type != "input":
@@ -94,6 +107,8 @@ class Seq2SeqStage(nn.Module):
         object.__setattr__(self, "encoder", model.get_submodule(adapter.encoder))
         object.__setattr__(self, "decoder", model.get_submodule(adapter.decoder))
         object.__setattr__(self, "model_config", model.config)
+        #: set by the torch stage running this module: whether it runs for evaluation (None: by the grad mode)
+        self.evaluation_outputs: bool | None = None
 
     def forward(self, *inputs: torch.Tensor, **batch: Any):
         adapter, parts = self.adapter, self.parts
@@ -123,9 +138,10 @@ class Seq2SeqStage(nn.Module):
             return _fresh(hidden, inputs), encoder_output.clone()
         buffers = {name: getattr(self, name.replace(".", "_")) for name in self.buffer_names}
         logits = adapter.seq2seq_head(self.model_config, self.decoder, parts, hidden, buffers)
-        # evaluation (run without autograd) returns what the model's forward returns besides the loss: Trainer's
-        # predictions; training returns the logits, for the loss
-        return logits if torch.is_grad_enabled() else (logits, encoder_output)
+        # evaluation returns what the model's forward returns besides the loss (Trainer's predictions); training
+        # returns the logits, for the loss. Called outside a schedule: evaluation is a run without autograd.
+        evaluation = self.evaluation_outputs if self.evaluation_outputs is not None else not torch.is_grad_enabled()
+        return (logits, encoder_output) if evaluation else logits
 
 
 class Seq2SeqFrontend(Frontend):
@@ -222,6 +238,6 @@ class Seq2SeqFrontend(Frontend):
         timeline: Timeline,
     ) -> list[Any]:
         return [
-            _Seq2SeqTorchStage(module, index, num_stages, device, group=group, timeline=timeline)
+            _Seq2SeqTorchStage(module, index, num_stages, device, group=group, timeline=timeline, training=training)
             for module, index in zip(runnable, stage_indices)
         ]
