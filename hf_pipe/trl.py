@@ -174,8 +174,6 @@ class PipeRewardTrainer(RewardTrainer, PipeTrainer):
                 "pipeline's schedule replaces with a forward per microbatch and stage; set it to False (or use "
                 "gradient_checkpointing)."
             )
-        if kwargs.get("compute_loss_func") is not None:  # pragma: no cover - RewardTrainer takes no such argument
-            problems.append("compute_loss_func: RewardTrainer's pairwise loss replaces it; subclass instead.")
         raise_if_any(problems)
         if isinstance(model, str):  # the reward model's skeleton, each rank reading its stages from the checkpoint
             from transformers import AutoModelForSequenceClassification

@@ -21,6 +21,7 @@ predictions are that pair).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,12 +51,20 @@ class _Seq2SeqTorchStage(_ModuleStage):
         super().__init__(*args, **kwargs)
 
     def _shape_inference(self, *args: Any, **kwargs: Any):
-        self.submod.evaluation_outputs = not self.for_training  # torch < 2.13 infers shapes under no_grad
-        return super()._shape_inference(*args, **kwargs)
+        with self._outputs_as_built():  # torch < 2.13 infers shapes under no_grad, whatever the schedule runs
+            return super()._shape_inference(*args, **kwargs)
 
     def forward_one_chunk(self, *args: Any, **kwargs: Any):
+        with self._outputs_as_built():
+            return super().forward_one_chunk(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _outputs_as_built(self):
         self.submod.evaluation_outputs = not self.for_training
-        return super().forward_one_chunk(*args, **kwargs)
+        try:
+            yield
+        finally:
+            self.submod.evaluation_outputs = None
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
         if backward_type != "input":
