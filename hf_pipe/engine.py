@@ -160,12 +160,11 @@ class PipelineEngine:
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         self.local = self._build(model, weights if weights is not None else Resident())
         self.modules: list[nn.Module] = self.local.modules
-        #: Linear weight gradients written straight into `.grad` (`grad_accumulation.py`), on every stage module
+        #: Linear weight gradients written straight into `.grad` (`grad_accumulation.py`), installed on the stage
+        #: modules each schedule runs (a traced frontend makes new ones per shape)
         self._in_place = (
             self.frontend.accumulates_in_place and not self._replicated and self.schedule_name in ONE_PASS_SCHEDULES
         )
-        if self._in_place:
-            accumulate_linear_grads_in_place(self.modules)
         canonical = canonical_state_names(model)
         # Stage-local state key -> the model FQN HF saves it under (a tied weight: the name HF keeps).
         self.state_names = [
@@ -414,7 +413,7 @@ class PipelineEngine:
             group=self.group,
             timeline=self.timeline,
         )
-        if self._in_place and self.frontend.shape_specialised:  # traced at this shape: new graphs
+        if self._in_place:  # modules already routed are left as they are
             accumulate_linear_grads_in_place([stage.submod for stage in stages])
         loss_fn = self.loss if training else None  # evaluation scores the merged logits
         if not training and self.stages_per_rank > 1:
@@ -434,7 +433,7 @@ class PipelineEngine:
         if num_items is None:
             num_items = self.loss.count(batch)
         what = "the pipeline step (activations and gradients through the stages)" if training else "evaluation step"
-        with waiting(f"{what}", self._neighbours):
+        with waiting(what, self._neighbours):
             return self._run_schedule(name, mbs, batch, training, num_items, num_items_in_batch)
 
     def _run_schedule(self, name, mbs, batch, training, num_items, num_items_in_batch):

@@ -82,8 +82,8 @@ def as_logits(output: Any) -> Any:
     return output
 
 
-#: how a metric of a step is pooled over its microbatches and the data-parallel replicas
-METRIC_REDUCTIONS = ("mean", "min", "max")
+#: metrics a user loss reports as `("min", value)` / `("max", value)`: the least / greatest over the microbatches
+EXTREMES = {"min": min, "max": max}
 
 
 def reduce_metrics(per_microbatch: list[dict[str, Any]]) -> dict[str, tuple[str, float, float]]:
@@ -93,11 +93,9 @@ def reduce_metrics(per_microbatch: list[dict[str, Any]]) -> dict[str, tuple[str,
     out: dict[str, tuple[str, float, float]] = {}
     for name in dict.fromkeys(k for m in per_microbatch for k in m):
         values = [m[name] for m in per_microbatch if name in m]
-        extreme = isinstance(values[0], tuple) and values[0][0] in METRIC_REDUCTIONS
-        if extreme:
+        if isinstance(values[0], tuple) and values[0][0] in EXTREMES:
             how = values[0][0]
-            pick = min if how == "min" else max
-            out[name] = (how, pick(float(v[1]) for v in values), 1.0)
+            out[name] = (how, EXTREMES[how](float(v[1]) for v in values), 1.0)
             continue
         pairs = [v if isinstance(v, tuple) else (v, 1.0) for v in values]
         out[name] = ("mean", sum(float(v[0]) for v in pairs), sum(float(v[1]) for v in pairs))

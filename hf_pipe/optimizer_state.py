@@ -45,6 +45,11 @@ def _positions(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> li
     return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
+def trained_names(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> list[str]:
+    """The names of `optimizer`'s parameters, in the positions `state_dict()` numbers them (across its groups)."""
+    return [name for group in _positions(optimizer, names) for name in group]
+
+
 def _hyper(group: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k != "params"}
 
@@ -52,7 +57,7 @@ def _hyper(group: Mapping[str, Any]) -> dict[str, Any]:
 def named_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> tuple[dict[str, dict], list[dict]]:
     """(state by parameter name, param groups with `params` as names) of `optimizer`; `names`: id(param) -> name."""
     sd = optimizer.state_dict()
-    by_position = [name for group in _positions(optimizer, names) for name in group]
+    by_position = trained_names(optimizer, names)
     state = {by_position[i]: value for i, value in sd["state"].items()}
     groups = [{**_hyper(g), "params": [by_position[i] for i in g["params"]]} for g in sd["param_groups"]]
     return state, groups
@@ -141,7 +146,7 @@ def load_named(
     hyperparameters (learning rate, ...) from the group its first parameter was saved in."""
     params = {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
     sd = optimizer.state_dict()
-    positions = [name for group in _positions(optimizer, names) for name in group]
+    positions = trained_names(optimizer, names)
     new_state = {}
     for i, name in enumerate(positions):
         if name not in state:

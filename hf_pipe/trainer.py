@@ -36,7 +36,6 @@ from .frontends import FRONTENDS, frontend_name
 from .integrations.peft import is_peft_model, read_adapter, save_adapter, saved_keys, stage_model
 from .launch import PipelineTimeoutError, arm_watchdog, init_process_group, pipeline_mesh, report_failure, waiting
 from .loading import model_and_weights
-from .loss import METRIC_REDUCTIONS
 from .optimizer_state import (
     INDEX_NAME,
     has_named_state,
@@ -44,6 +43,7 @@ from .optimizer_state import (
     read_named,
     read_trainer,
     save_named,
+    trained_names,
     trainer_groups,
 )
 from .optimizer_state import TRAINER_NAME as TRAINER_OPTIMIZER_NAME
@@ -57,6 +57,7 @@ from .validate import dataset_problems, model_problems
 logger = logging.getLogger(__name__)
 
 SCHEDULER_NAME = "scheduler.pt"
+#: how the replicas pool a metric of `loss.reduce_metrics`: means as (total, count) sums, extremes as such
 _REDUCE_OPS = {"mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
@@ -458,13 +459,13 @@ class PipeTrainer(Trainer):
         (total, count), minima and maxima as such)."""
         metrics = self.engine.metrics
         values = {}
-        for how in METRIC_REDUCTIONS:
+        for how, op in _REDUCE_OPS.items():
             names = sorted(n for n, (reduction, *_) in metrics.items() if reduction == how)
             if not names:
                 continue
             pooled = torch.tensor([metrics[n][1:] for n in names], dtype=torch.float64, device=self.engine.device)
             if self._dp_size > 1:
-                dist.all_reduce(pooled, op=_REDUCE_OPS[how], group=self.data_parallel.group)
+                dist.all_reduce(pooled, op=op, group=self.data_parallel.group)
             values.update({n: total / count if count else 0.0 for n, (total, count) in zip(names, pooled.tolist())})
         for name in sorted(values):
             self.store_pipeline_metric(mode, name, values[name])
@@ -663,8 +664,8 @@ class PipeTrainer(Trainer):
         trainer_file = os.path.join(checkpoint, TRAINER_OPTIMIZER_NAME)
         try:
             if has_named_state(checkpoint):
-                trained = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-                state, hyper = read_named(checkpoint, trained)  # frozen weights (a PEFT base) have no state
+                # the trained parameters' state: frozen weights (a PEFT model's base) have none
+                state, hyper = read_named(checkpoint, trained_names(self.optimizer, names))
             elif os.path.isfile(old_file):  # hf_pipe's earlier per-rank files: the same layout only
                 old = torch.load(old_file, map_location=self.engine.device, weights_only=True)
                 mine = [len(g["params"]) for g in self.optimizer.param_groups]
