@@ -56,18 +56,36 @@ class PipeSFTConfig(PipeTrainingArguments, SFTConfig):
     """`trl.SFTConfig` with the pipeline fields of `PipeTrainingArguments` (every SFT default kept)."""
 
 
+def _check_config(args: Any, config_cls: type, trl_config: type, trainer: str) -> list[str]:
+    """The config type a TRL trainer under the pipeline needs (a TypeError), and what every one of them refuses."""
+    if not isinstance(args, config_cls):
+        raise TypeError(
+            f"Pipe{trainer} needs args={config_cls.__name__}(...), got {type(args).__name__}: a "
+            f"{trl_config.__name__} with the pipeline settings."
+        )
+    if not args.activation_offloading:
+        return []
+    return [
+        f"activation_offloading=True: {trainer} offloads the activations of its one forward, which the pipeline's "
+        "schedule replaces with a forward per microbatch and stage; set it to False (or use gradient_checkpointing)."
+    ]
+
+
+def _skeleton(model: Any, args: Any, *build: Any, **config_kwargs: Any) -> Any:
+    """A model id or path as its trainer would build it (`loading.skeleton`), on the meta device, each rank then
+    reading its stages from the checkpoint; a built model as it is."""
+    if not isinstance(model, str):
+        return model
+    args.pipeline_checkpoint = args.pipeline_checkpoint or model
+    return skeleton(model, dict(args.model_init_kwargs or {}), *build, **config_kwargs)
+
+
 def _sft_problems(args: PipeSFTConfig) -> list[str]:
-    problems = []
+    problems = _check_config(args, PipeSFTConfig, SFTConfig, "SFTTrainer")
     if args.loss_type not in ("nll", "dft"):
         problems.append(
             f"loss_type={args.loss_type!r}: PipeSFTTrainer computes SFT's 'nll' and 'dft' losses on the last stage; "
             "use one of those."
-        )
-    if args.activation_offloading:
-        problems.append(
-            "activation_offloading=True: SFT offloads the activations of its one forward, which the pipeline's "
-            "schedule replaces with a forward per microbatch and stage; set it to False (or use "
-            "gradient_checkpointing)."
         )
     if args.use_liger_kernel:
         problems.append("use_liger_kernel=True: Liger patches the whole model's forward, which no rank runs.")
@@ -84,15 +102,8 @@ class PipeSFTTrainer(SFTTrainer, PipeTrainer):
     """
 
     def __init__(self, model: Any, args: PipeSFTConfig | None = None, *positional: Any, **kwargs: Any):
-        if not isinstance(args, PipeSFTConfig):
-            raise TypeError(
-                f"PipeSFTTrainer needs args=PipeSFTConfig(...), got {type(args).__name__}: an SFTConfig with the "
-                "pipeline settings."
-            )
         raise_if_any(_sft_problems(args))
-        if isinstance(model, str):  # SFT would build it whole on every rank: the skeleton, read per stage instead
-            path, model = model, skeleton(model, dict(args.model_init_kwargs or {}))
-            args.pipeline_checkpoint = args.pipeline_checkpoint or path
+        model = _skeleton(model, args)  # SFT would build it whole on every rank
         if getattr(model.config, "router_aux_loss_coef", 0.0) and getattr(model.config, "output_router_logits", False):
             raise PipelineConfigError(
                 "the model's MoE load-balancing loss (output_router_logits) needs every layer's router logits, which "
@@ -162,27 +173,10 @@ class PipeRewardTrainer(RewardTrainer, PipeTrainer):
     """
 
     def __init__(self, model: Any, args: PipeRewardConfig | None = None, *positional: Any, **kwargs: Any):
-        if not isinstance(args, PipeRewardConfig):
-            raise TypeError(
-                f"PipeRewardTrainer needs args=PipeRewardConfig(...), got {type(args).__name__}: a RewardConfig with "
-                "the pipeline settings."
-            )
-        problems = []
-        if args.activation_offloading:
-            problems.append(
-                "activation_offloading=True: RewardTrainer offloads the activations of its one forward, which the "
-                "pipeline's schedule replaces with a forward per microbatch and stage; set it to False (or use "
-                "gradient_checkpointing)."
-            )
-        raise_if_any(problems)
-        if isinstance(model, str):  # the reward model's skeleton, each rank reading its stages from the checkpoint
-            from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
 
-            path = model
-            model = skeleton(
-                path, dict(args.model_init_kwargs or {}), AutoModelForSequenceClassification, num_labels=1
-            )
-            args.pipeline_checkpoint = args.pipeline_checkpoint or path
+        raise_if_any(_check_config(args, PipeRewardConfig, RewardConfig, "RewardTrainer"))
+        model = _skeleton(model, args, AutoModelForSequenceClassification, num_labels=1)  # a one-score classifier
         super().__init__(model, args, *positional, **kwargs)
         self.engine.rows_per_example = 2  # a pair's rows stay in one microbatch
 
