@@ -69,21 +69,6 @@ def init_process_group(timeout_s: float, backend: str | None = None) -> bool:
     return True
 
 
-def group_timeout(group: dist.ProcessGroup | None = None) -> timedelta | None:
-    """The timeout `group` (default: the world) was created with, where torch says."""
-    group = group if group is not None else dist.group.WORLD
-    for name in ("_timeout", "timeout"):
-        value = getattr(getattr(group, "options", None), name, None)
-        if isinstance(value, timedelta):
-            return value
-    try:
-        backend = group._get_backend(torch.device("cpu"))
-        value = getattr(getattr(backend, "options", None), "_timeout", None)
-        return value if isinstance(value, timedelta) else None
-    except Exception:
-        return None
-
-
 def new_group(ranks: list[int], timeout_s: float | None) -> dist.ProcessGroup:
     """`dist.new_group(ranks)` with `ddp_timeout` (torch gives a new group 30 minutes, not the world's timeout)."""
     return dist.new_group(ranks, timeout=timedelta(seconds=timeout_s) if timeout_s else None)
@@ -218,10 +203,6 @@ def arm_watchdog(timeout_s: float, rank: int) -> Watchdog:
     if _watchdog is None:
         _watchdog = Watchdog(timeout_s, rank)
     _watchdog.timeout_s, _watchdog.rank = float(timeout_s), rank
-    return _watchdog
-
-
-def watchdog() -> Watchdog | None:
     return _watchdog
 
 
