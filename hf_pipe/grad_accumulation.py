@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .graph_passes import graph_attr
+
 #: schedules (and their short-batch fallbacks) whose backward is one pass per microbatch
 ONE_PASS_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "loopedbfs")
 
@@ -90,16 +92,6 @@ def _eligible(weight: Any, bias: Any) -> bool:
     return all(isinstance(p, nn.Parameter) and p.requires_grad and not _hooked(p) for p in params)
 
 
-def _graph_attr(module: nn.Module, node: Any) -> Any:
-    """The tensor a `get_attr` node of `module`'s graph reads; None for any other argument."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value = module
-    for atom in node.target.split("."):
-        value = getattr(value, atom, None)
-    return value
-
-
 def _accumulate_in_graph(module: nn.Module) -> int:
     """Traced stages: each `aten.linear` of a trainable weight in `module`'s own graph (torch.export's modules run
     their graph's generated code, recompiled here)."""
@@ -111,9 +103,9 @@ def _accumulate_in_graph(module: nn.Module) -> int:
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
             continue
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if bias is not None and _graph_attr(module, bias) is None:
+        if bias is not None and graph_attr(module, bias) is None:
             continue
-        if _eligible(_graph_attr(module, node.args[1]), None if bias is None else _graph_attr(module, bias)):
+        if _eligible(graph_attr(module, node.args[1]), None if bias is None else graph_attr(module, bias)):
             node.target = linear_accumulating
             count += 1
     if count:

@@ -20,6 +20,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.pipelining._IR import Pipe, get_submod_name
 from torch.fx.graph import CodeGen
 
+from .versions import torch_at_least
+
 # ("root", placeholder name) for a model input, ("out", producing stage, output index or None) for a stage output
 Key = tuple
 
@@ -245,6 +247,17 @@ def run_generated_code(pipe: Pipe) -> None:
 
 
 # -- values that need no gradient ------------------------------------------------------------------------------------
+def graph_attr(module: nn.Module, node: Any) -> Any:
+    """The value a `get_attr` node of `module`'s graph reads (None where it names nothing); None for any other
+    argument."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = module
+    for atom in node.target.split("."):
+        value = getattr(value, atom, None)
+    return value
+
+
 def _needs_grad(module: nn.Module, inputs: list[bool]) -> Any:
     """Which outputs of `module`'s graph depend on a trainable parameter or on an input that does (`inputs`, by
     placeholder): a bool, or a list for a tuple output. Submodules' graphs are followed; anything unknown counts as
@@ -263,10 +276,7 @@ def _needs_grad(module: nn.Module, inputs: list[bool]) -> Any:
         if node.op == "placeholder":
             needs[node] = next(feed, True)
         elif node.op == "get_attr":
-            value = module
-            for atom in node.target.split("."):
-                value = getattr(value, atom, None)
-            needs[node] = bool(getattr(value, "requires_grad", True))
+            needs[node] = bool(getattr(graph_attr(module, node), "requires_grad", True))
         elif node.op == "call_module":
             sub = module.get_submodule(node.target)
             names = [p.target for p in getattr(sub, "graph", fx.Graph()).nodes if p.op == "placeholder"]
@@ -340,7 +350,7 @@ def _from_wire(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # torch < 2.13 gives every received tensor requires_grad, which a boolean mask cannot have: send such values as float32
-_NON_FLOAT_ON_WIRE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+_NON_FLOAT_ON_WIRE = not torch_at_least(2, 13)
 
 
 def stop_needless_gradients(pipe: Pipe, live: dict[int, list[Key]]) -> int:

@@ -66,12 +66,6 @@ def _gpt2(overrides: dict, seed: int = 0):
     return transformers.GPT2LMHeadModel(config)
 
 
-def _torch_at_least(major: int, minor: int) -> bool:
-    import torch
-
-    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
-
-
 def _rows(n: int, seq: int, vocab: int, seed: int, ragged: bool) -> list[dict]:
     """Token rows as a plain list (the GPU machine has no `datasets`; Trainer takes any sized dataset)."""
     import torch
@@ -155,13 +149,15 @@ def _rel(a: float, b: float) -> float:
 
 def equivalence(device: str, quick: bool) -> list[dict]:
     """(a): Trainer against PipeTrainer (2 stages on one rank), fp32 and bf16, module and trace frontends."""
+    from hf_pipe.versions import torch_at_least
+
     overrides = QUICK if quick else dict(QUICK, hidden_size=256, intermediate_size=688, num_hidden_layers=8)
     overrides = dict(overrides, tie_word_embeddings=True)
     steps = 3 if quick else 6
     data = _rows(16 * steps, 32 if quick else 64, overrides["vocab_size"], 0, ragged=not quick)  # one trace per shape
     # torch 2.11 cannot split a rotary model's traced graph (its autocast-off region): GPT-2 is traced there
     cases = [("llama", _llama, "module"), ("gpt2", _gpt2, "trace")]
-    if _torch_at_least(2, 13):
+    if torch_at_least(2, 13):
         cases.append(("llama", _llama, "trace"))
     rows = []
     for bf16 in (False, True):

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-ROTARY_TRACE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+from hf_pipe.versions import torch_at_least
+
+ROTARY_TRACE = torch_at_least(2, 13)
 
 
 def pytest_configure(config):
