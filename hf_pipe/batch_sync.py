@@ -1,5 +1,9 @@
 """One batch per pipeline: the first stage's rank collates, the other ranks of its pipeline receive that batch.
 
+Trainer shards batches over all processes; the stages of one pipeline must all see the same batches, and only the
+data-parallel replicas get different ones: `prepare_unsharded` is accelerate's dataloader preparation sharded over
+the replicas, `one_batch_per_pipeline` sends the first stage's batches to its pipeline.
+
 Every rank of a pipeline iterates the same dataloader, but a collator or sampler that draws random numbers
 (`DataCollatorForLanguageModeling`'s masks, whole-word masking, random crops) draws them from each rank's global
 RNG, which each rank's dropout has advanced differently: from the first step with dropout, the rank that embeds a
@@ -15,6 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate.data_loader import prepare_data_loader
+
+from .launch import waiting
 
 # dtypes gloo cannot send, and what they travel as
 _WIRE = {torch.bool: torch.uint8}
@@ -52,3 +59,33 @@ def broadcast_batches(
             batch[key] = tensor.to(dtype)
         out.append(batch)
     return out
+
+
+def one_batch_per_pipeline(engine: Any, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The batches of `engine`'s pipeline's first rank, on all of its ranks (collective over the pipeline)."""
+    if engine.pp_size == 1:
+        return batches
+    with waiting("the batch broadcast from the first stage's rank", f"rank {engine._global(0)} (stage 0)"):
+        return broadcast_batches(batches, src=0, group=engine.group, device=engine.device)
+
+
+def prepare_unsharded(accelerator: Any, dataloader: Any, num_processes: int, process_index: int) -> Any:
+    """`accelerator.prepare(dataloader)` (seedable sampler, RNG sync, device placement) sharded over
+    `num_processes` data-parallel replicas instead of every process."""
+    prepared = prepare_data_loader(
+        dataloader,
+        accelerator.device,
+        num_processes=num_processes,
+        process_index=process_index,
+        split_batches=accelerator.split_batches,
+        put_on_device=accelerator.device_placement,
+        rng_types=accelerator.rng_types.copy(),
+        dispatch_batches=False,
+        even_batches=accelerator.even_batches,
+        use_seedable_sampler=accelerator.use_seedable_sampler,
+        data_seed=accelerator.dataloader_config.data_seed,
+        non_blocking=accelerator.non_blocking,
+        use_stateful_dataloader=accelerator.use_stateful_dataloader,
+    )
+    accelerator._dataloaders.append(prepared)
+    return prepared

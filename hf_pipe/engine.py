@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from .families import CAUSAL_LM
 from .families.base import ATTENTION_KWARGS, LABEL_KEYS
 from .frontends import LocalStages, frontend_name, select_frontend
 from .grad_accumulation import ONE_PASS_SCHEDULES, accumulate_linear_grads_in_place
-from .launch import computing, new_group, timeout_s, waiting
+from .launch import DataParallel, computing, new_group, timeout_s, waiting
 from .loss import PipelineLoss, reduce_metrics
 from .microbatch import Microbatches, cut_packed, cut_rows, is_packed, shifted_labels
 from .schedule import (
@@ -57,18 +56,6 @@ _SHAPE_CACHE_SIZE = 16
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 (DTensor) tensor, or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-@dataclass(frozen=True)
-class DataParallel:
-    """Data-parallel replicas of the pipeline: the replicas of this rank's stages, and every replica's pipeline."""
-
-    group: dist.ProcessGroup
-    mesh: Any  # the 1-D "dp" DeviceMesh (FSDP2 shards over it)
-    size: int
-    rank: int
-    mode: str  # "ddp" or "fsdp"
-    pipelines: list[list[int]]  # global ranks of each replica's pipeline, stage-rank order
 
 
 def default_device() -> torch.device:

@@ -1,5 +1,6 @@
 """Numbers Trainer reports as if every process read its own batches, counted per pipeline instead: the ranks of one
-pipeline share each batch, and only the data-parallel replicas read different ones."""
+pipeline share each batch, and only the data-parallel replicas read different ones. Sums Trainer takes over every
+process (tokens, FLOPs, a user loss's metrics) are taken over the replicas only."""
 
 from __future__ import annotations
 
@@ -8,8 +9,38 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from transformers import modelcard
 from transformers import trainer as hf_trainer
+
+#: how the replicas pool a metric of `loss.reduce_metrics`: means as (total, count) sums, extremes as such
+_REDUCE_OPS = {"mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def sum_over_replicas(value: torch.Tensor, data_parallel: Any, device: torch.device) -> torch.Tensor:
+    """`value` summed over the data-parallel replicas (collective over them); itself without replicas."""
+    if data_parallel is not None and data_parallel.size > 1:
+        value = value.to(device)
+        dist.all_reduce(value, group=data_parallel.group)
+    return value
+
+
+def pool_metrics(
+    metrics: dict[str, tuple[str, float, float]], data_parallel: Any, device: torch.device
+) -> dict[str, float]:
+    """A step's user-loss metrics (`PipelineEngine.metrics`: (reduction, total, count) per name) over the replicas:
+    means as total / count of the pooled sums, minima and maxima as such."""
+    values = {}
+    for how, op in _REDUCE_OPS.items():
+        names = sorted(n for n, (reduction, *_) in metrics.items() if reduction == how)
+        if not names:
+            continue
+        pooled = torch.tensor([metrics[n][1:] for n in names], dtype=torch.float64, device=device)
+        if data_parallel is not None and data_parallel.size > 1:
+            dist.all_reduce(pooled, op=op, group=data_parallel.group)
+        values.update({n: total / count if count else 0.0 for n, (total, count) in zip(names, pooled.tolist())})
+    return values
 
 
 @contextlib.contextmanager

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import recursively_apply
 from torch import nn
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
+from .evaluation import gather_for_metrics
 from .trainer import PipeTrainer
 from .training_args import PipeTrainingArguments
 from .weights import _set, _tied_names
@@ -65,9 +65,7 @@ class PipeSeq2SeqTrainer(PipeTrainer, Seq2SeqTrainer):
     def _gather_for_metrics(self, data: Any) -> Any:
         # Seq2SeqTrainer gathers with accelerate's plain `gather` ("we don't want to drop samples"): the short last
         # batch of an evaluation is not cut back, so its loss weighs as a full batch's in eval_loss. So here.
-        if self._dp_size > 1:
-            return recursively_apply(self._gather_over_replicas, data)
-        return data
+        return gather_for_metrics(self, data, cut_last_batch=False)
 
     def prediction_step(
         self,

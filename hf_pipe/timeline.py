@@ -9,6 +9,7 @@ logs next to the bubble model's prediction.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +18,10 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
+from .estimate import bubble_fraction
 from .launch import computing, note_message
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -208,3 +212,21 @@ def write_timeline(actions: list[Action], out_dir: str, title: str) -> dict[str,
     with open(os.path.join(out_dir, "pipeline_actions.json"), "w") as f:
         json.dump(summary, f)
     return summary
+
+
+def report_timeline(engine: Any, out_dir: str, write: bool) -> dict[str, float]:
+    """The bubble of `engine`'s recorded steps, measured and as the bubble model predicts it, for the training log;
+    with `write` (one rank), the timeline is written to `out_dir` too."""
+    predicted = bubble_fraction(engine.schedule_name, engine.pp_size, engine.stages_per_rank, engine.microbatches)
+    measured = measured_bubble(engine.recorded)
+    if write:
+        title = (
+            f"{engine.schedule_name}, {engine.num_stages} stages on {engine.pp_size} ranks, "
+            f"{engine.microbatches} microbatches: bubble {100 * measured:.1f}% measured"
+        )
+        write_timeline(engine.recorded, out_dir, title)
+        logger.warning(
+            "pipeline timeline written to %s: bubble %.1f%% measured, %.1f%% predicted by the bubble model",
+            out_dir, 100 * measured, 100 * predicted,
+        )  # fmt: skip
+    return {"pipeline_bubble_measured": measured, "pipeline_bubble_predicted": predicted}

@@ -6,6 +6,7 @@ from typing import Any
 
 from .frontends import FRONTENDS
 from .schedule import check_schedule
+from .trainer_options import frontend_option_problems, label_names_problems, trainer_argument_problems
 
 
 def frontend_problems(frontend: str) -> list[str]:
@@ -95,3 +96,31 @@ def dataset_problems(dataset: Any, setting: str, config: Any) -> list[str]:
                 "positions."
             )
     return problems
+
+
+def trainer_problems(
+    args: Any, model: Any, staged: Any, frontend: str, world: int, arguments: dict[str, Any]
+) -> list[str]:
+    """Everything PipeTrainer can know is wrong before it builds anything: the pipeline settings against the launched
+    world, the model (`staged`: what the stages are cut from), the frontend, Trainer's options and `arguments`, and
+    the datasets' columns."""
+    pp = args.resolved_pipeline_size(world)
+    eval_sets = arguments.get("eval_dataset")
+    eval_sets = eval_sets if isinstance(eval_sets, dict) else {"eval_dataset": eval_sets}
+    return (
+        args.pipeline_problems(world)
+        + model_problems(
+            staged.config,
+            pp_size=pp,
+            stages_per_rank=args.resolved_stages_per_rank(),
+            explicit_split=not isinstance(args.pipeline_split, str),
+            frontend=frontend,
+            data_parallel=args.pipeline_data_parallel if world > pp else None,
+        )
+        + (FRONTENDS[frontend](staged.config).trainer_problems(args, staged) if frontend in FRONTENDS else [])
+        + frontend_option_problems(args, frontend)
+        + label_names_problems(args.label_names, model, args.pipeline_task)
+        + trainer_argument_problems(arguments)
+        + dataset_problems(arguments.get("train_dataset"), "train_dataset", staged.config)
+        + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, staged.config)]
+    )
