@@ -65,7 +65,7 @@ def one_batch_per_pipeline(engine: Any, batches: list[dict[str, Any]]) -> list[d
     """The batches of `engine`'s pipeline's first rank, on all of its ranks (collective over the pipeline)."""
     if engine.pp_size == 1:
         return batches
-    with waiting("the batch broadcast from the first stage's rank", f"rank {engine._global(0)} (stage 0)"):
+    with waiting("the batch broadcast from the first stage's rank", f"rank {engine.global_rank(0)} (stage 0)"):
         return broadcast_batches(batches, src=0, group=engine.group, device=engine.device)
 
 

@@ -141,7 +141,7 @@ def save_optimizer_and_scheduler(trainer: Any, output_dir: str) -> None:
     same on all."""
     engine = trainer.engine
     os.makedirs(output_dir, exist_ok=True)
-    with waiting(f"writing the optimizer state into {output_dir}", engine._pipeline_ranks):
+    with waiting(f"writing the optimizer state into {output_dir}", engine.pipeline_ranks):
         save_named(
             trainer.optimizer, parameter_names(engine), output_dir, group=engine.group, write=trainer._dp_rank == 0
         )

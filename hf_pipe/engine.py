@@ -1,23 +1,26 @@
-"""One pipelined training (or evaluation) step of a HF model on this rank: the piece PipeTrainer drives.
+"""One pipelined training (or evaluation, or forward-only) step of a HF model on this rank: the piece PipeTrainer
+drives.
 
-The engine owns this rank's stage modules, the torch schedule, the loss, tied-weight gradient sync and the global
-gradient norm. torch.distributed.pipelining runs the schedule; what it leaves to the user is here:
+The engine owns this rank's stage modules, the torch schedules, the loss, tied-weight gradient sync and the global
+gradient norm, and composes the pieces in `runtime/`: `build.py` (stages through the frontend, data-parallel
+wrappers), `steps.py` (microbatches, a schedule per batch shape, train / evaluation / forward-only steps),
+`gradients.py` (tied reduction, norm, clipping). torch.distributed.pipelining runs the schedule; what it leaves to
+the user is there:
 
 - loss normalised by the whole batch's label count (`loss.py`), reported on every rank, not only the last;
 - tied weights whose copies live on different ranks stay one parameter (gradients summed over their owners);
 - global gradient norm and clipping over all stages, a tied weight counted once;
 - Linear weight gradients accumulated in place, microbatch after microbatch (`grad_accumulation.py`);
 - batches of a new shape (dynamic padding): torch infers send/receive shapes at a stage's first step, so a stage
-  set and schedule are kept per batch shape; microbatches are cut here (`microbatch.py`), packed batches included.
+  set and schedule are kept per batch shape; microbatches are cut there (`microbatch.py`), packed batches included.
 
 How the stages are made (module split, tracing) is a frontend's business (`frontends/`), where their weights come
-from a weight source's (`weights.py`): the engine only runs them.
+from a weight source's (`weights.py`).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,35 +30,24 @@ from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .checkpoint import canonical_state_names
-from .errors import PipelineConfigError, raise_if_any, raise_on_every_rank
+from .errors import PipelineConfigError, raise_if_any
 from .families import CAUSAL_LM
-from .families.base import ATTENTION_KWARGS, LABEL_KEYS
-from .frontends import LocalStages, frontend_name, select_frontend
-from .grad_accumulation import ONE_PASS_SCHEDULES, accumulate_linear_grads_in_place
-from .launch import DataParallel, computing, new_group, timeout_s, waiting
-from .loss import PipelineLoss, reduce_metrics
-from .microbatch import Microbatches, cut_packed, cut_rows, is_packed, shifted_labels
-from .schedule import (
-    default_stages_per_rank,
-    forward_only_schedule,
-    largest_divisor_at_most,
-    placement,
-    run_microbatches,
-    schedule_class,
-    schedule_for_batch,
-)
+from .families.base import LABEL_KEYS
+from .frontends import frontend_name, select_frontend
+from .grad_accumulation import ONE_PASS_SCHEDULES
+from .launch import DataParallel
+from .loss import PipelineLoss
+from .microbatch import Microbatches
+from .runtime.build import build_stages, wrap_data_parallel
+from .runtime.gradients import Gradients
+from .runtime.steps import Steps
+from .schedule import default_stages_per_rank, placement, schedule_class
 from .split import SplitPolicy
 from .timeline import Action, Timeline
 from .validate import pipeline_problems
-from .weights import Resident, meta_names, weights_problems
+from .weights import Resident, weights_problems
 
-# Distinct batch shapes whose stages and schedule are kept; older ones are rebuilt when they come back.
-_SHAPE_CACHE_SIZE = 16
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of an FSDP2 (DTensor) tensor, or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+__all__ = ["DataParallel", "PipelineEngine", "default_device"]
 
 
 def default_device() -> torch.device:
@@ -145,7 +137,8 @@ class PipelineEngine:
         self.stage_to_rank = generate_stage_to_rank_mapping(self.pp_size, self.num_stages, placement(schedule))
         self.stage_indices = [s for s in range(self.num_stages) if self.stage_to_rank[s] == self.pp_rank]
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
-        self.local = self._build(model, weights if weights is not None else Resident())
+        weights = weights if weights is not None else Resident()
+        self.local = build_stages(self.frontend, model, self.plan, self.stage_indices, self.device, weights)
         self.modules: list[nn.Module] = self.local.modules
         #: Linear weight gradients written straight into `.grad` (`grad_accumulation.py`), installed on the stage
         #: modules each schedule runs (a traced frontend makes new ones per shape)
@@ -159,9 +152,9 @@ class PipelineEngine:
             for m in self.modules
         ]
         # What the schedule runs: the stages themselves, or their DDP / FSDP2 wrappers over the replicas.
-        self._runnable: list[nn.Module] = [self._wrap_data_parallel(m) for m in self.modules]
+        self._runnable = [wrap_data_parallel(m, self.dp, self.frontend, self.device) for m in self.modules]
         # after wrapping: FSDP2 replaces each parameter by its sharded version
-        self._tied = self._setup_tied(self.local.tied)
+        self.gradients = Gradients(self, self.local.tied)
         self.loss = PipelineLoss(self.plan.task, config)
         #: what a user loss reported for the last step, as (reduction, total, count) per metric
         #: (`loss.reduce_metrics`), on every rank
@@ -170,8 +163,8 @@ class PipelineEngine:
         self.rows_per_example = 1
         self.has_first = 0 in self.stage_indices
         self.has_last = self.num_stages - 1 in self.stage_indices
-        self._schedules: OrderedDict[tuple, Any] = OrderedDict()
         self.timeline = Timeline(self.pp_rank)
+        self.steps = Steps(self)
         #: every rank's recorded actions, set when the steps armed with `record_timeline` have run
         self.recorded: list[Action] | None = None
 
@@ -180,7 +173,7 @@ class PipelineEngine:
         return self.dp is not None and self.dp.size > 1
 
     @property
-    def _neighbours(self) -> str:
+    def neighbours(self) -> str:
         """The stages this rank's stages exchange activations and gradients with, and their ranks (for errors)."""
         peers = sorted(
             {s for i in self.stage_indices for s in (i - 1, i + 1) if 0 <= s < self.num_stages}
@@ -188,33 +181,20 @@ class PipelineEngine:
         )
         if not peers:
             return "no other rank (every stage is here)"
-        return ", ".join(f"stage {s} on rank {self._global(self.stage_to_rank[s])}" for s in peers)
+        return ", ".join(f"stage {s} on rank {self.global_rank(self.stage_to_rank[s])}" for s in peers)
 
-    def _global(self, pp_rank: int) -> int:
+    def global_rank(self, pp_rank: int) -> int:
+        """The global rank of pipeline rank `pp_rank`."""
         return dist.get_global_rank(self.group, pp_rank) if self.group is not dist.group.WORLD else pp_rank
 
     @property
-    def _pipeline_ranks(self) -> str:
+    def pipeline_ranks(self) -> str:
+        """Every rank of this pipeline (for the message of a wait they all take part in)."""
         return (
-            "every rank of the pipeline (ranks " + ", ".join(str(self._global(r)) for r in range(self.pp_size)) + ")"
+            "every rank of the pipeline (ranks "
+            + ", ".join(str(self.global_rank(r)) for r in range(self.pp_size))
+            + ")"
         )
-
-    def _build(self, model: nn.Module, weights: Any) -> LocalStages:
-        """This rank's stages through the frontend, their tensors real on the device; a problem on any rank (a
-        checkpoint that does not fit, a weight left on meta) is one error on every rank, before any step."""
-        problems: list[str] = []
-        local = None
-        try:
-            local = self.frontend.build(model, self.plan, self.stage_indices, self.device, weights)
-        except PipelineConfigError as err:
-            problems = err.problems
-        if local is not None and (left := meta_names(model, local.keep)):
-            problems.append(
-                f"{len(left)} tensor(s) of this rank's stages are still on the meta device after loading: "
-                f"{left[:8]}; give the model a checkpoint holding them (pipeline_checkpoint) or build it whole."
-            )
-        raise_on_every_rank(problems)
-        return local
 
     # -- parameters ------------------------------------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -260,55 +240,9 @@ class PipelineEngine:
                         value = distribute_tensor(value, tensor.device_mesh, tensor.placements)
                     tensor.copy_(value)
 
-    def _setup_tied(
-        self, groups: list[tuple[list[str], list[int]]]
-    ) -> list[tuple[nn.Parameter, dist.ProcessGroup | None, bool]]:
-        """Tied weights whose copies sit on several ranks: (local param, group of owner ranks, counts in the norm).
-
-        `new_group` is collective over the world, so every rank walks the same groups in the same order.
-        """
-        tied = []
-        self._tied_owners: list[tuple[list[str], Any, list[int]]] = []  # (FQNs, group, global ranks), for errors
-        local = dict(self.named_parameters())
-        # every replica's pipeline, as global ranks (one pipeline when there is no data parallelism)
-        pipelines = (
-            self.dp.pipelines if self.dp else [[dist.get_global_rank(self.group, r) for r in range(self.pp_size)]]
-        )
-        for fqns, stages in groups:
-            ranks = sorted({self.stage_to_rank[s] for s in stages})
-            if len(ranks) < 2 or not self._trainable(fqns):
-                continue  # a frozen tied weight (a PEFT base embedding) gets no gradient to sum
-            mine = None
-            for pipeline in pipelines:
-                pg = new_group([pipeline[r] for r in ranks], timeout_s())
-                if dist.get_rank() in pipeline:
-                    mine = pg
-            param = next((local[f] for f in fqns if f in local), None)
-            if param is not None:
-                self._tied_owners.append((fqns, mine, [self._global(r) for r in ranks]))
-                tied.append((param, mine, self.pp_rank == ranks[0]))
-        return tied
-
     def _trainable(self, fqns: list[str]) -> bool:
         """Whether a tied weight trains; the same answer on every rank (it is the model's flag, not the rank's)."""
         return self._requires_grad.get(fqns[0], True)
-
-    def _wrap_data_parallel(self, module: nn.Module) -> nn.Module:
-        """DDP or FSDP2 over the data-parallel replicas of this stage; torch's stages drive both (no_sync, reshard)."""
-        if not self._replicated or not self.frontend.wraps_data_parallel:
-            return module  # traced stages: gradients averaged in `reduce_tied_gradients`
-        if self.dp.mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            return fully_shard(module, mesh=self.dp.mesh)
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [self.device] if self.device.type == "cuda" else None
-        # No buffer broadcast: it is a collective in every forward, and torch also runs the forward on metadata
-        # while inferring stage shapes; the buffers here (rotary tables, position ids) never change anyway.
-        return DistributedDataParallel(
-            module, process_group=self.dp.group, device_ids=device_ids, broadcast_buffers=False
-        )
 
     # -- steps -----------------------------------------------------------------------------------------------
     def batch_problems(self, batch: Mapping[str, Any]) -> list[str]:
@@ -338,119 +272,6 @@ class PipelineEngine:
             )
         return problems
 
-    def _microbatches(self, batch: Mapping[str, Any], training: bool) -> tuple[str, Microbatches, dict[str, Any]]:
-        """This step's schedule name, its microbatches (rows chunked, or a packed batch cut at its sequences), and
-        the batch on the device (with causal-LM `shift_labels`)."""
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        raise_if_any(self.batch_problems(batch))
-        batch = self.frontend.stage_inputs(batch)
-        shift = None
-        if self.plan.task == CAUSAL_LM:
-            given = batch.pop("shift_labels", None)
-            shift = given if given is not None else shifted_labels(batch["labels"])
-            batch["shift_labels"] = shift
-        dp = self._replicated
-        if self.frontend.packs_sequences and is_packed(batch):
-            agree = self._longest_over_replicas if dp else None
-            mbs = cut_packed(batch, self.microbatches, shift, agree_length=agree)
-            return self.schedule_name if training else "forward", mbs, batch
-        rows = batch["input_ids"].shape[0]
-        if training:
-            name, count = schedule_for_batch(
-                self.schedule_name,
-                pp_size=self.pp_size,
-                stages_per_rank=self.stages_per_rank,
-                microbatches=self.microbatches,
-                batch_size=rows // self.rows_per_example,
-            )
-        else:  # forward only: any count of equal microbatches works
-            name, count = "forward", largest_divisor_at_most(rows, self.microbatches)
-        # With DDP or FSDP2 a new shape makes torch's shape inference talk to the replicas, so they must meet new
-        # shapes at the same steps: pad to the longest sequence among them (masked, labels -100).
-        length = self._longest_over_replicas(batch["input_ids"].shape[-1]) if dp else None
-        pad = getattr(self.config, "pad_token_id", None)
-        return name, cut_rows(batch, count, shift, length, pad if isinstance(pad, int) else None), batch
-
-    def _longest_over_replicas(self, length: int) -> int:
-        longest = torch.tensor(length, device=self.device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.dp.group)
-        return int(longest)
-
-    def _schedule_for(self, name: str, mbs: Microbatches):
-        kwargs = mbs.kwargs[0]
-        # module stages take any keyword values per microbatch; traced ones are specialised to their shapes
-        shapes = tuple(
-            (k, tuple(v.shape))
-            for k, v in sorted(kwargs.items())
-            if torch.is_tensor(v) and (self.frontend.shape_specialised or k not in ATTENTION_KWARGS)
-        )
-        key = (name, len(mbs), tuple(mbs.input_ids[0].shape), shapes)
-        if key in self._schedules:
-            self._schedules.move_to_end(key)
-            return self._schedules[key]
-        training = name != "forward"
-        stages = self.frontend.torch_stages(
-            self.local,
-            self._runnable,
-            self.stage_indices,
-            self.num_stages,
-            (mbs.input_ids[0], kwargs),
-            training,
-            device=self.device,
-            group=self.group,
-            timeline=self.timeline,
-        )
-        if self._in_place:  # modules already routed are left as they are
-            accumulate_linear_grads_in_place([stage.submod for stage in stages])
-        loss_fn = self.loss if training else None  # evaluation scores the merged logits
-        if not training and self.stages_per_rank > 1:
-            sched = forward_only_schedule(stages, self.stage_to_rank, len(mbs), loss_fn)
-        else:
-            cls = schedule_class("gpipe" if not training else name)
-            target = stages if self.stages_per_rank > 1 else stages[0]
-            sched = cls(target, n_microbatches=len(mbs), loss_fn=loss_fn, scale_grads=False)
-        self._schedules[key] = sched
-        if len(self._schedules) > _SHAPE_CACHE_SIZE:
-            self._schedules.popitem(last=False)
-        return sched
-
-    def _run(self, batch: Mapping[str, Any], training: bool, num_items: float | None, num_items_in_batch: Any):
-        """One step; returns (the batch loss on every rank, the last stage's logits in batch layout or None)."""
-        name, mbs, batch = self._microbatches(batch, training)
-        if num_items is None:
-            num_items = self.loss.count(batch)
-        what = "the pipeline step (activations and gradients through the stages)" if training else "evaluation step"
-        with waiting(what, self._neighbours):
-            return self._run_schedule(name, mbs, batch, training, num_items, num_items_in_batch)
-
-    def _run_schedule(self, name, mbs, batch, training, num_items, num_items_in_batch):
-        with computing():  # tracing a new shape is compute, not a wait
-            sched = self._schedule_for(name, mbs)
-        targets = self.loss.begin(mbs, float(num_items), num_items_in_batch)
-        logits, losses = None, []
-        if training:
-            run_microbatches(sched, mbs, targets, losses)
-            loss = torch.stack(losses).sum() if self.has_last else None
-        else:
-            with torch.no_grad():
-                outputs = run_microbatches(sched, mbs, None, None)
-                if self.has_last:  # scored on the whole batch, as Trainer scores it
-                    logits = mbs.merge(outputs)
-                    loss = self.loss.whole_batch(logits, batch)
-                else:
-                    loss = None
-        loss = loss.detach().float().reshape(()) if loss is not None else torch.zeros((), device=self.device)
-        src = self.stage_to_rank[self.num_stages - 1]
-        with waiting(
-            "the loss broadcast from the last stage", f"stage {self.num_stages - 1} on rank {self._global(src)}"
-        ):
-            dist.broadcast(loss, group_src=src, group=self.group)
-            if self.loss.hook is not None:  # what the user's loss reported, on every rank
-                metrics = [reduce_metrics(self.loss.metrics) if self.has_last else None]
-                dist.broadcast_object_list(metrics, group_src=src, group=self.group, device=self.device)
-                self.metrics = metrics[0]
-        return loss, logits
-
     def train_step(
         self, batch: Mapping[str, Any], num_items: float | None = None, num_items_in_batch: Any = None
     ) -> torch.Tensor:
@@ -462,7 +283,7 @@ class PipelineEngine:
         Call `reduce_tied_gradients` once after the last accumulation step, before clipping.
         """
         self.timeline.begin_step()
-        loss = self._run(batch, True, num_items, num_items_in_batch)[0]
+        loss = self.steps.train(batch, num_items, num_items_in_batch)
         if self.timeline.end_step():
             self.recorded = self.timeline.gather(self.group)
         return loss
@@ -477,7 +298,27 @@ class PipelineEngine:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward only: (loss on every rank, the batch's logits on the rank with the last stage, else None). An
         encoder-decoder's are (logits, encoder output), as its forward returns them."""
-        return self._run(batch, False, num_items, num_items_in_batch)
+        return self.steps.evaluate(batch, num_items, num_items_in_batch)
+
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        on_last: Callable[[Any, dict[str, Any]], Any] | None = None,
+        stages: tuple[Any, list[nn.Module]] | None = None,
+    ) -> tuple[Any, Microbatches, dict[str, Any]]:
+        """Every microbatch of `batch` through every stage, no backward: the pass a frozen reference model's
+        log-probabilities, a KL term or a rollout's scores need. Collective over the pipeline.
+
+        On the last stage's rank returns the outputs in batch layout, or with `on_last` the list of
+        `on_last(outputs, microbatch inputs)` per microbatch (each computed as its microbatch leaves the last stage,
+        so that its logits need not be kept); None on the other ranks; then the microbatches and the batch on the
+        device. `stages` runs another set of stages with the same split: (their `LocalStages`, the modules to run),
+        e.g. a frozen copy built by `self.frontend.build` (module-split frontends).
+
+        Example:
+            >>> logps, mbs, _ = engine.forward(batch, on_last=lambda out, mb: out.logits.log_softmax(-1).amax(-1))
+        """
+        return self.steps.forward(batch, on_last, stages)
 
     # -- gradients -------------------------------------------------------------------------------------------
     def reduce_tied_gradients(self) -> None:
@@ -486,49 +327,12 @@ class PipelineEngine:
         Traced stages with data parallelism also average every gradient over the replicas here (as DDP would; a
         DDP wrapper per traced shape would hook each weight once per shape).
         """
-        ranks = sorted({r for _, _, owners in self._tied_owners for r in owners})
-        with waiting(
-            "the tied-weight gradient all-reduce",
-            f"the ranks holding a copy of a tied weight (ranks {', '.join(map(str, ranks))})",
-        ):
-            self._reduce_tied_gradients()
-
-    def _reduce_tied_gradients(self) -> None:
-        if self._replicated and not self.frontend.wraps_data_parallel:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if grads:
-                flat = torch._utils._flatten_dense_tensors(grads).div_(self.dp.size)
-                dist.all_reduce(flat, group=self.dp.group)
-                for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                    grad.copy_(reduced)
-        for param, pg, _ in self._tied:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            # under FSDP2 each copy is sharded alike over the replicas: the local shards line up
-            dist.all_reduce(_local(param.grad), group=pg)
+        self.gradients.reduce()
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients over all stages, each tied weight counted once."""
-        counted_elsewhere = {id(p) for p, _, counts in self._tied if not counts}
-        grads = [_local(p.grad) for p in self.parameters() if p.grad is not None and id(p) not in counted_elsewhere]
-        # torch's own fused (foreach) norm over this rank's gradients, then the sum of squares over ranks
-        local = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads else None
-        squares = local.float().pow(2) if local is not None else torch.zeros((), device=self.device)
-        with waiting("the gradient-norm all-reduce", self._pipeline_ranks):
-            if self.dp is not None and self.dp.mode == "fsdp" and self.dp.size > 1:
-                dist.all_reduce(squares, group=self.dp.group)  # each replica holds a shard of every gradient
-            dist.all_reduce(squares, group=self.group)
-        return squares.sqrt()
+        return self.gradients.norm()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip all gradients by the global norm, as `torch.nn.utils.clip_grad_norm_` does on one device."""
-        norm = self.grad_norm()
-        if max_norm and max_norm > 0:
-            params = [p for p in self.parameters() if p.grad is not None]
-            if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2: scale each local shard
-                coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-                for p in params:
-                    _local(p.grad).mul_(coef.to(p.grad.dtype))
-            else:  # torch's own clipping with the global norm (fused foreach kernels)
-                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-        return norm
+        return self.gradients.clip(max_norm)

@@ -109,24 +109,30 @@ def forward_only_schedule(
 
 
 def run_microbatches(
-    schedule: _PipelineSchedule, microbatches: Any, targets: list | None, losses: list | None
+    schedule: _PipelineSchedule,
+    microbatches: Any,
+    targets: list | None,
+    losses: list | None,
+    backward: bool | None = None,
 ) -> list | None:
-    """torch's `step()` (with `targets`) or `eval()` (without), on microbatches hf_pipe cut itself.
+    """torch's `step()` (with `targets`) or `eval()` (without), on microbatches hf_pipe cut itself; `backward=False`
+    with `targets`: forward only, the schedule's loss function scoring each microbatch as it leaves the last stage.
 
     torch's own `step` chunks the whole batch along dim 0, which cannot cut packed batches (see `microbatch.py`);
     what it does around `_step_microbatches` is repeated here. Returns the last stage's per-microbatch outputs in
-    evaluation (None on other ranks).
+    a forward-only run without targets (None on other ranks).
     """
-    training = targets is not None
+    training = targets is not None if backward is None else backward
     stages = getattr(schedule, "_stages", None) or [schedule._stage]
     for stage in stages:
         stage.has_backward = training
         stage.clear_runtime_states()
     first = any(stage.is_first for stage in stages)  # only stage 0 reads the token ids; others receive activations
     args = [(ids,) if first else () for ids in microbatches.input_ids]
-    schedule._step_microbatches(args, microbatches.kwargs, targets, losses, return_outputs=not training)
+    keep = targets is None
+    schedule._step_microbatches(args, microbatches.kwargs, targets, losses, return_outputs=keep)
     for stage in stages:
-        if stage.is_last and not training:
+        if stage.is_last and keep:
             return list(stage.output_chunks)
     return None
 

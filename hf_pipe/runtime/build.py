@@ -1,0 +1,56 @@
+"""This rank's stages, built through the frontend with their weights real on the device, and what the schedule runs:
+the stages themselves, or their DDP / FSDP2 wrappers over the data-parallel replicas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PipelineConfigError, raise_on_every_rank
+from ..frontends import Frontend, LocalStages
+from ..split import SplitPlan
+from ..weights import meta_names
+
+
+def build_stages(
+    frontend: Frontend,
+    model: nn.Module,
+    plan: SplitPlan,
+    stage_indices: list[int],
+    device: torch.device,
+    weights: Any,
+) -> LocalStages:
+    """This rank's stages through the frontend, their tensors real on the device; a problem on any rank (a
+    checkpoint that does not fit, a weight left on meta) is one error on every rank, before any step."""
+    problems: list[str] = []
+    local = None
+    try:
+        local = frontend.build(model, plan, stage_indices, device, weights)
+    except PipelineConfigError as err:
+        problems = err.problems
+    if local is not None and (left := meta_names(model, local.keep)):
+        problems.append(
+            f"{len(left)} tensor(s) of this rank's stages are still on the meta device after loading: "
+            f"{left[:8]}; give the model a checkpoint holding them (pipeline_checkpoint) or build it whole."
+        )
+    raise_on_every_rank(problems)
+    return local
+
+
+def wrap_data_parallel(module: nn.Module, dp: Any, frontend: Frontend, device: torch.device) -> nn.Module:
+    """DDP or FSDP2 over the data-parallel replicas `dp` of this stage; torch's stages drive both (no_sync,
+    reshard). Without replicas, or for traced stages (the engine averages their gradients), the module itself."""
+    if dp is None or dp.size <= 1 or not frontend.wraps_data_parallel:
+        return module
+    if dp.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(module, mesh=dp.mesh)
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device] if device.type == "cuda" else None
+    # No buffer broadcast: it is a collective in every forward, and torch also runs the forward on metadata
+    # while inferring stage shapes; the buffers here (rotary tables, position ids) never change anyway.
+    return DistributedDataParallel(module, process_group=dp.group, device_ids=device_ids, broadcast_buffers=False)
