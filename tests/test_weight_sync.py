@@ -25,7 +25,7 @@ CASES_2 = [
 DATA_PARALLEL = [
     {"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b", "pipeline_data_parallel": mode}
     for mode in ("ddp", "fsdp")
-]
+] + [{"pipeline_parallel_size": 2, "pipeline_schedule": "1f1b", "pipeline_frontend": "trace"}]  # no DDP wrapper
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
 
 
@@ -91,8 +91,8 @@ def _replicas(root: str) -> list[dict]:
 
 
 def test_unseeded_build_pipeline_by_data_parallel(tmp_path):
-    """pp 2 × dp 2: DDP would start each stage's replicas from the first of them, not from global rank 0, and FSDP2
-    would shard each rank's own weights; every stage and replica starts from rank 0's. The reference is Trainer +
+    """pp 2 × dp 2: DDP would start each stage's replicas from the first of them, not from global rank 0, FSDP2 would
+    shard each rank's own weights, traced stages have no DDP wrapper; every stage and replica starts from rank 0's. The reference is Trainer +
     DDP on 2 processes, themselves built from their own seeds (DDP broadcasts its rank 0's weights)."""
     ref = run_distributed(
         run_trainer, 2, "gpt2", str(tmp_path / "ref"), None, {}, UNSEEDED, launcher_env=True, fork=True
