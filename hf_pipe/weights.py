@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import PipelineConfigError
+from .weight_sync import sends_weights, start_from_first_rank
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -95,9 +96,15 @@ def weights_problems(model: nn.Module, weights: Any) -> list[str]:
 
 
 class Resident:
-    """The model as given, fully built on every rank: this rank's tensors move to the device, the rest is freed."""
+    """The model as given, fully built on every rank: this rank's tensors move to the device, the rest is freed.
+
+    Every rank's stages start from rank 0's values (`weight_sync.py`), as Trainer + DDP starts every replica from
+    rank 0's: a script that built its model before seeding gives each rank other weights."""
 
     def materialize(self, model: nn.Module, keep: Collection[str], device: torch.device) -> None:
+        sends = sends_weights()
+        if sends:  # from the whole model, before the other stages are freed
+            start_from_first_rank(model, keep, device)
         _free(model, keep)
         with torch.no_grad():
             for name, tensor in list(state_names(model)):
@@ -106,6 +113,8 @@ class Resident:
                         tensor.data = tensor.data.to(device)  # the same Parameter: tied names stay tied
                     else:
                         _set(model, name, tensor.to(device))
+        if not sends:  # straight into the stage tensors, on the device
+            start_from_first_rank(model, keep, device)
 
 
 # -- from scratch ------------------------------------------------------------------------------------------------
