@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import PipelineConfigError
+from .launch import waiting
 
 #: bytes per flat message: bounds the extra memory rank 0 holds while it sends
 _BUCKET_BYTES = 64 * 2**20
@@ -96,9 +97,15 @@ def start_from_first_rank(model: nn.Module, keep: Collection[str], device: torch
     (call it there before the other stages are freed), every other rank receives into its own tensors (after
     they moved to `device`). Collective over the world; a tensor rank 0 cannot give (another shape, dtype, or
     name) is one `PipelineConfigError` on every rank, before anything is sent."""
-    world = _world()
-    if world == 1:
+    if _world() == 1:
         return
+    peers = "rank 0 (it sends each rank its stages' weights)" if dist.get_rank() else "every launched rank"
+    with waiting("the start-up copy of rank 0's weights to every rank's stages", peers):
+        _start_from_first_rank(model, keep, device)
+
+
+def _start_from_first_rank(model: nn.Module, keep: Collection[str], device: torch.device) -> None:
+    world = _world()
     rank = dist.get_rank()
     mine = _wanted(model, keep)
     described = [(name, *_describe(t)) for name, t in mine]
