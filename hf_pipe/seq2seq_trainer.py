@@ -22,14 +22,14 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from .trainer import PipeTrainer
-from .training_args import PipeTrainingArguments
+from .training_args import ModelInitKwargs, PipeArgumentsMixin
 from .weights import _set, _tied_names
 
 
 @dataclass
-class PipeSeq2SeqTrainingArguments(PipeTrainingArguments, Seq2SeqTrainingArguments):
+class PipeSeq2SeqTrainingArguments(PipeArgumentsMixin, ModelInitKwargs, Seq2SeqTrainingArguments):
     """`Seq2SeqTrainingArguments` (`predict_with_generate`, `generation_max_length`, `generation_num_beams`,
-    `generation_config`) with the pipeline settings of `PipeTrainingArguments`.
+    `generation_config`) with the pipeline settings of `PipeTrainingArguments` (every Seq2Seq default kept).
 
     Example:
         >>> args = PipeSeq2SeqTrainingArguments(output_dir="out", predict_with_generate=True, generation_max_length=32,
@@ -46,7 +46,9 @@ class PipeSeq2SeqTrainer(PipeTrainer, Seq2SeqTrainer):
         >>> trainer.train(); trainer.evaluate(max_new_tokens=16)
     """
 
-    def __init__(self, model: nn.Module | None = None, args: PipeTrainingArguments | None = None, **kwargs: Any):
+    def __init__(
+        self, model: nn.Module | None = None, args: PipeSeq2SeqTrainingArguments | None = None, **kwargs: Any
+    ):
         self._generator: nn.Module | bool | None = None
         super().__init__(model=model, args=args, **kwargs)
 

@@ -51,7 +51,7 @@ from .reporting import eval_steps_per_pipeline, model_card_per_pipeline
 from .seq2seq_split import dataset_lengths
 from .timeline import measured_bubble, write_timeline
 from .trainer_options import frontend_option_problems, label_names_problems, trainer_argument_problems
-from .training_args import PipeTrainingArguments
+from .training_args import PipeArgumentsMixin
 from .validate import dataset_problems, model_problems
 
 logger = logging.getLogger(__name__)
@@ -94,11 +94,11 @@ class PipelineModule(nn.Module):
 class PipeTrainer(Trainer):
     """A drop-in `Trainer` that trains the model as a pipeline over every launched process.
 
-    Takes exactly Trainer's arguments; `args` must be `PipeTrainingArguments`. `model` is what Trainer takes (every
-    rank passes the same one, built with the same seed or loaded from the same checkpoint; each keeps only its own
-    stages), or — so that no rank ever holds more than its stages — a checkpoint path or hub id (built with
-    `args.model_init_kwargs`), or a model on the meta device (read from `args.pipeline_checkpoint`, or initialised
-    from scratch): see `loading.py`.
+    Takes exactly Trainer's arguments; `args` must be `PipeTrainingArguments` (or another config carrying
+    `PipeArgumentsMixin`). `model` is what Trainer takes (every rank passes the same one, built with the same seed or
+    loaded from the same checkpoint; each keeps only its own stages), or — so that no rank ever holds more than its
+    stages — a checkpoint path or hub id (built with `args.model_init_kwargs`), or a model on the meta device (read
+    from `args.pipeline_checkpoint`, or initialised from scratch): see `loading.py`.
 
     Example:
         >>> trainer = PipeTrainer(model=model, args=PipeTrainingArguments(output_dir="out", pipeline_schedule="1f1b"),
@@ -106,13 +106,18 @@ class PipeTrainer(Trainer):
         >>> trainer.train(); trainer.evaluate(); trainer.save_model("out/final")
     """
 
-    def __init__(self, model: nn.Module | str | None = None, args: PipeTrainingArguments | None = None, **kwargs: Any):
+    #: how weights a checkpoint lacks (a new head) are drawn: seeded per module, the same for every layout
+    #: (`weights.Checkpoint`); TRL's trainers given a path draw them as TRL's from_pretrained does ("global")
+    _init_missing = "seeded"
+
+    def __init__(self, model: nn.Module | str | None = None, args: PipeArgumentsMixin | None = None, **kwargs: Any):
         raise_if_any(loss_override_problems(type(self)))
-        if not isinstance(args, PipeTrainingArguments):
+        if not isinstance(args, PipeArgumentsMixin):
             raise TypeError(
                 f"PipeTrainer needs args=PipeTrainingArguments(...), got {type(args).__name__}; it is a "
                 "TrainingArguments subclass with the pipeline settings, so the other fields stay as they are "
-                "(for Seq2SeqTrainingArguments: PipeSeq2SeqTrainingArguments, with PipeSeq2SeqTrainer)."
+                "(for Seq2SeqTrainingArguments: PipeSeq2SeqTrainingArguments, with PipeSeq2SeqTrainer; for another "
+                "TrainingArguments subclass: @dataclass class PipeMyConfig(hf_pipe.PipeArgumentsMixin, MyConfig))."
             )
         if model is None:
             missing = "PipeTrainer needs model=...: every rank passes the same model (same seed, or same checkpoint)."
@@ -125,7 +130,7 @@ class PipeTrainer(Trainer):
             _init_single_process_group()
         _destroy_process_group_at_exit()
         self.watchdog = arm_watchdog(args.ddp_timeout, dist.get_rank())  # bounds every wait of the pipeline
-        model, weights = model_and_weights(model, args)
+        model, weights = model_and_weights(model, args, self._init_missing)
         #: what the stages are cut from (a PeftModel's wrapped model, its adapters injected; else the model)
         self._stage_model = staged = stage_model(model)
         world = dist.get_world_size()
@@ -283,7 +288,7 @@ class PipeTrainer(Trainer):
             dist.all_reduce(count, group=self.data_parallel.group)  # over the replicas, as Trainer over processes
         return count
 
-    def get_total_train_batch_size(self, args: PipeTrainingArguments) -> int:
+    def get_total_train_batch_size(self, args: PipeArgumentsMixin) -> int:
         # Samples per optimizer step: one batch per pipeline replica, not one per process.
         return self._train_batch_size * args.gradient_accumulation_steps * self._dp_size
 
