@@ -331,8 +331,8 @@ class PipelineEngine:
 
     def batch_problems(self, batch: Mapping[str, Any], training: bool = True) -> list[str]:
         """Batch keys no stage consumes or this frontend cannot honour: each would be dropped silently; in training,
-        labels the head's loss needs and the batch lacks; in evaluation without labels, what the forward alone needs
-        (an encoder-decoder's decoder input)."""
+        labels the head's loss needs and the batch lacks (evaluation runs without them: what the forward then needs,
+        an encoder-decoder's decoder input, is checked when it runs)."""
         label_keys = LABEL_KEYS[self.plan.task]
         consumed = self.frontend.batch_keys(batch) | {"input_ids", *label_keys}
         if self.plan.task == CAUSAL_LM:
@@ -345,7 +345,7 @@ class PipelineEngine:
             if key not in consumed and value is not None
         ]
         if not training:  # evaluation and prediction take batches without labels, as Trainer does
-            return problems + ([] if self.has_labels(batch) else self.frontend.unlabelled_problems(batch))
+            return problems
         if label_keys == ("labels",) and "labels" not in batch:
             problems.append(
                 "the batch has no 'labels': hf_pipe trains with the loss of the last stage; give the collator labels "
@@ -365,7 +365,8 @@ class PipelineEngine:
         """This step's schedule name, its microbatches (rows chunked, or a packed batch cut at its sequences), and
         the batch on the device (with causal-LM `shift_labels`; without labels, `labelled=False`, no loss column)."""
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        raise_if_any(self.batch_problems(batch, training))
+        unlabelled = [] if labelled else self.frontend.unlabelled_problems(batch)
+        raise_if_any(self.batch_problems(batch, training) + unlabelled)
         if not labelled:  # a part of the labels (one span end) is no label: the model's forward would ignore it
             batch = {k: v for k, v in batch.items() if k not in LOSS_KEYS}
         batch = self.frontend.stage_inputs(batch)
