@@ -218,14 +218,16 @@ def _worst(mine, theirs) -> float:
     return float(np.abs(mine.astype(np.float64) - theirs.astype(np.float64)).max())
 
 
-def _compare(cases: list[tuple[str, dict]], tmp_path, world: int, errors: bool = False) -> dict[str, float]:
+def _compare(
+    cases: list[tuple[str, dict]], tmp_path, world: int, errors: bool = False, fork: bool = True
+) -> dict[str, float]:
     import copy
 
     ref = run_distributed(_run, 1, copy.deepcopy(cases), str(tmp_path / "ref"), True, timeout=400, launcher_env=True)
     ref = [ref[0]["cases"]]
     pipelines = copy.deepcopy(cases)
     runs = run_distributed(
-        _run, world, pipelines, str(tmp_path / "pp"), False, errors, timeout=600, launcher_env=True, fork=True
+        _run, world, pipelines, str(tmp_path / "pp"), False, errors, timeout=600, launcher_env=True, fork=fork
     )
     per_rank = [run["cases"] for run in runs]
     for run in runs if errors else ():
@@ -283,4 +285,5 @@ def test_predict_without_labels_pipeline_and_data_parallel(tmp_path):
         "args": {"per_device_eval_batch_size": 4, "include_for_metrics": ["inputs"]},
         "reference_args": {"per_device_train_batch_size": 16},
     }
-    print(_compare([("gpt2", case)], tmp_path, 4))
+    # spawned ranks: forked ones (which inherit this process's torch state) once crashed in DDP's reducer here
+    print(_compare([("gpt2", case)], tmp_path, 4, fork=False))
