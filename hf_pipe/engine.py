@@ -516,7 +516,7 @@ class PipelineEngine:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Forward only: (loss on every rank, the batch's logits on the rank with the last stage, else None). An
         encoder-decoder's are (logits, encoder output), as its forward returns them. A batch without the head's
-        labels (`has_labels`) has no loss: (None, logits), on every rank."""
+        labels (`has_labels`) has no loss: (None, the logits or None), the model's outputs without labels."""
         return self._run(batch, False, num_items, num_items_in_batch)
 
     # -- gradients -------------------------------------------------------------------------------------------
