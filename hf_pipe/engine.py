@@ -35,7 +35,7 @@ from .frontends import LocalStages, frontend_name, select_frontend
 from .grad_accumulation import ONE_PASS_SCHEDULES, accumulate_linear_grads_in_place
 from .launch import computing, new_group, timeout_s, waiting
 from .loss import PipelineLoss, reduce_metrics
-from .microbatch import Microbatches, cut_packed, cut_rows, is_packed, shifted_labels
+from .microbatch import LOSS_KEYS, Microbatches, cut_packed, cut_rows, is_packed, shifted_labels
 from .schedule import (
     default_stages_per_rank,
     forward_only_schedule,
@@ -324,9 +324,15 @@ class PipelineEngine:
         )
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def batch_problems(self, batch: Mapping[str, Any]) -> list[str]:
-        """Batch keys no stage consumes or this frontend cannot honour: each would be dropped silently; labels the
-        head's loss needs and the batch lacks."""
+    def has_labels(self, batch: Mapping[str, Any]) -> bool:
+        """Whether the batch holds every column the head's loss reads (Trainer's `has_labels`, the head's label names
+        being Trainer's `label_names`): without them evaluation runs forward only, with no loss, as Trainer does."""
+        return all(batch.get(k) is not None for k in LABEL_KEYS[self.plan.task])
+
+    def batch_problems(self, batch: Mapping[str, Any], training: bool = True) -> list[str]:
+        """Batch keys no stage consumes or this frontend cannot honour: each would be dropped silently; in training,
+        labels the head's loss needs and the batch lacks (evaluation runs without them: what the forward then needs,
+        an encoder-decoder's decoder input, is checked when it runs)."""
         label_keys = LABEL_KEYS[self.plan.task]
         consumed = self.frontend.batch_keys(batch) | {"input_ids", *label_keys}
         if self.plan.task == CAUSAL_LM:
@@ -338,10 +344,12 @@ class PipelineEngine:
             for key, value in batch.items()
             if key not in consumed and value is not None
         ]
+        if not training:  # evaluation and prediction take batches without labels, as Trainer does
+            return problems
         if label_keys == ("labels",) and "labels" not in batch:
             problems.append(
-                "the batch has no 'labels': hf_pipe trains and evaluates with the loss of the last stage; give the "
-                "collator labels (e.g. DataCollatorForLanguageModeling(mlm=False) for a causal LM)."
+                "the batch has no 'labels': hf_pipe trains with the loss of the last stage; give the collator labels "
+                "(e.g. DataCollatorForLanguageModeling(mlm=False) for a causal LM)."
             )
         elif missing := [k for k in label_keys if batch.get(k) is None]:
             problems.append(
@@ -351,14 +359,19 @@ class PipelineEngine:
             )
         return problems
 
-    def _microbatches(self, batch: Mapping[str, Any], training: bool) -> tuple[str, Microbatches, dict[str, Any]]:
+    def _microbatches(
+        self, batch: Mapping[str, Any], training: bool, labelled: bool = True
+    ) -> tuple[str, Microbatches, dict[str, Any]]:
         """This step's schedule name, its microbatches (rows chunked, or a packed batch cut at its sequences), and
-        the batch on the device (with causal-LM `shift_labels`)."""
+        the batch on the device (with causal-LM `shift_labels`; without labels, `labelled=False`, no loss column)."""
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        raise_if_any(self.batch_problems(batch))
+        unlabelled = [] if labelled else self.frontend.unlabelled_problems(batch)
+        raise_if_any(self.batch_problems(batch, training) + unlabelled)
+        if not labelled:  # a part of the labels (one span end) is no label: the model's forward would ignore it
+            batch = {k: v for k, v in batch.items() if k not in LOSS_KEYS}
         batch = self.frontend.stage_inputs(batch)
         shift = None
-        if self.plan.task == CAUSAL_LM:
+        if self.plan.task == CAUSAL_LM and labelled:
             given = batch.pop("shift_labels", None)
             shift = given if given is not None else shifted_labels(batch["labels"])
             batch["shift_labels"] = shift
@@ -428,13 +441,26 @@ class PipelineEngine:
         return sched
 
     def _run(self, batch: Mapping[str, Any], training: bool, num_items: float | None, num_items_in_batch: Any):
-        """One step; returns (the batch loss on every rank, the last stage's logits in batch layout or None)."""
-        name, mbs, batch = self._microbatches(batch, training)
-        if num_items is None:
+        """One step; returns (the batch loss on every rank, the last stage's logits in batch layout or None). An
+        evaluation batch without labels has no loss: (None, logits), as the model's forward without labels."""
+        labelled = training or self.has_labels(batch)
+        name, mbs, batch = self._microbatches(batch, training, labelled)
+        if num_items is None and labelled:
             num_items = self.loss.count(batch)
         what = "the pipeline step (activations and gradients through the stages)" if training else "evaluation step"
         with waiting(what, self._neighbours):
+            if not labelled:
+                return self._forward_only(name, mbs)
             return self._run_schedule(name, mbs, batch, training, num_items, num_items_in_batch)
+
+    def _forward_only(self, name: str, mbs: Microbatches) -> tuple[None, Any]:
+        """A batch without labels: the logits on the last stage's rank, no loss (nor a user loss's metrics)."""
+        with computing():
+            sched = self._schedule_for(name, mbs)
+        self.metrics = {}
+        with torch.no_grad():
+            outputs = run_microbatches(sched, mbs, None, None)
+        return None, mbs.merge(outputs) if self.has_last else None
 
     def _run_schedule(self, name, mbs, batch, training, num_items, num_items_in_batch):
         with computing():  # tracing a new shape is compute, not a wait
@@ -487,9 +513,10 @@ class PipelineEngine:
 
     def eval_step(
         self, batch: Mapping[str, Any], num_items: float | None = None, num_items_in_batch: Any = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Forward only: (loss on every rank, the batch's logits on the rank with the last stage, else None). An
-        encoder-decoder's are (logits, encoder output), as its forward returns them."""
+        encoder-decoder's are (logits, encoder output), as its forward returns them. A batch without the head's
+        labels (`has_labels`) has no loss: (None, the logits or None), the model's outputs without labels."""
         return self._run(batch, False, num_items, num_items_in_batch)
 
     # -- gradients -------------------------------------------------------------------------------------------

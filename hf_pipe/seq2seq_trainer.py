@@ -81,12 +81,14 @@ class PipeSeq2SeqTrainer(PipeTrainer, Seq2SeqTrainer):
     ):
         if not getattr(self.args, "predict_with_generate", False) or prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        # the loss through the pipeline (which needs the labels); `inputs` becomes the batch of the first rank
+        # the loss through the pipeline (None without labels); `inputs` becomes the batch of the first rank
         loss, _, _ = super().prediction_step(model, inputs, True, ignore_keys)
         if self.args.prediction_loss_only:
             return loss, None, None
         tokens, max_length, max_new_tokens = self._generate(inputs, gen_kwargs)
-        labels = inputs["labels"]
+        labels = inputs.get("labels")
+        if labels is None:  # as Seq2SeqTrainer: predictions without labels
+            return loss, tokens, None
         if labels.shape[-1] < max_length:
             labels = self._pad_tensors_to_max_len(labels, max_length)
         elif max_new_tokens is not None and labels.shape[-1] < max_new_tokens + 1:

@@ -31,7 +31,7 @@ from .cpu_affinity import bind_local_rank
 from .engine import DataParallel, PipelineEngine
 from .errors import raise_if_any, raise_on_every_rank
 from .estimate import bubble_fraction
-from .families import CAUSAL_LM
+from .families import CAUSAL_LM, task_of
 from .frontends import FRONTENDS, frontend_name
 from .integrations.peft import is_peft_model, read_adapter, save_adapter, saved_keys, stage_model
 from .launch import PipelineTimeoutError, arm_watchdog, init_process_group, pipeline_mesh, report_failure, waiting
@@ -52,7 +52,7 @@ from .seq2seq_split import dataset_lengths
 from .timeline import measured_bubble, write_timeline
 from .trainer_options import frontend_option_problems, label_names_problems, trainer_argument_problems
 from .training_args import PipeArgumentsMixin
-from .validate import dataset_problems, model_problems
+from .validate import dataset_problems, label_column_problems, model_problems
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,16 @@ class PipeTrainer(Trainer):
             + trainer_argument_problems(kwargs)
             + dataset_problems(kwargs.get("train_dataset"), "train_dataset", staged.config)
             + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, staged.config)]
+            + label_column_problems(
+                kwargs.get("train_dataset"),
+                {name: ds for name, ds in eval_sets.items() if ds is not None},
+                args.pipeline_task or task_of(type(staged).__name__, staged.config),
+                kwargs.get("data_collator"),
+                # evaluate() runs the forward for its metrics; it scores the loss alone without compute_metrics
+                forward_needs_labels=kwargs.get("compute_metrics") is not None
+                and not args.prediction_loss_only
+                and not getattr(args, "predict_with_generate", False),
+            )
         )
         if args.pipeline_cpu_affinity:  # before the engine, whose `measured` split times the pieces
             logger.info("rank %d bound to CPUs %s", args.process_index, bind_local_rank())
@@ -530,7 +540,15 @@ class PipeTrainer(Trainer):
             inputs.clear()
             inputs.update(synced)
         inputs = synced
-        raise_if_any(self.engine.batch_problems(inputs))
+        raise_if_any(self.engine.batch_problems(inputs, training=False))
+        # Trainer's `has_labels`: every column of `label_names` (the head's label columns, `label_names_problems`)
+        if not self.engine.has_labels(inputs):
+            # Trainer runs the model without labels: no loss, the outputs as predictions, labels None
+            if prediction_loss_only:
+                return None, None, None
+            with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
+                _, logits = self.engine.eval_step(inputs)
+            return None, self._predictions(self._broadcast_from_last_stage(logits), ignore_keys), None
         # as Trainer gathers them: the label_names columns, one tensor or a tuple (question answering's spans)
         labels = tuple(inputs.get(name) for name in self.label_names)
         labels = None if not labels or any(x is None for x in labels) else labels[0] if len(labels) == 1 else labels
@@ -541,7 +559,15 @@ class PipeTrainer(Trainer):
         self._record_pipeline_metrics("eval")
         if prediction_loss_only:
             return loss, None, None
-        return loss, self._broadcast_from_last_stage(logits), labels
+        return loss, self._predictions(self._broadcast_from_last_stage(logits), ignore_keys), labels
+
+    def _predictions(self, logits: Any, ignore_keys: list[str] | None) -> Any:
+        """The model's outputs (besides the loss) but `ignore_keys`, one tensor or a tuple, as Trainer's
+        `prediction_step` makes them. The pipeline's outputs hold no cache, so the model's
+        `keys_to_ignore_at_inference` (Trainer's default) leave them as they are."""
+        outputs = self.engine.loss.outputs(logits)
+        kept = tuple(v for k, v in outputs.items() if k not in (ignore_keys or ()))
+        return kept[0] if len(kept) == 1 else kept
 
     def _broadcast_from_last_stage(self, logits: Any) -> Any:
         """The last stage's logits (a tensor, or a tuple: question answering's (start, end) pair, an

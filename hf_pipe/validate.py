@@ -115,3 +115,64 @@ def dataset_problems(dataset: Any, setting: str, config: Any) -> list[str]:
                 "positions."
             )
     return problems
+
+
+def _passes_columns_only(collator: Any) -> bool:
+    """A collator that makes no labels of its own: it pads (or stacks) the columns it is given (`label` and
+    `label_ids` renamed `labels`). Trainer's default (None) is one of them; an unknown collator may make labels."""
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        DataCollatorForTokenClassification,
+        DataCollatorWithPadding,
+        DefaultDataCollator,
+        default_data_collator,
+    )
+
+    plain = (DefaultDataCollator, DataCollatorWithPadding, DataCollatorForSeq2Seq, DataCollatorForTokenClassification)
+    return collator is None or collator is default_data_collator or type(collator) in plain
+
+
+def label_column_problems(
+    train: Any, evaluation: dict[str, Any], task: str | None, collator: Any, *, forward_needs_labels: bool
+) -> list[str]:
+    """Datasets whose columns cannot give the head what it needs, when the collator cannot add it, known before any
+    step: training without the head's label columns (the loss reads them), and — `forward_needs_labels`, an
+    encoder-decoder whose evaluate() runs its forward for compute_metrics — evaluation without labels nor
+    decoder_input_ids (the decoder's input is made from them). A dataset without labels evaluates and predicts
+    otherwise, as under Trainer."""
+    from .families import QUESTION_ANSWERING, SEQ2SEQ_LM
+    from .families.base import LABEL_KEYS
+
+    if task is None or not _passes_columns_only(collator):
+        return []
+    wanted = LABEL_KEYS[task] if task == QUESTION_ANSWERING else ("labels", "label", "label_ids")
+
+    def lacks(dataset: Any, extra: tuple[str, ...] = ()) -> list[str] | None:
+        columns = getattr(dataset, "column_names", None)
+        if not isinstance(columns, list):  # iterable datasets may not know theirs
+            return None
+        if any(c in columns for c in extra):
+            return None
+        has = all(c in columns for c in wanted) if task == QUESTION_ANSWERING else any(c in columns for c in wanted)
+        return None if has else columns
+
+    collator_name = "Trainer's default collator" if collator is None else f"data_collator={type(collator).__name__}"
+    problems = []
+    if (columns := lacks(train)) is not None:
+        need = " and ".join(map(repr, wanted)) if task == QUESTION_ANSWERING else "'labels' (or 'label' / 'label_ids')"
+        problems.append(
+            f"train_dataset has the columns {columns} but no {need}, and {collator_name} makes no labels: the "
+            f"{task} head trains on its loss, which reads them. Add the label column(s) to the dataset, or give a "
+            "collator that makes them (DataCollatorForLanguageModeling for a language model)."
+        )
+    if forward_needs_labels and task == SEQ2SEQ_LM:
+        for name, dataset in evaluation.items():
+            if (columns := lacks(dataset, extra=("decoder_input_ids",))) is not None:
+                problems.append(
+                    f"{name} has the columns {columns}, with neither 'labels' nor 'decoder_input_ids', and "
+                    f"{collator_name} makes neither: an encoder-decoder's decoder reads its input from one of them, "
+                    "so evaluate() with compute_metrics cannot run (HF's forward fails the same way). Add labels (or "
+                    "decoder_input_ids) to the evaluation set, or generate instead (PipeSeq2SeqTrainer with "
+                    "predict_with_generate=True needs no labels), or evaluate without compute_metrics."
+                )
+    return problems
