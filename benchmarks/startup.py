@@ -7,7 +7,7 @@ its stages only) against a model built whole on every rank, and a model whose wh
 Each way runs as its own `torchrun --nproc_per_node 4` job. Every rank reports the peak anonymous memory (RssAnon,
 sampled every 2 ms: safetensors maps checkpoint files, so RSS would count the page cache) that building the model and
 PipeTrainer's start-up add above the imported-libraries baseline, and the seconds from its process start to its
-first training step (one SGD step follows). Not a test: the numbers go in the README and the issue notes.
+first training step (one SGD step follows). Not a test: the numbers go in docs/big-models.md and the issue notes.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from .seq2seq_trainer import PipeSeq2SeqTrainer, PipeSeq2SeqTrainingArguments
 from .split import SplitPlan, StagePlan, annotate_split_points, plan_split
 from .trace import TraceError, pipe_split, pipeline
 from .trainer import PipelineModule, PipelineSaveError, PipeTrainer
-from .training_args import PipelineArguments, PipeTrainingArguments
+from .training_args import PipeArgumentsMixin, PipelineArguments, PipeTrainingArguments
 from .weights import Checkpoint, Initialise, initialize_weights
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "PipeSeq2SeqTrainer",
     "PipeSeq2SeqTrainingArguments",
     "PipeTrainer",
+    "PipeArgumentsMixin",
     "PipeTrainingArguments",
     "PipelineArguments",
     "PipelineEngine",

@@ -47,7 +47,7 @@ from .timeline import Action, Timeline
 from .validate import pipeline_problems
 from .weights import Resident, weights_problems
 
-__all__ = ["DataParallel", "PipelineEngine", "default_device"]
+__all__ = ["DataParallel", "PipelineEngine", "PipelineModule", "default_device"]
 
 
 def default_device() -> torch.device:
@@ -245,9 +245,15 @@ class PipelineEngine:
         return self._requires_grad.get(fqns[0], True)
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def batch_problems(self, batch: Mapping[str, Any]) -> list[str]:
-        """Batch keys no stage consumes or this frontend cannot honour: each would be dropped silently; labels the
-        head's loss needs and the batch lacks."""
+    def has_labels(self, batch: Mapping[str, Any]) -> bool:
+        """Whether the batch holds every column the head's loss reads (Trainer's `has_labels`, the head's label names
+        being Trainer's `label_names`): without them evaluation runs forward only, with no loss, as Trainer does."""
+        return all(batch.get(k) is not None for k in LABEL_KEYS[self.plan.task])
+
+    def batch_problems(self, batch: Mapping[str, Any], training: bool = True) -> list[str]:
+        """Batch keys no stage consumes or this frontend cannot honour: each would be dropped silently; in training,
+        labels the head's loss needs and the batch lacks (evaluation runs without them: what the forward then needs,
+        an encoder-decoder's decoder input, is checked when it runs)."""
         label_keys = LABEL_KEYS[self.plan.task]
         consumed = self.frontend.batch_keys(batch) | {"input_ids", *label_keys}
         if self.plan.task == CAUSAL_LM:
@@ -259,10 +265,12 @@ class PipelineEngine:
             for key, value in batch.items()
             if key not in consumed and value is not None
         ]
+        if not training:  # evaluation and prediction take batches without labels, as Trainer does
+            return problems
         if label_keys == ("labels",) and "labels" not in batch:
             problems.append(
-                "the batch has no 'labels': hf_pipe trains and evaluates with the loss of the last stage; give the "
-                "collator labels (e.g. DataCollatorForLanguageModeling(mlm=False) for a causal LM)."
+                "the batch has no 'labels': hf_pipe trains with the loss of the last stage; give the collator labels "
+                "(e.g. DataCollatorForLanguageModeling(mlm=False) for a causal LM)."
             )
         elif missing := [k for k in label_keys if batch.get(k) is None]:
             problems.append(
@@ -295,9 +303,10 @@ class PipelineEngine:
 
     def eval_step(
         self, batch: Mapping[str, Any], num_items: float | None = None, num_items_in_batch: Any = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Forward only: (loss on every rank, the batch's logits on the rank with the last stage, else None). An
-        encoder-decoder's are (logits, encoder output), as its forward returns them."""
+        encoder-decoder's are (logits, encoder output), as its forward returns them. A batch without the head's
+        labels (`has_labels`) has no loss: (None, the logits or None), the model's outputs without labels."""
         return self.steps.evaluate(batch, num_items, num_items_in_batch)
 
     def forward(
@@ -336,3 +345,26 @@ class PipelineEngine:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip all gradients by the global norm, as `torch.nn.utils.clip_grad_norm_` does on one device."""
         return self.gradients.clip(max_norm)
+
+
+class PipelineModule(nn.Module):
+    """What Trainer holds as `model_wrapped`: this rank's stages (for `.train()`, `.eval()`, the optimizer).
+
+    Its forward is the whole pipeline, run by `PipeTrainer.training_step` / `prediction_step`; calling it directly is
+    an error.
+    """
+
+    def __init__(self, engine: PipelineEngine, config: Any, model: nn.Module):
+        super().__init__()
+        self.stages = nn.ModuleList(engine.modules)
+        self.config = config
+        self.engine = engine
+        object.__setattr__(self, "_model", model)  # not a submodule: its other stages' weights are on meta
+
+    def train(self, mode: bool = True) -> PipelineModule:
+        # the model's own flag follows, as it would under Trainer (TRL's trainers read `self.model.training`)
+        self._model.training = mode
+        return super().train(mode)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a pipeline stage set has no standalone forward; PipeTrainer runs it through its schedule")

@@ -29,20 +29,21 @@ _hinted: list[bool] = []  # the memory hint, once per process
 _HUB_KWARGS = ("revision", "trust_remote_code", "subfolder", "cache_dir", "token", "local_files_only")
 
 
-def model_and_weights(model: str | nn.Module, args: Any) -> tuple[nn.Module, Any]:
-    """The model PipeTrainer holds (for a path: its skeleton) and the weight source of this rank's stages."""
-    kwargs = dict(args.model_init_kwargs or {})
+def model_and_weights(model: str | nn.Module, args: Any, init_missing: str = "seeded") -> tuple[nn.Module, Any]:
+    """The model PipeTrainer holds (for a path: its skeleton) and the weight source of this rank's stages;
+    `init_missing`: how a checkpoint's missing weights are drawn (`weights.Checkpoint`)."""
+    kwargs = dict(getattr(args, "model_init_kwargs", None) or {})  # a config without the field: none
     if isinstance(model, str):
-        return skeleton(model, kwargs), Checkpoint(model, seed=args.seed, **kwargs)
+        return skeleton(model, kwargs), Checkpoint(model, seed=args.seed, init_missing=init_missing, **kwargs)
     if is_peft_model(model):  # the stages are cut from the wrapped model, adapters injected
         staged = stage_model(model)
         raise_if_any(peft_problems(model, on_meta=has_meta_tensors(staged)))
-        _, weights = model_and_weights(staged, args)
+        _, weights = model_and_weights(staged, args, init_missing)
         return model, (AdapterWeights(weights, model, args.seed) if has_meta_tensors(staged) else weights)
     if has_meta_tensors(model):
         raise_if_any(weights_problems(model, Initialise(args.seed)))  # partly on meta
         if args.pipeline_checkpoint:
-            return model, Checkpoint(args.pipeline_checkpoint, seed=args.seed, **kwargs)
+            return model, Checkpoint(args.pipeline_checkpoint, seed=args.seed, init_missing=init_missing, **kwargs)
         named = getattr(getattr(model, "config", None), "_name_or_path", "")
         if named and os.path.isdir(named) and checkpoint_files(named):
             logger.warning(

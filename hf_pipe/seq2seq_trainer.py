@@ -22,14 +22,14 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from .evaluation import gather_for_metrics
 from .trainer import PipeTrainer
-from .training_args import PipeTrainingArguments
+from .training_args import ModelInitKwargs, PipeArgumentsMixin
 from .weights import _set, _tied_names
 
 
 @dataclass
-class PipeSeq2SeqTrainingArguments(PipeTrainingArguments, Seq2SeqTrainingArguments):
+class PipeSeq2SeqTrainingArguments(PipeArgumentsMixin, ModelInitKwargs, Seq2SeqTrainingArguments):
     """`Seq2SeqTrainingArguments` (`predict_with_generate`, `generation_max_length`, `generation_num_beams`,
-    `generation_config`) with the pipeline settings of `PipeTrainingArguments`.
+    `generation_config`) with the pipeline settings of `PipeTrainingArguments` (every Seq2Seq default kept).
 
     Example:
         >>> args = PipeSeq2SeqTrainingArguments(output_dir="out", predict_with_generate=True, generation_max_length=32,
@@ -46,7 +46,9 @@ class PipeSeq2SeqTrainer(PipeTrainer, Seq2SeqTrainer):
         >>> trainer.train(); trainer.evaluate(max_new_tokens=16)
     """
 
-    def __init__(self, model: nn.Module | None = None, args: PipeTrainingArguments | None = None, **kwargs: Any):
+    def __init__(
+        self, model: nn.Module | None = None, args: PipeSeq2SeqTrainingArguments | None = None, **kwargs: Any
+    ):
         self._generator: nn.Module | bool | None = None
         super().__init__(model=model, args=args, **kwargs)
 
@@ -77,12 +79,14 @@ class PipeSeq2SeqTrainer(PipeTrainer, Seq2SeqTrainer):
     ):
         if not getattr(self.args, "predict_with_generate", False) or prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        # the loss through the pipeline (which needs the labels); `inputs` becomes the batch of the first rank
+        # the loss through the pipeline (None without labels); `inputs` becomes the batch of the first rank
         loss, _, _ = super().prediction_step(model, inputs, True, ignore_keys)
         if self.args.prediction_loss_only:
             return loss, None, None
         tokens, max_length, max_new_tokens = self._generate(inputs, gen_kwargs)
-        labels = inputs["labels"]
+        labels = inputs.get("labels")
+        if labels is None:  # as Seq2SeqTrainer: predictions without labels
+            return loss, tokens, None
         if labels.shape[-1] < max_length:
             labels = self._pad_tensors_to_max_len(labels, max_length)
         elif max_new_tokens is not None and labels.shape[-1] < max_new_tokens + 1:

@@ -24,9 +24,9 @@ from . import checkpointing
 from .batch_sync import one_batch_per_pipeline, prepare_unsharded
 from .checkpointing import PipelineSaveError
 from .cpu_affinity import bind_local_rank
-from .engine import PipelineEngine
+from .engine import PipelineEngine, PipelineModule
 from .errors import raise_if_any
-from .evaluation import broadcast_from_last_stage, gather_for_metrics
+from .evaluation import gather_for_metrics, prediction_step
 from .frontends import frontend_name
 from .integrations.peft import stage_model
 from .launch import WatchdogStep, every_rank, pipeline_groups, start, waiting
@@ -36,7 +36,7 @@ from .seq2seq_split import dataset_lengths
 from .timeline import report_timeline
 from .trainer_loss import compute_loss_problems, label_items, overrides, trainer_normalizer
 from .trainer_options import trainer_argument_problems
-from .training_args import PipeTrainingArguments
+from .training_args import PipeArgumentsMixin
 from .validate import trainer_problems
 
 logger = logging.getLogger(__name__)
@@ -44,37 +44,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["PipeTrainer", "PipelineModule", "PipelineSaveError", "loss_override_problems"]
 
 
-class PipelineModule(nn.Module):
-    """What Trainer holds as `model_wrapped`: this rank's stages (for `.train()`, `.eval()`, the optimizer).
-
-    Its forward is the whole pipeline, run by `PipeTrainer.training_step` / `prediction_step`; calling it directly is
-    an error.
-    """
-
-    def __init__(self, engine: PipelineEngine, config: Any, model: nn.Module):
-        super().__init__()
-        self.stages = nn.ModuleList(engine.modules)
-        self.config = config
-        self.engine = engine
-        object.__setattr__(self, "_model", model)  # not a submodule: its other stages' weights are on meta
-
-    def train(self, mode: bool = True) -> PipelineModule:
-        # the model's own flag follows, as it would under Trainer (TRL's trainers read `self.model.training`)
-        self._model.training = mode
-        return super().train(mode)
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("a pipeline stage set has no standalone forward; PipeTrainer runs it through its schedule")
-
-
 class PipeTrainer(Trainer):
     """A drop-in `Trainer` that trains the model as a pipeline over every launched process.
 
-    Takes exactly Trainer's arguments; `args` must be `PipeTrainingArguments`. `model` is what Trainer takes (every
-    rank passes the same one, built with the same seed or loaded from the same checkpoint; each keeps only its own
-    stages), or — so that no rank ever holds more than its stages — a checkpoint path or hub id (built with
-    `args.model_init_kwargs`), or a model on the meta device (read from `args.pipeline_checkpoint`, or initialised
-    from scratch): see `loading.py`.
+    Takes exactly Trainer's arguments; `args` must be `PipeTrainingArguments` (or another config carrying
+    `PipeArgumentsMixin`). `model` is what Trainer takes (every rank passes the same one, built with the same seed or
+    loaded from the same checkpoint; each keeps only its own stages), or — so that no rank ever holds more than its
+    stages — a checkpoint path or hub id (built with `args.model_init_kwargs`), or a model on the meta device (read
+    from `args.pipeline_checkpoint`, or initialised from scratch): see `loading.py`.
 
     Example:
         >>> trainer = PipeTrainer(model=model, args=PipeTrainingArguments(output_dir="out", pipeline_schedule="1f1b"),
@@ -82,19 +59,24 @@ class PipeTrainer(Trainer):
         >>> trainer.train(); trainer.evaluate(); trainer.save_model("out/final")
     """
 
-    def __init__(self, model: nn.Module | str | None = None, args: PipeTrainingArguments | None = None, **kwargs: Any):
+    #: how weights a checkpoint lacks (a new head) are drawn: seeded per module, the same for every layout
+    #: (`weights.Checkpoint`); TRL's trainers given a path draw them as TRL's from_pretrained does ("global")
+    _init_missing = "seeded"
+
+    def __init__(self, model: nn.Module | str | None = None, args: PipeArgumentsMixin | None = None, **kwargs: Any):
         raise_if_any(loss_override_problems(type(self)))
-        if not isinstance(args, PipeTrainingArguments):
+        if not isinstance(args, PipeArgumentsMixin):
             raise TypeError(
                 f"PipeTrainer needs args=PipeTrainingArguments(...), got {type(args).__name__}; it is a "
                 "TrainingArguments subclass with the pipeline settings, so the other fields stay as they are "
-                "(for Seq2SeqTrainingArguments: PipeSeq2SeqTrainingArguments, with PipeSeq2SeqTrainer)."
+                "(for Seq2SeqTrainingArguments: PipeSeq2SeqTrainingArguments, with PipeSeq2SeqTrainer; for another "
+                "TrainingArguments subclass: @dataclass class PipeMyConfig(hf_pipe.PipeArgumentsMixin, MyConfig))."
             )
         if model is None:
             missing = "PipeTrainer needs model=...: every rank passes the same model (same seed, or same checkpoint)."
             raise_if_any([missing] + trainer_argument_problems(kwargs))
         self.watchdog = start(args)  # the process group, and the watchdog that bounds every wait of the pipeline
-        model, weights = model_and_weights(model, args)
+        model, weights = model_and_weights(model, args, self._init_missing)
         #: what the stages are cut from (a PeftModel's wrapped model, its adapters injected; else the model)
         self._stage_model = staged = stage_model(model)
         world = dist.get_world_size()
@@ -171,11 +153,8 @@ class PipeTrainer(Trainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
-        batch_samples = self._one_batch_per_pipeline(batch_samples)
+        batch_samples = one_batch_per_pipeline(self.engine, batch_samples)
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
-
-    def _one_batch_per_pipeline(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return one_batch_per_pipeline(self.engine, batches)
 
     def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
         # Trainer first gathers the logged loss over every process; its evaluation and saving watch their own waits
@@ -186,7 +165,7 @@ class PipeTrainer(Trainer):
         # Trainer sums label counts over processes; every stage holds the same batches, so count them once.
         return label_items(self, batch_samples)
 
-    def get_total_train_batch_size(self, args: PipeTrainingArguments) -> int:
+    def get_total_train_batch_size(self, args: PipeArgumentsMixin) -> int:
         # Samples per optimizer step: one batch per pipeline replica, not one per process.
         return self._train_batch_size * args.gradient_accumulation_steps * self._dp_size
 
@@ -360,27 +339,8 @@ class PipeTrainer(Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ):
-        [synced] = self._one_batch_per_pipeline([self._prepare_inputs(inputs)])
-        # Trainer's evaluation loop reads this same dict again (`include_for_metrics=["inputs"]`): make it the batch
-        if synced is not inputs and isinstance(inputs, dict):
-            inputs.clear()
-            inputs.update(synced)
-        inputs = synced
-        raise_if_any(self.engine.batch_problems(inputs))
-        # as Trainer gathers them: the label_names columns, one tensor or a tuple (question answering's spans)
-        labels = tuple(inputs.get(name) for name in self.label_names)
-        labels = None if not labels or any(x is None for x in labels) else labels[0] if len(labels) == 1 else labels
-        num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
-        normalizer = self._loss_normalizer(inputs, num_items_in_batch, False)
-        with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
-            loss, logits = self.engine.eval_step(inputs, num_items=normalizer, num_items_in_batch=num_items_in_batch)
-        self._record_pipeline_metrics("eval")
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, self._broadcast_from_last_stage(logits), labels
-
-    def _broadcast_from_last_stage(self, logits: Any) -> Any:
-        return broadcast_from_last_stage(self.engine, logits)
+        # Trainer's, through the pipeline: the first stage's batch, the loss and outputs of the last stage
+        return prediction_step(self, inputs, prediction_loss_only, ignore_keys)
 
     # -- saving and loading (`checkpointing.py`) -----------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

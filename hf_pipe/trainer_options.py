@@ -1,6 +1,6 @@
 """Which Trainer options combine with pipeline stages: each check returns the problems it finds, every one naming the
 option, its value, why it cannot work on stages and the fix. Options not refused here give Trainer's numbers (the
-README's "Trainer options under the pipeline" table lists each with its test)."""
+table in docs/trainer-options.md lists each with its test)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""`PipeTrainingArguments`: `TrainingArguments` plus the pipeline knobs, validated before any model is touched."""
+"""`PipeTrainingArguments`: `TrainingArguments` plus the pipeline knobs, validated before any model is touched.
+
+The knobs live in `PipeArgumentsMixin`, which any `TrainingArguments` subclass (Seq2Seq's, TRL's configs) carries
+without losing its own field defaults."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -179,25 +181,21 @@ class PipelineArguments:
 
 
 @dataclass
-class PipeTrainingArguments(PipelineArguments, TrainingArguments):
-    """`TrainingArguments` for pipeline-parallel training with `PipeTrainer`.
+class PipeArgumentsMixin(PipelineArguments):
+    """The pipeline part of a training config, for any `TrainingArguments` subclass to carry with its own defaults:
+    `PipeTrainingArguments(PipeArgumentsMixin, TrainingArguments)`, `PipeSFTConfig(PipeArgumentsMixin, SFTConfig)`.
 
-    `per_device_train_batch_size` is the batch one pipeline consumes per step; it is split into
-    `pipeline_microbatches`. Every rank of a pipeline sees the same batches.
+    It declares only the pipeline fields, so every field of the config it joins keeps that config's default (a
+    dataclass takes each field from the last base in reverse MRO declaring it: a full `PipeTrainingArguments` base
+    would bring `TrainingArguments`' defaults back over TRL's). Its `__post_init__` checks the pipeline settings and
+    starts the process group, then hands over to the config's own `__post_init__`.
 
     Example:
-        >>> args = PipeTrainingArguments(output_dir="out", per_device_train_batch_size=8,
-        ...                              pipeline_schedule="1f1b", pipeline_microbatches=4)
+        >>> @dataclass
+        ... class PipeMyConfig(PipeArgumentsMixin, MyTrainingArguments):
+        ...     pass
     """
 
-    model_init_kwargs: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments for from_pretrained when PipeTrainer(model='<path or hub id>') builds the model "
-            "(dtype, attn_implementation, revision, trust_remote_code, ...), as TRL's trainers take them: a dict, "
-            "or its JSON on the command line; dtypes also as strings ('float32', 'bfloat16', 'auto')."
-        },
-    )
     pipeline_cpu_affinity: bool = field(
         default=False,
         metadata={
@@ -213,13 +211,11 @@ class PipeTrainingArguments(PipelineArguments, TrainingArguments):
         if _launched_world_size() > 1 and not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         self.normalize_pipeline_fields()
-        if isinstance(self.model_init_kwargs, str):
-            self.model_init_kwargs = json.loads(self.model_init_kwargs)
         # before Trainer's own set-up, which would fail first, and less clearly, on some of these (DeepSpeed)
         raise_if_any(self.pipeline_problems(_launched_world_size()))
         # Trainer's set-up (below) starts the process group: on the CPU without ddp_timeout, so start it first
         init_process_group(self.ddp_timeout, self.ddp_backend)
-        super().__post_init__()
+        super().__post_init__()  # the config's own: TRL's, then TrainingArguments'
 
     def pipeline_problems(self, world_size: int, batch_size: int | None = None) -> list[str]:
         batch_size = batch_size or self.per_device_train_batch_size
@@ -237,3 +233,33 @@ class PipeTrainingArguments(PipelineArguments, TrainingArguments):
     def place_model_on_device(self) -> bool:
         # PipeTrainer moves each rank's stages to its device; the rest of the model never leaves the host.
         return False
+
+
+@dataclass
+class ModelInitKwargs:
+    """`model_init_kwargs`, for the configs that lack it (TRL's declare their own, which is kept)."""
+
+    # TrainingArguments parses each of these from its JSON on the command line, as TRL's configs parse theirs
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
+
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for from_pretrained when PipeTrainer(model='<path or hub id>') builds the model "
+            "(dtype, attn_implementation, revision, trust_remote_code, ...), as TRL's trainers take them: a dict, "
+            "or its JSON on the command line; dtypes also as strings ('float32', 'bfloat16', 'auto')."
+        },
+    )
+
+
+@dataclass
+class PipeTrainingArguments(PipeArgumentsMixin, ModelInitKwargs, TrainingArguments):
+    """`TrainingArguments` for pipeline-parallel training with `PipeTrainer` (every TrainingArguments default kept).
+
+    `per_device_train_batch_size` is the batch one pipeline consumes per step; it is split into
+    `pipeline_microbatches`. Every rank of a pipeline sees the same batches.
+
+    Example:
+        >>> args = PipeTrainingArguments(output_dir="out", per_device_train_batch_size=8,
+        ...                              pipeline_schedule="1f1b", pipeline_microbatches=4)
+    """

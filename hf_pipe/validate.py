@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .families import task_of
 from .frontends import FRONTENDS
 from .schedule import check_schedule
 from .trainer_options import frontend_option_problems, label_names_problems, trainer_argument_problems
@@ -55,16 +56,36 @@ def model_problems(
     data_parallel: str | None = None,
 ) -> list[str]:
     """Problems between the model and the pipeline shape (the frontend's own: a family without an adapter, more
-    stages than blocks, a data-parallel mode it cannot run)."""
+    stages than blocks, a data-parallel mode it cannot run), and what no frontend runs yet (an MoE router loss)."""
+    problems = router_loss_problems(config)
     if frontend not in FRONTENDS:
-        return []  # reported by frontend_problems
-    return FRONTENDS[frontend](config).problems(
+        return problems  # the frontend itself is reported by frontend_problems
+    return problems + FRONTENDS[frontend](config).problems(
         config,
         pp_size=pp_size,
         stages_per_rank=stages_per_rank,
         explicit_split=explicit_split,
         data_parallel=data_parallel,
     )
+
+
+def router_loss_problems(config: Any) -> list[str]:
+    """An MoE model returning its router logits for the load-balancing loss: HF adds that loss from every layer's
+    router logits, gathered over the whole forward, which a pipeline runs in pieces on several ranks (the last stage
+    would return its layers' router logits and the auxiliary loss next to the logits, where the loss reads logits
+    alone). Refused until MoE support lands; with router_aux_loss_coef=0 the outputs are the same, so only
+    output_router_logits=False runs."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "output_router_logits", False):
+        return []
+    coef = getattr(text, "router_aux_loss_coef", None)
+    return [
+        f"output_router_logits=True ({getattr(config, 'model_type', '?')}, router_aux_loss_coef={coef}): the MoE "
+        "load-balancing loss needs every layer's router logits, which the pipeline's stages hold on different ranks "
+        "(not supported yet); set config.output_router_logits=False (or output_router_logits=False in "
+        "from_pretrained / model_init_kwargs) to train without it (router_aux_loss_coef=0 alone does not do: the "
+        "router logits are still returned)."
+    ]
 
 
 def dataset_problems(dataset: Any, setting: str, config: Any) -> list[str]:
@@ -123,4 +144,75 @@ def trainer_problems(
         + trainer_argument_problems(arguments)
         + dataset_problems(arguments.get("train_dataset"), "train_dataset", staged.config)
         + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, staged.config)]
+        + label_column_problems(
+            arguments.get("train_dataset"),
+            {name: ds for name, ds in eval_sets.items() if ds is not None},
+            args.pipeline_task or task_of(type(staged).__name__, staged.config),
+            arguments.get("data_collator"),
+            # evaluate() runs the forward for its metrics; it scores the loss alone without compute_metrics
+            forward_needs_labels=arguments.get("compute_metrics") is not None
+            and not args.prediction_loss_only
+            and not getattr(args, "predict_with_generate", False),
+        )
     )
+
+
+def _passes_columns_only(collator: Any) -> bool:
+    """A collator that makes no labels of its own: it pads (or stacks) the columns it is given (`label` and
+    `label_ids` renamed `labels`). Trainer's default (None) is one of them; an unknown collator may make labels."""
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        DataCollatorForTokenClassification,
+        DataCollatorWithPadding,
+        DefaultDataCollator,
+        default_data_collator,
+    )
+
+    plain = (DefaultDataCollator, DataCollatorWithPadding, DataCollatorForSeq2Seq, DataCollatorForTokenClassification)
+    return collator is None or collator is default_data_collator or type(collator) in plain
+
+
+def label_column_problems(
+    train: Any, evaluation: dict[str, Any], task: str | None, collator: Any, *, forward_needs_labels: bool
+) -> list[str]:
+    """Datasets whose columns cannot give the head what it needs, when the collator cannot add it, known before any
+    step: training without the head's label columns (the loss reads them), and — `forward_needs_labels`, an
+    encoder-decoder whose evaluate() runs its forward for compute_metrics — evaluation without labels nor
+    decoder_input_ids (the decoder's input is made from them). A dataset without labels evaluates and predicts
+    otherwise, as under Trainer."""
+    from .families import QUESTION_ANSWERING, SEQ2SEQ_LM
+    from .families.base import LABEL_KEYS
+
+    if task is None or not _passes_columns_only(collator):
+        return []
+    wanted = LABEL_KEYS[task] if task == QUESTION_ANSWERING else ("labels", "label", "label_ids")
+
+    def lacks(dataset: Any, extra: tuple[str, ...] = ()) -> list[str] | None:
+        columns = getattr(dataset, "column_names", None)
+        if not isinstance(columns, list):  # iterable datasets may not know theirs
+            return None
+        if any(c in columns for c in extra):
+            return None
+        has = all(c in columns for c in wanted) if task == QUESTION_ANSWERING else any(c in columns for c in wanted)
+        return None if has else columns
+
+    collator_name = "Trainer's default collator" if collator is None else f"data_collator={type(collator).__name__}"
+    problems = []
+    if (columns := lacks(train)) is not None:
+        need = " and ".join(map(repr, wanted)) if task == QUESTION_ANSWERING else "'labels' (or 'label' / 'label_ids')"
+        problems.append(
+            f"train_dataset has the columns {columns} but no {need}, and {collator_name} makes no labels: the "
+            f"{task} head trains on its loss, which reads them. Add the label column(s) to the dataset, or give a "
+            "collator that makes them (DataCollatorForLanguageModeling for a language model)."
+        )
+    if forward_needs_labels and task == SEQ2SEQ_LM:
+        for name, dataset in evaluation.items():
+            if (columns := lacks(dataset, extra=("decoder_input_ids",))) is not None:
+                problems.append(
+                    f"{name} has the columns {columns}, with neither 'labels' nor 'decoder_input_ids', and "
+                    f"{collator_name} makes neither: an encoder-decoder's decoder reads its input from one of them, "
+                    "so evaluate() with compute_metrics cannot run (HF's forward fails the same way). Add labels (or "
+                    "decoder_input_ids) to the evaluation set, or generate instead (PipeSeq2SeqTrainer with "
+                    "predict_with_generate=True needs no labels), or evaluate without compute_metrics."
+                )
+    return problems

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import PipelineConfigError
+from .weight_sync import sends_weights, start_from_first_rank
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -95,9 +96,15 @@ def weights_problems(model: nn.Module, weights: Any) -> list[str]:
 
 
 class Resident:
-    """The model as given, fully built on every rank: this rank's tensors move to the device, the rest is freed."""
+    """The model as given, fully built on every rank: this rank's tensors move to the device, the rest is freed.
+
+    Every rank's stages start from rank 0's values (`weight_sync.py`), as Trainer + DDP starts every replica from
+    rank 0's: a script that built its model before seeding gives each rank other weights."""
 
     def materialize(self, model: nn.Module, keep: Collection[str], device: torch.device) -> None:
+        sends = sends_weights()
+        if sends:  # from the whole model, before the other stages are freed
+            start_from_first_rank(model, keep, device)
         _free(model, keep)
         with torch.no_grad():
             for name, tensor in list(state_names(model)):
@@ -106,6 +113,8 @@ class Resident:
                         tensor.data = tensor.data.to(device)  # the same Parameter: tied names stay tied
                     else:
                         _set(model, name, tensor.to(device))
+        if not sends:  # straight into the stage tensors, on the device
+            start_from_first_rank(model, keep, device)
 
 
 # -- from scratch ------------------------------------------------------------------------------------------------
@@ -214,22 +223,48 @@ class Checkpoint:
     tensors only, by transformers' own `from_pretrained` on a copy of the model with the other modules cut away.
 
     `kwargs` are `from_pretrained`'s (revision, trust_remote_code, ...); the dtype and attention implementation are
-    the skeleton's. Missing weights (a new head) are initialised as HF would, seeded as `Initialise` seeds them.
+    the skeleton's. Missing weights (a new head) are initialised by HF's `_init_weights`, drawn as `init_missing`
+    says: `"seeded"` (default) seeds each module by `seed` and its name as `Initialise` does, the same for every
+    layout; `"global"` draws them as `from_pretrained` does on one process right after `torch.manual_seed(seed)`
+    (what TRL's trainers do with a model path: `set_seed(args.seed)`, then `from_pretrained`), from the global
+    generator of the stage's device, the global state left as it was. For the draws to follow the one-process order
+    when several ranks hold missing weights, each rank then also builds the modules the checkpoint lacks on other
+    ranks (a local safetensors folder; with a hub id only this rank's are drawn: exact when every missing weight is
+    on one rank, as a new head is).
     """
 
-    def __init__(self, path: str, seed: int, **kwargs: Any):
+    def __init__(self, path: str, seed: int, init_missing: str = "seeded", **kwargs: Any):
+        if init_missing not in ("seeded", "global"):
+            raise ValueError(f"init_missing={init_missing!r}; valid options are ['seeded', 'global']")
         self.path = path
         self.seed = seed
+        self.init_missing = init_missing
         self.kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "torch_dtype", "attn_implementation")}
 
     def materialize(self, model: nn.Module, keep: Collection[str], device: torch.device) -> None:
         groups = _tied_names(model)
         _free(model, keep)
-        loaded = _load_pruned(model, self.path, keep, device, self.seed, self.kwargs)
+        built = set(keep)
+        if self.init_missing == "global":
+            built |= _missing_names(model, self.path)
+        loaded = _load_pruned(model, self.path, built, device, self.seed, self.kwargs, self.init_missing)
         for name, tensor in state_names(loaded):
             if name in keep:
                 _set(model, name, tensor)
         _retie(model, groups)
+
+
+def _missing_names(model: nn.Module, path: str) -> set[str]:
+    """The model's weights a local safetensors checkpoint lacks (tied copies aside: HF ties them, drawing nothing);
+    empty when the checkpoint's keys are not known up front."""
+    files = checkpoint_files(path) if os.path.isdir(path) else None
+    base = getattr(model, "base_model_prefix", "")
+    names = set(model.state_dict(keep_vars=True))
+    if files is None or not _maps_by_name(files, model, base):
+        return set()
+    present = {_model_name(key, names, base) for key in files}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return names - present - tied
 
 
 def _cut(model: nn.Module, keep: Collection[str]) -> list[str]:
@@ -252,10 +287,17 @@ def _cut(model: nn.Module, keep: Collection[str]) -> list[str]:
 
 
 def _load_pruned(
-    skeleton: nn.Module, path: str, keep: Collection[str], device: torch.device, seed: int, kwargs: dict[str, Any]
+    skeleton: nn.Module,
+    path: str,
+    keep: Collection[str],
+    device: torch.device,
+    seed: int,
+    kwargs: dict[str, Any],
+    init_missing: str = "seeded",
 ) -> nn.Module:
     """`from_pretrained` of `skeleton`'s class, config and dtype, on `device`, with every module outside `keep`
-    (and the sources of tied weights it needs) cut away before loading."""
+    (and the sources of tied weights it needs) cut away before loading; missing weights drawn as `Checkpoint`
+    says."""
     cls = type(skeleton)
     tied_sources = {t: s for t, s in (getattr(skeleton, "all_tied_weights_keys", None) or {}).items()}
     keep = set(keep) | {s for t, s in tied_sources.items() if t in keep}
@@ -267,8 +309,16 @@ def _load_pruned(
         cut_names.extend(_cut(self, keep))
         self.all_tied_weights_keys = {t: s for t, s in self.all_tied_weights_keys.items() if t in keep and s in keep}
 
-    def initialize_weights(self):  # missing weights, seeded as from scratch (HF calls this while loading)
-        _seeded_init(self, seed, keep)
+    def initialize_weights(self):  # missing weights (HF calls this while loading)
+        if init_missing == "seeded":  # as from scratch
+            _seeded_init(self, seed, keep)
+            return
+        # as from_pretrained on one process right after torch.manual_seed(seed): HF's walk, which draws only for
+        # the weights not loaded (the others are flagged initialised), in the whole model's order
+        devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            cls.initialize_weights(self)
 
     local = type(cls.__name__, (cls,), {"__init__": __init__, "initialize_weights": initialize_weights})
     local.__module__, local.__qualname__ = cls.__module__, cls.__qualname__

@@ -87,7 +87,7 @@ def test_sft_example_trains_packed_chats(tmp_path, smollm2):
     out = _run(
         ["examples/llama/sft.py", "--output_dir", str(tmp_path), "--model_name_or_path", smollm2, "--max_steps", "2",
          "--max_samples", "8", "--per_device_train_batch_size", "2", "--pipeline_microbatches", "2", "--max_length",
-         "128", "--packing", "--learning_rate", "1e-3", "--report_to", "none"],
+         "128", "--packing", "--learning_rate", "1e-3", "--report_to", "none", "--bf16", "False"],
         timeout=380,
     )  # fmt: skip
     loss = re.search(r"SFT eval loss ([\d.]+) -> ([\d.]+), token accuracy ([\d.]+) -> ([\d.]+)", out)

@@ -61,7 +61,17 @@ def _generation_run(root: str, pipeline: dict | None) -> dict:
     trainer.train()
     evaluation = trainer.evaluate()
     prediction = trainer.predict(seq2seq_dataset(13, seed=5), max_new_tokens=6, num_beams=2)
-    return {"eval": evaluation, "tokens": prediction.predictions, "labels": prediction.label_ids}
+    # sources alone (no labels, no decoder inputs): generated all the same, no loss, label_ids None
+    from tests.test_predict import AnyCollator
+
+    trainer.data_collator = AnyCollator()  # PadCollator's padding, for batches without labels
+    unlabelled = trainer.predict(seq2seq_dataset(13, seed=5).remove_columns(["labels"]), max_new_tokens=6)
+    return {
+        "eval": evaluation,
+        "tokens": prediction.predictions,
+        "labels": prediction.label_ids,
+        "unlabelled": (unlabelled.predictions, unlabelled.label_ids, sorted(unlabelled.metrics)),
+    }
 
 
 GENERATE = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}
@@ -136,13 +146,16 @@ def test_pipetrainer_matches_trainer_on_two_ranks(references, two_ranks):
 
 def test_generation_matches_seq2seq_trainer(references, two_ranks):
     """PipeSeq2SeqTrainer with predict_with_generate against Seq2SeqTrainer: the same generated tokens (greedy in
-    evaluate, beam search in predict), the same metric on them and eval loss."""
+    evaluate, beam search in predict, and for sources without labels), the same metric on them and eval loss."""
     ref = references[1]["generate"]
     for rank in two_ranks[1]:
         mine = rank["generate"]
         assert (mine["tokens"] == ref["tokens"]).all() and (mine["labels"] == ref["labels"]).all()
         assert mine["eval"]["eval_token_match"] == ref["eval"]["eval_token_match"]
         assert abs(mine["eval"]["eval_loss"] - ref["eval"]["eval_loss"]) < 2e-4 * ref["eval"]["eval_loss"]
+        (tokens, label_ids, names), (ref_tokens, _, ref_names) = mine["unlabelled"], ref["unlabelled"]
+        assert (tokens == ref_tokens).all() and label_ids is None and names == ref_names, (names, ref_names)
+        assert not any("loss" in name for name in names)
     print(ref["eval"], ref["tokens"][:2])
 
 

@@ -38,6 +38,7 @@ TASKS = {
     "bert-tok": "token_cls",
     "bert-qa": "question_answering",
     "bert-mc": "multiple_choice",
+    "bert-mlm": "masked_lm",
     "roberta-mc": "multiple_choice",
     "t5": "seq2seq_lm",
     "t5-v1_1": "seq2seq_lm",
@@ -128,7 +129,7 @@ def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict, 
 
     setup = setup or {}
     extra = {**extra, **setup.get("args", {})}
-    model = tiny_model(name, **setup.get("model", {}))
+    model = tiny_model(name, **setup.get("model", {}), **_unseeded(setup))
     train, evaluation = _datasets(name, *setup.get("rows", (45, 13)), **setup.get("data", {}))
     if pipeline is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         os.environ["ACCELERATE_USE_CPU"] = "true"  # Trainer + DDP over gloo, as `accelerate launch` on CPUs
@@ -160,6 +161,12 @@ def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict, 
     # every CPU any thread of this process may run on (pipeline_cpu_affinity binds them all)
     cpus = sorted({c for tid in os.listdir("/proc/self/task") for c in _thread_cpus(int(tid))})
     return {"before": before, "after": after, "logs": logs, "cpus": cpus}
+
+
+def _unseeded(setup: dict) -> dict:
+    """`setup["seed_per_rank"]`: each rank builds its model from its own seed (a script that builds before seeding);
+    rank 0's is the reference's model."""
+    return {"seed": int(os.environ.get("RANK", "0"))} if setup.get("seed_per_rank") else {}
 
 
 def _thread_cpus(tid: int) -> set[int]:
@@ -290,6 +297,7 @@ def check_runs(
             f"{name} {pipeline.get('pipeline_frontend', 'auto')} {pipeline.get('pipeline_schedule', '1f1b')} x{world}"
         )
         label += f" split {pipeline['pipeline_split']}" if "pipeline_split" in pipeline else ""
+        label += f" {pipeline['pipeline_data_parallel']}" if "pipeline_data_parallel" in pipeline else ""
         label += f" {setup['label']}" if setup and "label" in setup else ""
         errs = {"loss": 0.0, "grad_norm": 0.0, "eval_loss": 0.0, "metrics": 0.0, "weights": 0.0}
         errs["metric_names"] = sorted({k for log in run_logs(ref) for k in _metric_keys(log, log)})

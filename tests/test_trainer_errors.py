@@ -71,6 +71,28 @@ def _gpt2_three_blocks():
     return tiny_model("gpt2", n_layer=3)
 
 
+def _moe(model_type: str, **overrides):
+    """A tiny MoE causal LM with its router load-balancing loss on (the default of neither family)."""
+    common = dict(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.01,
+    )  # fmt: skip
+    common.update(overrides)
+    if model_type == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, head_dim=8, **common)
+        return transformers.Qwen3MoeForCausalLM(config)
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, **common))
+
+
+def _qwen3_moe():
+    return _moe("qwen3_moe")
+
+
+def _mixtral():
+    return _moe("mixtral")
+
+
 def _model_init_only(model):
     return {"model_init": _gpt2_three_blocks}
 
@@ -185,6 +207,13 @@ CASES = [
         "optimizer_cls_and_kwargs=(_sgd_factory, ...): not a torch.optim.Optimizer subclass",
     ),
     ({"model": ("gpt2", 0), "trainer": _optimizer_class}, None),  # an Optimizer subclass passes
+    # MoE router load-balancing loss (used to crash at the first step on the last stage), on the frontend `auto` picks
+    # for these families (trace: no adapter) and on the module frontend
+    *(
+        ({"model": build, "pipeline_frontend": frontend}, "output_router_logits=True (")
+        for build in (_qwen3_moe, _mixtral)
+        for frontend in ("auto", "module")
+    ),
 ]
 
 

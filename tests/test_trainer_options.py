@@ -304,8 +304,8 @@ def test_reported_numbers_with_replicas(tmp_path):
     print(compare_cases("gpt2", tmp_path, cases, pipeline=pipeline, world=4, ref_world=2))
 
 
-# Every TrainingArguments field of transformers 5.24, each decided in the README's "Trainer options under the
-# pipeline" table (works, tested or not, or refused in hf_pipe/trainer_options.py).
+# Every TrainingArguments field of transformers 5.24, each decided in the "Trainer options under the pipeline" table
+# of docs/trainer-options.md (works, tested or not, or refused in hf_pipe/trainer_options.py).
 DECIDED_FIELDS = set(
     """output_dir per_device_train_batch_size num_train_epochs max_steps learning_rate lr_scheduler_type
     lr_scheduler_kwargs warmup_steps optim optim_args weight_decay adam_beta1 adam_beta2 adam_epsilon

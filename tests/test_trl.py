@@ -4,6 +4,7 @@ and without a PEFT config, for nll, dft and completion-only losses."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -51,8 +52,9 @@ CASES = {
     "dft-lora": {"loss_type": "dft", "peft": True},
     "packing-lora": {"packing": True, "peft": True},
     "completion-only": {"prompts": True},
-    # a model path: PipeSFTTrainer builds the skeleton and reads each rank's stages, SFTTrainer loads it whole
-    "path": {"path": True},
+    # a model path: PipeSFTTrainer builds the skeleton and reads each rank's stages, SFTTrainer loads it whole; both
+    # with model_init_kwargs, which TRL must not call ignored (hf_pipe builds the skeleton with them)
+    "path": {"path": True, "model_init_kwargs": {"dtype": "float32"}},
 }
 
 
@@ -71,14 +73,15 @@ def _run(case: str, output_dir: str, pipeline: dict | None, checkpoint: str) -> 
     )  # fmt: skip
     config = SFTConfig(**settings) if pipeline is None else PipeSFTConfig(**settings, **pipeline)
     cls = SFTTrainer if pipeline is None else PipeSFTTrainer
-    trainer = cls(
-        model=checkpoint if path else tiny_model("llama", pad_token_id=0, eos_token_id=1),
-        args=config,
-        train_dataset=_texts(40, 0, prompts),
-        eval_dataset=_texts(12, 5, prompts),
-        processing_class=_tokenizer(),
-        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
-    )
+    with _trl_warnings(cls) as warned:
+        trainer = cls(
+            model=checkpoint if path else tiny_model("llama", pad_token_id=0, eos_token_id=1),
+            args=config,
+            train_dataset=_texts(40, 0, prompts),
+            eval_dataset=_texts(12, 5, prompts),
+            processing_class=_tokenizer(),
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
+        )
     trainer.train()
     evaluation = trainer.evaluate()
     trainer.save_model(os.path.join(output_dir, "final"))
@@ -86,7 +89,23 @@ def _run(case: str, output_dir: str, pipeline: dict | None, checkpoint: str) -> 
     if pipeline is None:
         weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
-    return {"logs": logs, "eval": evaluation, "weights": weights}
+    return {"logs": logs, "eval": evaluation, "weights": weights, "warned": warned}
+
+
+@contextlib.contextmanager
+def _trl_warnings(trainer_cls: type):
+    """The warnings TRL's trainer module logs while the trainer is built (rank 0 logs them)."""
+    import logging
+
+    module = next(c for c in trainer_cls.__mro__ if c.__module__.startswith("trl.")).__module__
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger(module).addHandler(handler)
+    try:
+        yield records
+    finally:
+        logging.getLogger(module).removeHandler(handler)
 
 
 def _runs(cases: list[str], root: str, pipeline: dict | None, checkpoint: str) -> dict:
@@ -111,7 +130,7 @@ def test_pipe_sft_matches_sft_trainer(tmp_path):
             for a, b in zip(run["logs"], theirs["logs"]):
                 for key in LOGGED:
                     errs[key] = max(errs[key], _rel(a[key], b[key]))
-            for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
+            for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens"):
                 errs["eval"] = max(errs["eval"], _rel(run["eval"][key], theirs["eval"][key]))
         weights = {}
         for rank in mine:
@@ -122,6 +141,7 @@ def test_pipe_sft_matches_sft_trainer(tmp_path):
         errs["weights"] = max((weights[n] - expected[n]).abs().max().item() for n in weights)
         print(case, errs)
         assert max(errs[k] for k in (*LOGGED, "eval")) < TOL and errs["weights"] < 5e-4, (case, errs)
+        assert not [m for m in mine[0][case]["warned"] if "model_init_kwargs" in m], mine[0][case]["warned"]
 
 
 # -- reward modelling ------------------------------------------------------------------------------------------------
@@ -130,8 +150,9 @@ REWARD_CASES = {
     "pairs": {"gradient_accumulation_steps": 2},
     # 4 stages interleaved on the 2 ranks
     "margin-centered": {"margin": True, "center_rewards_coefficient": 0.1, "schedule": "interleaved1f1b"},
-    # a reward model's checkpoint: the skeleton built as AutoModelForSequenceClassification, its stages read per rank
-    "path": {"path": True},
+    # a causal LM's checkpoint, as TRL's reward.py takes one: the skeleton built as AutoModelForSequenceClassification,
+    # its stages read per rank, the new score head drawn as RewardTrainer's from_pretrained draws it (set_seed first)
+    "path": {"path": True, "model_init_kwargs": {"dtype": "float32"}},
 }
 REWARD_LOGGED = ("loss", "grad_norm", "min_reward", "mean_reward", "max_reward", "accuracy", "margin", "num_tokens")
 
@@ -167,20 +188,25 @@ def _reward_run(case: str, output_dir: str, pipeline: bool, checkpoint: str) -> 
     )  # fmt: skip
     config = PipeRewardConfig(**settings, **schedule) if pipeline else RewardConfig(**settings)
     cls = PipeRewardTrainer if pipeline else RewardTrainer
-    trainer = cls(
-        model=checkpoint if path else _reward_model(),
-        args=config,
-        train_dataset=_preferences(36, 0, margin),
-        eval_dataset=_preferences(12, 5, margin),
-        processing_class=_tokenizer(),
-    )
+    with _trl_warnings(cls) as warned:
+        trainer = cls(
+            model=checkpoint if path else _reward_model(),
+            args=config,
+            train_dataset=_preferences(36, 0, margin),
+            eval_dataset=_preferences(12, 5, margin),
+            processing_class=_tokenizer(),
+        )
+    model = trainer.engine if pipeline else trainer.model
+    head = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("score.")}
     trainer.train()
     evaluation = trainer.evaluate()
     predictions = trainer.predict(trainer.eval_dataset).predictions
-    model = trainer.engine if pipeline else trainer.model
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
-    return {"logs": logs, "eval": evaluation, "predictions": torch.as_tensor(predictions), "weights": weights}
+    return {
+        "logs": logs, "eval": evaluation, "predictions": torch.as_tensor(predictions), "weights": weights,
+        "head": head, "warned": warned,
+    }  # fmt: skip
 
 
 def _reward_model():
@@ -195,8 +221,8 @@ def _reward_runs(cases: list[str], root: str, pipeline: bool, checkpoint: str) -
 def test_pipe_reward_trainer_matches_reward_trainer(tmp_path):
     """Losses, grad norms, RewardTrainer's reward / accuracy / margin metrics and num_tokens, eval metrics, predicted
     rewards (in the collator's order) and weights, on 2 ranks against RewardTrainer on one process."""
-    cases, checkpoint = list(REWARD_CASES), str(tmp_path / "reward-model")
-    _reward_model().save_pretrained(checkpoint)
+    cases, checkpoint = list(REWARD_CASES), str(tmp_path / "causal-lm")
+    tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
     ref = run_distributed(_reward_runs, 1, cases, str(tmp_path / "ref"), False, checkpoint, launcher_env=True)[0]
     mine = run_distributed(_reward_runs, 2, cases, str(tmp_path / "pp"), True, checkpoint, launcher_env=True)
     for case in cases:
@@ -211,10 +237,15 @@ def test_pipe_reward_trainer_matches_reward_trainer(tmp_path):
                 errs["eval"] = max(errs["eval"], _rel(run["eval"][key], theirs["eval"][key]))
             assert run["predictions"].shape == theirs["predictions"].shape, case
             errs["predictions"] = max(errs["predictions"], (run["predictions"] - theirs["predictions"]).abs().max())
-        weights = {}
+        weights, head = {}, {}
         for rank in mine:
             weights.update(rank[case]["weights"])
+            head.update(rank[case]["head"])
         assert weights.keys() == theirs["weights"].keys(), case
+        # the score head at the start: RewardTrainer's very draw (a new head with a path), bit for bit
+        assert head.keys() == theirs["head"].keys() == {"score.weight"}, case
+        assert torch.equal(head["score.weight"], theirs["head"]["score.weight"]), case
+        assert not [m for m in mine[0][case]["warned"] if "model_init_kwargs" in m], mine[0][case]["warned"]
         errs["weights"] = max((weights[n] - theirs["weights"][n]).abs().max().item() for n in weights)
         print(case, errs)
         assert max(errs[k] for k in (*REWARD_LOGGED, "eval")) < TOL, (case, errs)

@@ -6,6 +6,9 @@ TRL's own preparation (the tokenizer's chat template, assistant-only loss masks 
 weights from the checkpoint path. SFT's loss, `entropy` and `mean_token_accuracy` are logged on every rank.
 
     torchrun --nproc_per_node 2 examples/llama/sft.py --output_dir out/llama-sft
+
+PipeSFTConfig's defaults are SFTConfig's (bf16=True, gradient_checkpointing=True, learning_rate=2e-5, ...): on a
+machine without a bf16 GPU add `--bf16 False` (or `--use_cpu` for bf16 on the CPU), as SFTConfig itself requires.
 """
 
 from __future__ import annotations

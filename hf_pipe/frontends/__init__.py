@@ -82,6 +82,10 @@ class Frontend:
         """How to read `batch_keys`, for the error naming a key no stage consumes."""
         raise NotImplementedError
 
+    def unlabelled_problems(self, batch: Mapping[str, Any]) -> list[str]:
+        """What keeps a batch without labels from running forward only (evaluation, prediction), each with its fix."""
+        return []
+
     def stage_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch as the stages take it (a frontend may leave out keys whose information the stages get anyway)."""
         return batch

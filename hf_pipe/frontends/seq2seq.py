@@ -227,6 +227,17 @@ class Seq2SeqFrontend(Frontend):
         keys = ", ".join(sorted({"input_ids", "labels", *self.adapter.batch_keys}))
         return f"the {self.config.model_type} encoder-decoder stages consume {keys}"
 
+    def unlabelled_problems(self, batch: Mapping[str, Any]) -> list[str]:
+        if batch.get("decoder_input_ids") is not None:
+            return []  # the decoder reads them, as the model's forward does without labels
+        return [
+            "an evaluation batch with neither 'labels' nor 'decoder_input_ids': the decoder's input is made from one "
+            f"of them, so the {self.config.model_type} forward cannot run (HF's own forward fails too, its decoder "
+            'given no input: "You must specify exactly one of input_ids or inputs_embeds"). Give the collator '
+            "labels (DataCollatorForSeq2Seq pads them), or decoder_input_ids to score given targets, or generate "
+            "instead (PipeSeq2SeqTrainer with predict_with_generate=True, which needs no labels)."
+        ]
+
     def stage_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         # the model's forward derives the decoder's input from the labels when none is given: so do the stages
         if batch.get("decoder_input_ids") is None:

@@ -22,7 +22,7 @@ from ..families.base import ATTENTION_KWARGS
 from ..grad_accumulation import accumulate_linear_grads_in_place
 from ..launch import computing, waiting
 from ..loss import reduce_metrics
-from ..microbatch import Microbatches, cut_packed, cut_rows, is_packed, shifted_labels
+from ..microbatch import LOSS_KEYS, Microbatches, cut_packed, cut_rows, is_packed, shifted_labels
 from ..schedule import (
     forward_only_schedule,
     largest_divisor_at_most,
@@ -45,15 +45,20 @@ class Steps:
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()
 
     # -- microbatches ----------------------------------------------------------------------------------------------
-    def microbatches(self, batch: Mapping[str, Any], training: bool) -> tuple[str, Microbatches, dict[str, Any]]:
+    def microbatches(
+        self, batch: Mapping[str, Any], training: bool, labelled: bool = True
+    ) -> tuple[str, Microbatches, dict[str, Any]]:
         """This step's schedule name, its microbatches, and the batch on the device (with causal-LM
-        `shift_labels`)."""
+        `shift_labels`; without labels, `labelled=False`, no loss column)."""
         engine = self.engine
         batch = {k: v.to(engine.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        raise_if_any(engine.batch_problems(batch))
+        unlabelled = [] if labelled else engine.frontend.unlabelled_problems(batch)
+        raise_if_any(engine.batch_problems(batch, training) + unlabelled)
+        if not labelled:  # a part of the labels (one span end) is no label: the model's forward would ignore it
+            batch = {k: v for k, v in batch.items() if k not in LOSS_KEYS}
         batch = engine.frontend.stage_inputs(batch)
         shift = None
-        if engine.plan.task == CAUSAL_LM:
+        if engine.plan.task == CAUSAL_LM and labelled:
             given = batch.pop("shift_labels", None)
             shift = given if given is not None else shifted_labels(batch["labels"])
             batch["shift_labels"] = shift
@@ -155,14 +160,15 @@ class Steps:
         on_last: Callable[[Any, dict[str, Any]], Any] | None = None,
         stages: tuple[Any, list] | None = None,
     ) -> tuple[Any, Microbatches, dict[str, Any]]:
-        """Every microbatch of `batch` through every stage (`stages`, default the engine's own), no backward.
+        """Every microbatch of `batch` (with or without labels) through every stage (`stages`, default the engine's
+        own), no backward.
 
         Returns (on the last stage's rank, else None: the outputs in batch layout, or with `on_last` the list of
         `on_last(outputs, microbatch inputs)` per microbatch, each computed as its microbatch leaves the last stage
         so that its outputs need not be kept; the microbatches; the batch on the device).
         """
         engine = self.engine
-        _, mbs, batch = self.microbatches(batch, False)
+        _, mbs, batch = self.microbatches(batch, False, engine.has_labels(batch))
         results: list[Any] = []
 
         def keep(output: Any, index: int) -> torch.Tensor:
@@ -178,10 +184,13 @@ class Steps:
         return (results if on_last is not None else mbs.merge(outputs)), mbs, batch
 
     def evaluate(self, batch: Mapping[str, Any], num_items: float | None, num_items_in_batch: Any):
-        """Forward only: (the loss on every rank — None when the batch has no labels —, the batch's outputs on the
-        last stage's rank, else None)."""
+        """Forward only: (the loss on every rank, the batch's outputs on the last stage's rank, else None). A batch
+        without the head's labels has no loss (None on every rank), as the model's forward without labels."""
         engine = self.engine
         logits, mbs, batch = self.forward(batch)
+        if not engine.has_labels(batch):
+            engine.metrics = {}  # nor a user loss's metrics
+            return None, logits
         if num_items is None:
             num_items = engine.loss.count(batch)
         engine.loss.begin(mbs, float(num_items), num_items_in_batch)

@@ -1,0 +1,27 @@
+"""TRL's trainers over the pipeline, one file per trainer: `PipeSFTTrainer` with `PipeSFTConfig` (`sft.py`),
+`PipeRewardTrainer` with `PipeRewardConfig` (`reward.py`).
+
+Each `Pipe<Name>Config` is TRL's config with the pipeline fields (`hf_pipe.PipeArgumentsMixin`), every TRL default
+kept; each `Pipe<Name>Trainer` takes exactly TRL's trainer's arguments, keeps its dataset preparation, collator and
+metrics, and computes its loss on the pipeline's last stage, with the numbers TRL's trainer gives on one process.
+A model id or path is never built whole: every rank builds the skeleton TRL would load on the meta device and reads
+its stages' weights from the checkpoint (`_model.py`).
+
+    from hf_pipe.trl import PipeSFTConfig, PipeSFTTrainer
+    trainer = PipeSFTTrainer(model="path/to/model", args=PipeSFTConfig(output_dir="out", packing=True),
+                             train_dataset=dataset, peft_config=LoraConfig(...))
+
+A further trainer is one file here (its config and trainer), re-exported below. DPO-style trainers (DPO, KTO, ORPO)
+also need the reference model's log-probabilities through a second, frozen pipeline (or precomputed): not provided
+yet.
+"""
+
+try:
+    import trl  # noqa: F401
+except ImportError as err:  # pragma: no cover - the extra is missing
+    raise ImportError("hf_pipe.trl needs TRL: pip install 'hf_pipe[trl]' (trl>=1.16)") from err
+
+from .reward import PipeRewardConfig, PipeRewardTrainer
+from .sft import PipeSFTConfig, PipeSFTTrainer
+
+__all__ = ["PipeRewardConfig", "PipeRewardTrainer", "PipeSFTConfig", "PipeSFTTrainer"]
