@@ -37,7 +37,7 @@ from .timeline import report_timeline
 from .trainer_loss import compute_loss_problems, label_items, overrides, trainer_normalizer
 from .trainer_options import trainer_argument_problems
 from .training_args import PipeArgumentsMixin
-from .validate import trainer_problems
+from .validate import label_column_problems, trainer_problems
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,15 @@ class PipeTrainer(Trainer):
     @property
     def _dp_rank(self) -> int:
         return self.data_parallel.rank if self.data_parallel else 0
+
+    def train(self, *args: Any, **kwargs: Any):
+        # before the first step, on every rank: a training set whose collator cannot give the loss its labels (a
+        # trainer built only to evaluate, predict or save may hold one)
+        task = self.engine.plan.task
+        raise_if_any(
+            label_column_problems(self.train_dataset, {}, task, self.data_collator, forward_needs_labels=False)
+        )
+        return super().train(*args, **kwargs)
 
     # -- what Trainer would do across processes -----------------------------------------------------------------
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader: Any = None) -> nn.Module:

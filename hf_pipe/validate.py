@@ -145,7 +145,7 @@ def trainer_problems(
         + dataset_problems(arguments.get("train_dataset"), "train_dataset", staged.config)
         + [p for name, ds in eval_sets.items() for p in dataset_problems(ds, name, staged.config)]
         + label_column_problems(
-            arguments.get("train_dataset"),
+            None,  # the training set's labels are checked when training starts (`PipeTrainer.train`)
             {name: ds for name, ds in eval_sets.items() if ds is not None},
             args.pipeline_task or task_of(type(staged).__name__, staged.config),
             arguments.get("data_collator"),

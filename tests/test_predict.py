@@ -180,15 +180,17 @@ def _run(cases: list[tuple[str, dict]], root: str, reference: bool, errors: bool
 
 
 def _label_errors(root: str) -> dict[str, str]:
-    """Training data without labels: at construction when the collator cannot add them, else at the first step
-    before anything runs; an encoder-decoder's evaluation set with neither labels nor decoder inputs, at
+    """Training data without labels: when training starts if the collator cannot add them (a trainer built only to
+    predict or save may hold such a set), else at the first step before anything runs; an encoder-decoder's evaluation set with neither labels nor decoder inputs, at
     construction (its evaluate() for compute_metrics runs the forward, which needs one of them)."""
     from hf_pipe import PipelineConfigError, PipeTrainer, PipeTrainingArguments
 
     args = PipeTrainingArguments(**_common_args(os.path.join(root, "errors")), **ONE_F_ONE_B)
     unlabelled = lm_dataset(16)
     attempts = {
-        "train, default collator": lambda: PipeTrainer(model=tiny_model("gpt2"), args=args, train_dataset=unlabelled),
+        "train, default collator": lambda: PipeTrainer(
+            model=tiny_model("gpt2"), args=args, train_dataset=unlabelled
+        ).train(),
         "t5 eval set": lambda: PipeTrainer(
             model=tiny_model("t5"),
             args=args,
