@@ -21,7 +21,15 @@ try:
 except ImportError as err:  # pragma: no cover - the extra is missing
     raise ImportError("hf_pipe.trl needs TRL: pip install 'hf_pipe[trl]' (trl>=1.16)") from err
 
+from .dpo import PipeDPOConfig, PipeDPOTrainer
 from .reward import PipeRewardConfig, PipeRewardTrainer
 from .sft import PipeSFTConfig, PipeSFTTrainer
 
-__all__ = ["PipeRewardConfig", "PipeRewardTrainer", "PipeSFTConfig", "PipeSFTTrainer"]
+__all__ = [
+    "PipeDPOConfig",
+    "PipeDPOTrainer",
+    "PipeRewardConfig",
+    "PipeRewardTrainer",
+    "PipeSFTConfig",
+    "PipeSFTTrainer",
+]

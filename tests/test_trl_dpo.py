@@ -1,0 +1,130 @@
+"""TRL's DPO under the pipeline: PipeDPOTrainer on 2 ranks against DPOTrainer on one process, same seed and data —
+per-step loss and grad norm, every metric DPOTrainer logs, num_tokens, evaluation and final weights — for the frozen
+reference stages read from the policy's checkpoint, every per-pair loss type (with loss weights and the sft mix),
+f-divergences, label smoothing, LD-DPO's ld_alpha, WPO weighting and gradient accumulation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests._dist import run_distributed
+from tests._models import VOCAB, tiny_model
+from tests.test_trl import _tokenizer
+
+TOL = 1e-5
+#: the metrics that are differences of far larger numbers (a reward: beta × (log-prob − reference log-prob), each
+#: summed over a completion; a mean logit: a mean over the vocabulary of O(1) logits) are compared relative to their
+#: terms' size (1), not to their own: float32 rounding of the terms is all that differs
+DIFFERENCES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logits/chosen", "logits/rejected")
+WEIGHT_TOL = 5e-5
+PER_PAIR = ["sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop"]
+CASES = {
+    # DPO's default loss, the reference read per stage from the policy's checkpoint
+    "sigmoid": {},
+    # every per-pair loss type at once, each weighted, with the sft term (a token mean over the batch's chosen tokens)
+    "mixed": {
+        "loss_type": [*PER_PAIR, "sigmoid_norm", "sft"],
+        "loss_weights": [0.5, 0.3, 0.2, 0.4, 0.1, 0.05, 0.6, 0.7, 0.2, 0.3, 1.0],
+        "beta": 0.3,
+    },
+    # label smoothing's losses with an f-divergence, LD-DPO's ld_alpha and WPO weights
+    "smoothed": {
+        "loss_type": ["exo_pair", "robust"],
+        "label_smoothing": 0.1,
+        "f_divergence_type": "js_divergence",
+        "ld_alpha": 0.5,
+        "use_weighting": True,
+    },
+    # alpha-divergence, over 2 accumulated batches (DPOTrainer divides each batch's loss by the accumulation steps)
+    "accumulated": {"f_divergence_type": "alpha_divergence", "gradient_accumulation_steps": 2, "beta": 0.5},
+}
+LOGGED = (
+    "loss", "grad_norm", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "rewards/chosen",
+    "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+)  # fmt: skip
+
+
+def _err(key: str, a: float, b: float) -> float:
+    scale = 1.0 if key.removeprefix("eval_") in DIFFERENCES else 1e-12
+    return abs(a - b) / max(abs(b), scale)
+
+
+def _preferences(n: int, seed: int):
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+
+    def words(low: int, high: int) -> str:
+        length = int(torch.randint(low, high, (1,), generator=g))
+        return " ".join(f"w{int(i)}" for i in torch.randint(2, VOCAB, (length,), generator=g))
+
+    # completions end with the EOS word (DPOTrainer appends the EOS text otherwise, glued to the last word)
+    rows = [
+        {"prompt": words(2, 8), "chosen": " " + words(1, 8) + " [EOS]", "rejected": " " + words(1, 8) + " [EOS]"}
+        for _ in range(n)
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def _run(case: str, output_dir: str, pipeline: bool, checkpoint: str) -> dict:
+    from trl import DPOConfig, DPOTrainer
+
+    from hf_pipe.trl import PipeDPOConfig, PipeDPOTrainer
+
+    settings = dict(
+        output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=2e-3,
+        num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], seed=3, max_length=24,
+        disable_tqdm=True, use_cpu=True, bf16=False, **CASES[case],
+    )  # fmt: skip
+    schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}
+    config = PipeDPOConfig(**settings, **schedule) if pipeline else DPOConfig(**settings)
+    cls = PipeDPOTrainer if pipeline else DPOTrainer
+    trainer = cls(
+        model=checkpoint,
+        args=config,
+        train_dataset=_preferences(20, 0),
+        eval_dataset=_preferences(8, 5),
+        processing_class=_tokenizer(),
+    )
+    trainer.train()
+    evaluation = trainer.evaluate()
+    model = trainer.engine if pipeline else trainer.model
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
+    return {"logs": logs, "eval": evaluation, "weights": weights}
+
+
+def _runs(cases: list[str], root: str, pipeline: bool, checkpoint: str) -> dict:
+    return {case: _run(case, os.path.join(root, case), pipeline, checkpoint) for case in cases}
+
+
+@pytest.mark.timeout(600)
+def test_pipe_dpo_matches_dpo_trainer(tmp_path):
+    cases, checkpoint = list(CASES), str(tmp_path / "llama")
+    tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
+    ref = run_distributed(_runs, 1, cases, str(tmp_path / "ref"), False, checkpoint, launcher_env=True)[0]
+    mine = run_distributed(_runs, 2, cases, str(tmp_path / "pp"), True, checkpoint, launcher_env=True)
+    for case in cases:
+        theirs, errs = ref[case], dict.fromkeys((*LOGGED, "eval", "weights"), 0.0)
+        assert len(theirs["logs"]) >= 3, case
+        for rank in mine:
+            run = rank[case]
+            assert [e["step"] for e in run["logs"]] == [e["step"] for e in theirs["logs"]], case
+            for a, b in zip(run["logs"], theirs["logs"]):
+                assert a["num_tokens"] == b["num_tokens"], case
+                for key in LOGGED:
+                    errs[key] = max(errs[key], _err(key, a[key], b[key]))
+            assert set(run["eval"]) == set(theirs["eval"]), case
+            assert run["eval"]["eval_num_tokens"] == theirs["eval"]["eval_num_tokens"], case
+            for key in (f"eval_{k}" for k in LOGGED if k != "grad_norm"):
+                errs["eval"] = max(errs["eval"], _err(key, run["eval"][key], theirs["eval"][key]))
+        weights = {}
+        for rank in mine:
+            weights.update(rank[case]["weights"])
+        assert weights.keys() == theirs["weights"].keys(), case
+        errs["weights"] = max((weights[n] - theirs["weights"][n]).abs().max().item() for n in weights)
+        print(case, {k: f"{v:.2e}" for k, v in errs.items()})
+        assert max(errs[k] for k in (*LOGGED, "eval")) < TOL and errs["weights"] < WEIGHT_TOL, (case, errs)
