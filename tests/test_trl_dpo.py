@@ -1,7 +1,8 @@
 """TRL's DPO under the pipeline: PipeDPOTrainer on 2 ranks against DPOTrainer on one process, same seed and data —
 per-step loss and grad norm, every metric DPOTrainer logs, num_tokens, evaluation and final weights — for the frozen
 reference stages read from the policy's checkpoint, every per-pair loss type (with loss weights and the sft mix),
-f-divergences, label smoothing, LD-DPO's ld_alpha, WPO weighting and gradient accumulation."""
+f-divergences, label smoothing, LD-DPO's ld_alpha, WPO weighting, gradient accumulation and LoRA (the reference:
+the adapters off); and the refusals."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ CASES = {
     },
     # alpha-divergence, over 2 accumulated batches (DPOTrainer divides each batch's loss by the accumulation steps)
     "accumulated": {"f_divergence_type": "alpha_divergence", "gradient_accumulation_steps": 2, "beta": 0.5},
+    # LoRA: the reference is the policy's own stages with the adapters off, a forward-only pass before each step
+    "lora": {"peft": True, "loss_type": ["sigmoid", "sft"]},
 }
 LOGGED = (
     "loss", "grad_norm", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "rewards/chosen",
@@ -70,24 +73,30 @@ def _preferences(n: int, seed: int):
 
 
 def _run(case: str, output_dir: str, pipeline: bool, checkpoint: str) -> dict:
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     from hf_pipe.trl import PipeDPOConfig, PipeDPOTrainer
 
+    options = dict(CASES[case])
+    peft = options.pop("peft", False)
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=2e-3,
         num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], seed=3, max_length=24,
-        disable_tqdm=True, use_cpu=True, bf16=False, **CASES[case],
+        disable_tqdm=True, use_cpu=True, bf16=False, **options,
     )  # fmt: skip
     schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}
     config = PipeDPOConfig(**settings, **schedule) if pipeline else DPOConfig(**settings)
     cls = PipeDPOTrainer if pipeline else DPOTrainer
     trainer = cls(
-        model=checkpoint,
+        # with PEFT a model built whole on every rank, its adapters drawn by get_peft_model after set_seed
+        model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft else checkpoint,
         args=config,
         train_dataset=_preferences(20, 0),
         eval_dataset=_preferences(8, 5),
         processing_class=_tokenizer(),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
     )
     trainer.train()
     evaluation = trainer.evaluate()
@@ -124,7 +133,36 @@ def test_pipe_dpo_matches_dpo_trainer(tmp_path):
         weights = {}
         for rank in mine:
             weights.update(rank[case]["weights"])
-        assert weights.keys() == theirs["weights"].keys(), case
-        errs["weights"] = max((weights[n] - theirs["weights"][n]).abs().max().item() for n in weights)
+        expected = {n.removeprefix("base_model.model."): w for n, w in theirs["weights"].items()}
+        assert weights.keys() == expected.keys(), case
+        errs["weights"] = max((weights[n] - expected[n]).abs().max().item() for n in weights)
         print(case, {k: f"{v:.2e}" for k, v in errs.items()})
         assert max(errs[k] for k in (*LOGGED, "eval")) < TOL and errs["weights"] < WEIGHT_TOL, (case, errs)
+
+
+def test_pipe_dpo_refuses_by_name(tmp_path):
+    """What the pipeline cannot train as DPOTrainer does, refused before anything is built, all in one list."""
+    from hf_pipe.errors import PipelineConfigError
+    from hf_pipe.trl import PipeDPOConfig, PipeDPOTrainer
+
+    checkpoint = str(tmp_path / "llama")
+    tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
+    args = PipeDPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], loss_type=["aot", "sft"], use_weighting=False,
+        padding_free=True, activation_offloading=True, precompute_ref_log_probs=True,
+    )  # fmt: skip
+    with pytest.raises(PipelineConfigError) as err:
+        PipeDPOTrainer(
+            checkpoint, args=args, train_dataset=_preferences(4, 0), processing_class=_tokenizer(),
+            compute_metrics=lambda p: {},
+        )  # fmt: skip
+    message = str(err.value)
+    for name in ("loss_type=['aot']", "padding_free=True", "activation_offloading=True", "compute_metrics",
+                 "precompute_ref_log_probs=True"):  # fmt: skip
+        assert name in message, (name, message)
+    with pytest.raises(PipelineConfigError, match="use_weighting=True with loss_type 'sft'"):
+        PipeDPOTrainer(
+            checkpoint, args=PipeDPOConfig(output_dir=str(tmp_path / "o2"), use_cpu=True, report_to=[],
+                                           loss_type=["sigmoid", "sft"], use_weighting=True),
+            train_dataset=_preferences(4, 0), processing_class=_tokenizer(),
+        )  # fmt: skip

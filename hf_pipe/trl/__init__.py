@@ -11,9 +11,9 @@ its stages' weights from the checkpoint (`_model.py`).
     trainer = PipeSFTTrainer(model="path/to/model", args=PipeSFTConfig(output_dir="out", packing=True),
                              train_dataset=dataset, peft_config=LoraConfig(...))
 
-A further trainer is one file here (its config and trainer), re-exported below. DPO-style trainers (DPO, KTO, ORPO)
-also need the reference model's log-probabilities through a second, frozen pipeline (or precomputed): not provided
-yet.
+`PipeDPOTrainer` with `PipeDPOConfig` (`dpo.py`) also runs DPO's reference model: a second, frozen set of stages
+with the policy's split (or, with PEFT, the adapters off), a forward-only pass before each step. A further trainer is
+one file here (its config and trainer), re-exported below; `_preference.py` holds what preference trainers share.
 """
 
 try:

@@ -8,8 +8,15 @@ outside the completion masked (-100), as DPOTrainer scores them.
 The reference model. DPOTrainer would load a whole second model on every rank: here it is a second, frozen set of
 stages with the policy's split on the same ranks (weights only: no gradients, no optimizer state), read per stage
 from the checkpoint DPOTrainer would load it from (`ref_model=None`: the policy's `config._name_or_path`) or cut from
-the `ref_model` given. Before each training (or evaluation) step a forward-only pipelined pass of the same batch
-through those stages gives each row's reference log-probability, kept on the last stage.
+the `ref_model` given. With PEFT (`peft_config`, or a `PeftModel` and its `"ref"` adapter copy) the reference is the
+policy's own stages with the adapters off (or the `"ref"` adapter). Before each training (or evaluation) step a
+forward-only pipelined pass of the same batch through those stages gives each row's reference log-probability, kept
+on the last stage; never inside the training schedule.
+
+Refused by name before the first step: `aot` / `aot_unpaired`, `padding_free`, `use_liger_kernel`, vision datasets,
+the MoE router loss, `compute_metrics`, `activation_offloading`, `use_weighting` with `sft`, and (not yet supported)
+`precompute_ref_log_probs` and `sync_ref_model`; prompt-learning PEFT and LoRA on `lm_head` as PipeTrainer and
+DPOTrainer refuse them.
 
 The loss. On the last stage, per microbatch: each row's summed completion log-probability from the logits (TRL's
 fused LM head computes the same values tile by tile; they agree to float32 rounding), `ld_alpha`'s
@@ -33,10 +40,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import use_adapter
 
 from ..batch_sync import one_batch_per_pipeline
 from ..errors import raise_if_any
 from ..frontends import frontend_name
+from ..integrations.peft import is_peft_model
 from ..loading import skeleton
 from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
@@ -55,7 +64,8 @@ class PipeDPOConfig(PipeArgumentsMixin, DPOConfig):
     """`trl.DPOConfig` with the pipeline fields of `PipeArgumentsMixin` (every DPOConfig default kept)."""
 
 
-def _dpo_problems(args: Any, model: Any, ref_model: Any, peft_config: Any, train_dataset: Any, kwargs: dict) -> list:
+def _dpo_problems(args: Any, model: Any, ref_model: Any, peft: bool, train_dataset: Any, kwargs: dict) -> list[str]:
+    """What PipeDPOTrainer refuses before anything is built, each with why and the fix."""
     problems = config_problems(args, PipeDPOConfig, DPOConfig, "DPOTrainer")
     losses = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
     if batch_losses := [t for t in losses if t in _BATCH_LOSSES]:
@@ -83,11 +93,6 @@ def _dpo_problems(args: Any, model: Any, ref_model: Any, peft_config: Any, train
         )
     if args.sync_ref_model:
         problems.append("sync_ref_model=True (TR-DPO): not supported by PipeDPOTrainer yet; set it to False.")
-    if peft_config is not None or _is_peft(model):
-        problems.append(
-            "a PEFT model or peft_config: not supported by PipeDPOTrainer yet; train the full model, or use "
-            "trl.DPOTrainer."
-        )
     if kwargs.get("compute_metrics") is not None:
         problems.append(
             "compute_metrics: DPOTrainer passes it logits recomputed by a second forward of the whole model "
@@ -118,18 +123,13 @@ def _dpo_problems(args: Any, model: Any, ref_model: Any, peft_config: Any, train
                 f"a Mixture-of-Experts model with router_aux_loss_coef={coef}: the router's load-balancing loss "
                 "spans every layer's router logits, which live on different stages; set router_aux_loss_coef=0.0."
             )
-        if ref_model is None and not args.precompute_ref_log_probs and not getattr(config, "_name_or_path", ""):
+        loads_reference = ref_model is None and not args.precompute_ref_log_probs and not peft
+        if loads_reference and not getattr(config, "_name_or_path", ""):
             problems.append(
                 "ref_model=None with a model that names no checkpoint (config._name_or_path is empty): DPOTrainer "
                 "loads the reference from that path; pass the checkpoint path as model, or give ref_model=."
             )
     return problems
-
-
-def _is_peft(model: Any) -> bool:
-    from accelerate.utils import is_peft_model
-
-    return not isinstance(model, str) and is_peft_model(model)
 
 
 class PipeDPOTrainer(DPOTrainer, PipeTrainer):
@@ -147,7 +147,8 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
         peft_config = kwargs.get("peft_config", positional[-1] if len(positional) > 9 else None)
         config_problems(args, PipeDPOConfig, DPOConfig, "DPOTrainer")  # the config's type first (a TypeError)
         built = model_for(self, model, args)  # a path: the skeleton TRL would load, on the meta device
-        raise_if_any(_dpo_problems(args, built, ref_model, peft_config, train_dataset, kwargs))
+        peft = peft_config is not None or is_peft_model(built)
+        raise_if_any(_dpo_problems(args, built, ref_model, peft, train_dataset, kwargs))
         self._total_train_tokens = 0
         #: per row of the step's (interleaved) batch, the reference log-probability (on the last stage's rank)
         self._ref_logps: torch.Tensor | None = None
@@ -180,9 +181,17 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
         return local
 
     def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Each row's reference log-probability: a forward-only pass of `batch` through the reference stages."""
-        stages = (self._reference, self._reference.modules)
-        per_mb, _, _ = self.engine.forward(batch, on_last=self._row_logps, stages=stages)
+        """Each row's reference log-probability: a forward-only pass of `batch` through the reference stages, or
+        (PEFT) through the policy's own stages with the adapters off (or the `"ref"` copy of a given adapter), as
+        DPOTrainer's reference forward; a pass of its own, before the step: toggling adapters also toggles their
+        `requires_grad`, which the training schedule must not see change."""
+        if self._reference is not None:
+            stages = (self._reference, self._reference.modules)
+            per_mb, _, _ = self.engine.forward(batch, on_last=self._row_logps, stages=stages)
+        else:
+            adapter = "ref" if "ref" in self.model.peft_config else None
+            with use_adapter(self.model, adapter_name=adapter):
+                per_mb, _, _ = self.engine.forward(batch, on_last=self._row_logps)
         return torch.cat(per_mb) if per_mb is not None else None
 
     def _row_logps(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
