@@ -43,6 +43,27 @@ CASES = {
     "accumulated": {"f_divergence_type": "alpha_divergence", "gradient_accumulation_steps": 2, "beta": 0.5},
     # LoRA: the reference is the policy's own stages with the adapters off, a forward-only pass before each step
     "lora": {"peft": True, "loss_type": ["sigmoid", "sft"]},
+    # the reference log-probabilities precomputed once before training (batches of 6 rows, the last of 2: 3 and 1
+    # pairs per microbatch), cached as dataset columns that follow their pair into its microbatch
+    "precompute": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 6, "ld_alpha": 0.7},
+    # TR-DPO: the reference stages mixed with the policy's every 2 steps
+    "sync": {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.6},
+    # a reference model given built (another model than the policy), cut into stages like the policy
+    "given": {"ref_model": "other"},
+    # a given reference with the policy's reference log-probabilities precomputed from it
+    "given_precompute": {"ref_model": "other", "precompute_ref_log_probs": True},
+    # GPT-2, its lm_head tied to wte across the 2 ranks
+    "tied": {"model": "gpt2", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+    # 4 stages on 2 ranks, interleaved
+    "interleaved": {"schedule": {"pipeline_schedule": "interleaved1f1b", "pipeline_stages_per_rank": 2}},
+    # 2 pipelines of 2 ranks (4 ranks), each replica a batch of 4 pairs: one process with batches of 8
+    "replicas": {"dp": 2},
+}
+GROUPS = {
+    "losses": ["sigmoid", "mixed", "smoothed", "accumulated"],
+    "references": ["lora", "precompute", "sync", "given", "given_precompute"],
+    "layouts": ["tied", "interleaved"],
+    "replicas": ["replicas"],
 }
 LOGGED = (
     "loss", "grad_norm", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "rewards/chosen",
@@ -72,7 +93,7 @@ def _preferences(n: int, seed: int):
     return datasets.Dataset.from_list(rows)
 
 
-def _run(case: str, output_dir: str, pipeline: bool, checkpoint: str) -> dict:
+def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -81,17 +102,24 @@ def _run(case: str, output_dir: str, pipeline: bool, checkpoint: str) -> dict:
 
     options = dict(CASES[case])
     peft = options.pop("peft", False)
+    checkpoint = os.path.join(root, options.pop("model", "llama"))
+    ref_model = options.pop("ref_model", None)
+    schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4, **options.pop("schedule", {})}
+    dp = options.pop("dp", 1)
+    batch = 4 if pipeline else 4 * dp
     settings = dict(
-        output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=2e-3,
+        output_dir=output_dir, per_device_train_batch_size=batch, per_device_eval_batch_size=batch, learning_rate=2e-3,
         num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], seed=3, max_length=24,
         disable_tqdm=True, use_cpu=True, bf16=False, **options,
     )  # fmt: skip
-    schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}
+    if dp > 1:
+        schedule["pipeline_parallel_size"] = 2
     config = PipeDPOConfig(**settings, **schedule) if pipeline else DPOConfig(**settings)
     cls = PipeDPOTrainer if pipeline else DPOTrainer
     trainer = cls(
         # with PEFT a model built whole on every rank, its adapters drawn by get_peft_model after set_seed
         model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft else checkpoint,
+        ref_model=AutoModelForCausalLM.from_pretrained(os.path.join(root, ref_model)) if ref_model else None,
         args=config,
         train_dataset=_preferences(20, 0),
         eval_dataset=_preferences(8, 5),
@@ -103,25 +131,37 @@ def _run(case: str, output_dir: str, pipeline: bool, checkpoint: str) -> dict:
     model = trainer.engine if pipeline else trainer.model
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
-    return {"logs": logs, "eval": evaluation, "weights": weights}
+    columns = sorted(trainer.train_dataset.column_names)  # the precomputed reference columns, where precomputed
+    return {"logs": logs, "eval": evaluation, "weights": weights, "columns": columns}
 
 
-def _runs(cases: list[str], root: str, pipeline: bool, checkpoint: str) -> dict:
-    return {case: _run(case, os.path.join(root, case), pipeline, checkpoint) for case in cases}
+def _runs(cases: list[str], out: str, pipeline: bool, root: str) -> dict:
+    return {case: _run(case, os.path.join(out, case), pipeline, root) for case in cases}
 
 
-@pytest.mark.timeout(600)
-def test_pipe_dpo_matches_dpo_trainer(tmp_path):
-    cases, checkpoint = list(CASES), str(tmp_path / "llama")
-    tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
-    ref = run_distributed(_runs, 1, cases, str(tmp_path / "ref"), False, checkpoint, launcher_env=True)[0]
-    mine = run_distributed(_runs, 2, cases, str(tmp_path / "pp"), True, checkpoint, launcher_env=True)
+def _checkpoints(root: str) -> None:
+    tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(os.path.join(root, "llama"))
+    tiny_model("llama", seed=1, pad_token_id=0, eos_token_id=1).save_pretrained(os.path.join(root, "other"))
+    tiny_model("gpt2", pad_token_id=0, eos_token_id=1, tie_word_embeddings=True).save_pretrained(
+        os.path.join(root, "gpt2")
+    )
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_pipe_dpo_matches_dpo_trainer(tmp_path, group):
+    cases, root = GROUPS[group], str(tmp_path)
+    _checkpoints(root)
+    world = 4 if group == "replicas" else 2
+    ref = run_distributed(_runs, 1, cases, str(tmp_path / "ref"), False, root, launcher_env=True, timeout=400)[0]
+    mine = run_distributed(_runs, world, cases, str(tmp_path / "pp"), True, root, launcher_env=True, timeout=600)
     for case in cases:
         theirs, errs = ref[case], dict.fromkeys((*LOGGED, "eval", "weights"), 0.0)
         assert len(theirs["logs"]) >= 3, case
         for rank in mine:
             run = rank[case]
             assert [e["step"] for e in run["logs"]] == [e["step"] for e in theirs["logs"]], case
+            assert run["columns"] == theirs["columns"], case
             for a, b in zip(run["logs"], theirs["logs"]):
                 assert a["num_tokens"] == b["num_tokens"], case
                 for key in LOGGED:
@@ -131,7 +171,7 @@ def test_pipe_dpo_matches_dpo_trainer(tmp_path):
             for key in (f"eval_{k}" for k in LOGGED if k != "grad_norm"):
                 errs["eval"] = max(errs["eval"], _err(key, run["eval"][key], theirs["eval"][key]))
         weights = {}
-        for rank in mine:
+        for rank in mine:  # (replicas hold the same weights)
             weights.update(rank[case]["weights"])
         expected = {n.removeprefix("base_model.model."): w for n, w in theirs["weights"].items()}
         assert weights.keys() == expected.keys(), case

@@ -33,27 +33,27 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
+from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import use_adapter
 
 from ..batch_sync import one_batch_per_pipeline
 from ..errors import raise_if_any
 from ..frontends import frontend_name
 from ..integrations.peft import is_peft_model
-from ..loading import skeleton
 from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
-from ..weights import Checkpoint, Resident
+from ..weights import Resident
 from ._config import config_problems
 from ._metrics import count_train_tokens
 from ._model import model_for, path_given
 from ._preference import IGNORE_INDEX, deinterleave, interleave, token_stats
+from ._reference import SyncReferenceStages, precompute, reference_init
 
 #: the loss types whose loss compares the whole batch (they sort its pairs): no microbatch holds what they need
 _BATCH_LOSSES = ("aot", "aot_unpaired")
@@ -86,13 +86,6 @@ def _dpo_problems(args: Any, model: Any, ref_model: Any, peft: bool, train_datas
         )
     if args.use_liger_kernel:
         problems.append("use_liger_kernel=True: Liger patches the whole model's forward, which no rank runs.")
-    if args.precompute_ref_log_probs:
-        problems.append(
-            "precompute_ref_log_probs=True: not supported by PipeDPOTrainer yet; set it to False (the reference "
-            "log-probabilities then come from a frozen copy of the stages, a forward-only pass before each step)."
-        )
-    if args.sync_ref_model:
-        problems.append("sync_ref_model=True (TR-DPO): not supported by PipeDPOTrainer yet; set it to False.")
     if kwargs.get("compute_metrics") is not None:
         problems.append(
             "compute_metrics: DPOTrainer passes it logits recomputed by a second forward of the whole model "
@@ -150,19 +143,37 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
         peft = peft_config is not None or is_peft_model(built)
         raise_if_any(_dpo_problems(args, built, ref_model, peft, train_dataset, kwargs))
         self._total_train_tokens = 0
+        #: the reference's stages (None: the policy's own, with PEFT's adapters off), built on first use: DPOTrainer's
+        #: `__init__` may precompute the reference log-probabilities before it returns
+        self._reference_built = False
         #: per row of the step's (interleaved) batch, the reference log-probability (on the last stage's rank)
         self._ref_logps: torch.Tensor | None = None
         #: the chosen completion tokens of the step's batch, times the accumulation steps: `sft`'s normaliser
         self._sft_normalizer = 1.0
-        with path_given(DPOTrainer, model), _reference_skeleton(args):
+        with path_given(DPOTrainer, model), reference_init(self, args):
             super().__init__(built, ref_model, args, *positional, **kwargs)
-        self.engine.rows_per_example = 2  # a pair's rows stay in one microbatch
-        self._reference = self._reference_stages()
+        self._prepared_reference()
+        if args.sync_ref_model:  # TRL's callback mixes a whole reference model: this one mixes each rank's stages
+            self.callback_handler.remove_callback(SyncRefModelCallback)
+            self.add_callback(SyncReferenceStages(self))
 
     # DPOTrainer's compute_loss runs the whole model: the pipeline runs the loss on its last stage
     compute_loss = PipeTrainer.compute_loss
 
     # -- the reference ---------------------------------------------------------------------------------------------
+    def _prepared_reference(self) -> Any:
+        """The reference's stages on this rank (None: the policy's own), built once."""
+        if not self._reference_built:
+            self.engine.rows_per_example = 2  # a pair's rows stay in one microbatch
+            self._reference = self._reference_stages()
+            self._reference_built = True
+        return self._reference
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        # DPOTrainer's cache, its log-probabilities from a forward-only pass through the pipeline (`_reference.py`)
+        self._prepared_reference()
+        return precompute(self, dataset, name, batch_size)
+
     def _reference_stages(self) -> Any:
         """The reference's stages on this rank, cut like the policy's; frozen."""
         ref = self.ref_model
@@ -188,9 +199,12 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
         if self._reference is not None:
             stages = (self._reference, self._reference.modules)
             per_mb, _, _ = self.engine.forward(batch, on_last=self._row_logps, stages=stages)
-        else:
-            adapter = "ref" if "ref" in self.model.peft_config else None
-            with use_adapter(self.model, adapter_name=adapter):
+        else:  # PEFT's adapters off; or (precomputing, full fine-tuning) the policy before its first step
+            adapters = contextlib.nullcontext()
+            if is_peft_model(self.model):
+                adapter = "ref" if "ref" in self.model.peft_config else None
+                adapters = use_adapter(self.model, adapter_name=adapter)
+            with adapters:
                 per_mb, _, _ = self.engine.forward(batch, on_last=self._row_logps)
         return torch.cat(per_mb) if per_mb is not None else None
 
@@ -211,14 +225,21 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
         return shared_logps + self.ld_alpha * tail_logps
 
     # -- the batch -------------------------------------------------------------------------------------------------
-    def _pipeline_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The collator's batch as the pipeline runs it: pairs interleaved, the completion as labels; the reference
-        log-probabilities of its rows computed (collective over the pipeline)."""
+    def _as_pipeline_batch(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The collator's batch as the pipeline runs it (pairs interleaved, the completion as labels), and its rows'
+        precomputed reference log-probabilities in that order (None when the batch has none)."""
         batch = dict(inputs)
         completion = batch.pop("completion_mask")
+        chosen, rejected = batch.pop("ref_chosen_logps", None), batch.pop("ref_rejected_logps", None)
         batch["labels"] = batch["input_ids"].masked_fill(completion == 0, IGNORE_INDEX)
-        batch = interleave(batch)
-        self._ref_logps = self._reference_logps(batch)
+        cached = torch.stack([chosen, rejected], dim=1).reshape(-1) if chosen is not None else None
+        return interleave(batch), cached
+
+    def _pipeline_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The batch as the pipeline runs it, its rows' reference log-probabilities kept for the loss: the cached
+        ones, which follow their pair into its microbatch, or a forward-only pass (collective over the pipeline)."""
+        batch, cached = self._as_pipeline_batch(inputs)
+        self._ref_logps = cached if cached is not None else self._reference_logps(batch)
         return batch
 
     def _loss_normalizer(self, inputs: dict[str, Any], num_items_in_batch: Any, training: bool = True) -> float:
@@ -348,24 +369,3 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
 
     def store_pipeline_metric(self, mode: str, name: str, value: float) -> None:
         self._metrics[mode][name].append(value)  # DPOTrainer's own store, averaged by its log()
-
-
-@contextlib.contextmanager
-def _reference_skeleton(args: Any) -> Iterator[None]:
-    """While DPOTrainer's `__init__` runs: its whole reference model (`ref_model=None`, loaded from the policy's
-    checkpoint) built as a skeleton on the meta device instead, which the trainer then reads stage by stage."""
-    import trl.trainer.dpo_trainer as dpo_module
-
-    original = dpo_module.create_model_from_path
-
-    def reference_skeleton(path: str, **kwargs: Any) -> Any:
-        model = skeleton(path, kwargs)
-        model._pipe_weights = Checkpoint(path, seed=args.seed, **kwargs)
-        model._is_accelerate_prepared = True  # nothing to place: the stages are read onto their device
-        return model
-
-    dpo_module.create_model_from_path = reference_skeleton
-    try:
-        yield
-    finally:
-        dpo_module.create_model_from_path = original
