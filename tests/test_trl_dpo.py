@@ -56,14 +56,17 @@ CASES = {
     "tied": {"model": "gpt2", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
     # 4 stages on 2 ranks, interleaved
     "interleaved": {"schedule": {"pipeline_schedule": "interleaved1f1b", "pipeline_stages_per_rank": 2}},
-    # 2 pipelines of 2 ranks (4 ranks), each replica a batch of 4 pairs: one process with batches of 8
-    "replicas": {"dp": 2},
+    # 2 pipelines of 2 ranks (4 ranks), each replica a batch of 4 pairs: one process with batches of 8 (32 pairs, so
+    # that no replica's last batch is padded with repeated pairs, as accelerate evens batches out)
+    "replicas": {"dp": 2, "pairs": 32},
+    # the same, precomputed in batches of 12 rows shared by the replicas (3 batches: one replica repeats one)
+    "replicas_precompute": {"dp": 2, "pairs": 32, "precompute_ref_log_probs": True, "precompute_ref_batch_size": 12},
 }
 GROUPS = {
     "losses": ["sigmoid", "mixed", "smoothed", "accumulated"],
     "references": ["lora", "precompute", "sync", "given", "given_precompute"],
     "layouts": ["tied", "interleaved"],
-    "replicas": ["replicas"],
+    "replicas": ["replicas", "replicas_precompute"],
 }
 LOGGED = (
     "loss", "grad_norm", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "rewards/chosen",
@@ -105,7 +108,7 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     checkpoint = os.path.join(root, options.pop("model", "llama"))
     ref_model = options.pop("ref_model", None)
     schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4, **options.pop("schedule", {})}
-    dp = options.pop("dp", 1)
+    dp, pairs = options.pop("dp", 1), options.pop("pairs", 20)
     batch = 4 if pipeline else 4 * dp
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=batch, per_device_eval_batch_size=batch, learning_rate=2e-3,
@@ -121,7 +124,7 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
         model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft else checkpoint,
         ref_model=AutoModelForCausalLM.from_pretrained(os.path.join(root, ref_model)) if ref_model else None,
         args=config,
-        train_dataset=_preferences(20, 0),
+        train_dataset=_preferences(pairs, 0),
         eval_dataset=_preferences(8, 5),
         processing_class=_tokenizer(),
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
