@@ -13,6 +13,7 @@ import torch
 
 from tests._dist import run_distributed
 from tests._models import VOCAB, tiny_model
+from tests.test_trainer_errors import _moe
 from tests.test_trl import _tokenizer
 
 TOL = 1e-5
@@ -56,6 +57,9 @@ CASES = {
     "tied": {"model": "gpt2", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
     # 4 stages on 2 ranks, interleaved
     "interleaved": {"schedule": {"pipeline_schedule": "interleaved1f1b", "pipeline_stages_per_rank": 2}},
+    # saved at step 2, a second trainer resumed from there (its final weights compared, and against the run's own),
+    # then predict: the logits in the collator's order (chosen rows, then rejected), labels the input ids
+    "resume_predict": {"resume": True, "predict": True, "loss_type": ["sigmoid", "sft"]},
     # 2 pipelines of 2 ranks (4 ranks), each replica a batch of 4 pairs: one process with batches of 8 (32 pairs, so
     # that no replica's last batch is padded with repeated pairs, as accelerate evens batches out)
     "replicas": {"dp": 2, "pairs": 32},
@@ -65,7 +69,7 @@ CASES = {
 GROUPS = {
     "losses": ["sigmoid", "mixed", "smoothed", "accumulated"],
     "references": ["lora", "precompute", "sync", "given", "given_precompute"],
-    "layouts": ["tied", "interleaved"],
+    "layouts": ["tied", "interleaved", "resume_predict"],
     "replicas": ["replicas", "replicas_precompute"],
 }
 LOGGED = (
@@ -109,17 +113,19 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     ref_model = options.pop("ref_model", None)
     schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4, **options.pop("schedule", {})}
     dp, pairs = options.pop("dp", 1), options.pop("pairs", 20)
+    resume, predict = options.pop("resume", False), options.pop("predict", False)
     batch = 4 if pipeline else 4 * dp
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=batch, per_device_eval_batch_size=batch, learning_rate=2e-3,
-        num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], seed=3, max_length=24,
+        num_train_epochs=1, logging_steps=1, save_strategy="steps" if resume else "no", save_steps=2, report_to=[],
+        seed=3, max_length=24,
         disable_tqdm=True, use_cpu=True, bf16=False, **options,
     )  # fmt: skip
     if dp > 1:
         schedule["pipeline_parallel_size"] = 2
     config = PipeDPOConfig(**settings, **schedule) if pipeline else DPOConfig(**settings)
     cls = PipeDPOTrainer if pipeline else DPOTrainer
-    trainer = cls(
+    make = lambda: cls(  # noqa: E731
         # with PEFT a model built whole on every rank, its adapters drawn by get_peft_model after set_seed
         model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft else checkpoint,
         ref_model=AutoModelForCausalLM.from_pretrained(os.path.join(root, ref_model)) if ref_model else None,
@@ -129,13 +135,25 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
         processing_class=_tokenizer(),
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
     )
+    trainer = make()
     trainer.train()
     evaluation = trainer.evaluate()
-    model = trainer.engine if pipeline else trainer.model
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def weights_of(trainer):
+        model = trainer.engine if pipeline else trainer.model
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    weights, extra = weights_of(trainer), {}
+    if resume:
+        resumed = make()
+        resumed.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2"))
+        extra["resume_diff"] = max((w - weights[n]).abs().max().item() for n, w in weights_of(resumed).items())
+    if predict:
+        output = trainer.predict(trainer.eval_dataset)  # DPOTrainer.predict takes a prepared dataset
+        extra["predict"] = (output.predictions, output.label_ids, output.metrics["test_loss"])
     logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
     columns = sorted(trainer.train_dataset.column_names)  # the precomputed reference columns, where precomputed
-    return {"logs": logs, "eval": evaluation, "weights": weights, "columns": columns}
+    return {"logs": logs, "eval": evaluation, "weights": weights, "columns": columns, **extra}
 
 
 def _runs(cases: list[str], out: str, pipeline: bool, root: str) -> dict:
@@ -173,6 +191,15 @@ def test_pipe_dpo_matches_dpo_trainer(tmp_path, group):
             assert run["eval"]["eval_num_tokens"] == theirs["eval"]["eval_num_tokens"], case
             for key in (f"eval_{k}" for k in LOGGED if k != "grad_norm"):
                 errs["eval"] = max(errs["eval"], _err(key, run["eval"][key], theirs["eval"][key]))
+        for rank in mine:
+            if "resume_diff" in theirs:  # the resumed run ends where the uninterrupted one does
+                errs["resume"] = rank[case]["resume_diff"]
+                assert errs["resume"] <= max(2 * theirs["resume_diff"], 1e-7), (case, errs, theirs["resume_diff"])
+            if "predict" in theirs:  # every rank holds the predictions
+                (logits, labels, loss), (ref_logits, ref_labels, ref_loss) = rank[case]["predict"], theirs["predict"]
+                assert logits.shape == ref_logits.shape and (labels == ref_labels).all(), case
+                errs["predict"] = max(float(abs(logits - ref_logits).max()), _err("loss", loss, ref_loss))
+                assert errs["predict"] < TOL, (case, errs)
         weights = {}
         for rank in mine:  # (replicas hold the same weights)
             weights.update(rank[case]["weights"])
@@ -192,16 +219,27 @@ def test_pipe_dpo_refuses_by_name(tmp_path):
     tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
     args = PipeDPOConfig(
         output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], loss_type=["aot", "sft"], use_weighting=False,
-        padding_free=True, activation_offloading=True, precompute_ref_log_probs=True,
+        padding_free=True, activation_offloading=True,
     )  # fmt: skip
+    with pytest.raises(PipelineConfigError, match="use_liger_kernel=True"):  # refused by the config already
+        PipeDPOConfig(output_dir=str(tmp_path / "o4"), use_cpu=True, report_to=[], use_liger_kernel=True)
+    vision = _preferences(4, 0).add_column("image", [None] * 4)
     with pytest.raises(PipelineConfigError) as err:
         PipeDPOTrainer(
-            checkpoint, args=args, train_dataset=_preferences(4, 0), processing_class=_tokenizer(),
-            compute_metrics=lambda p: {},
+            checkpoint, args=args, train_dataset=vision, processing_class=_tokenizer(), compute_metrics=lambda p: {},
         )  # fmt: skip
     message = str(err.value)
     for name in ("loss_type=['aot']", "padding_free=True", "activation_offloading=True", "compute_metrics",
-                 "precompute_ref_log_probs=True"):  # fmt: skip
+                 "a vision dataset"):  # fmt: skip
+        assert name in message, (name, message)
+    # a built Mixture-of-Experts model that names no checkpoint, on the traced frontend
+    moe = _moe("mixtral")
+    moe.config._name_or_path = ""
+    args = PipeDPOConfig(output_dir=str(tmp_path / "o3"), use_cpu=True, report_to=[], pipeline_frontend="trace")
+    with pytest.raises(PipelineConfigError) as err:
+        PipeDPOTrainer(moe, args=args, train_dataset=_preferences(4, 0), processing_class=_tokenizer())
+    message = str(err.value)
+    for name in ("router_aux_loss_coef=", "pipeline_frontend='trace'", "ref_model=None with a model that names no"):
         assert name in message, (name, message)
     with pytest.raises(PipelineConfigError, match="use_weighting=True with loss_type 'sft'"):
         PipeDPOTrainer(

@@ -14,9 +14,14 @@ forward-only pipelined pass of the same batch through those stages gives each ro
 on the last stage; never inside the training schedule.
 
 Refused by name before the first step: `aot` / `aot_unpaired`, `padding_free`, `use_liger_kernel`, vision datasets,
-the MoE router loss, `compute_metrics`, `activation_offloading`, `use_weighting` with `sft`, and (not yet supported)
-`precompute_ref_log_probs` and `sync_ref_model`; prompt-learning PEFT and LoRA on `lm_head` as PipeTrainer and
-DPOTrainer refuse them.
+the MoE router loss, `compute_metrics`, `activation_offloading`, `use_weighting` with `sft`; prompt-learning PEFT and
+LoRA on `lm_head` as PipeTrainer and DPOTrainer refuse them.
+
+`precompute_ref_log_probs=True`: one forward-only pass over each dataset before training, its batches shared over the
+pipeline replicas, the last stage's values gathered to every rank, stored as DPOTrainer stores them (the columns
+`ref_chosen_logps` / `ref_rejected_logps`, its cache keyed by the dataset and a hash of the whole model); each batch's
+values then travel with their pairs. `sync_ref_model=True` (TR-DPO): TRL's cadence and alpha, each rank mixing its
+reference stages into its policy stages (`_reference.py`).
 
 The loss. On the last stage, per microbatch: each row's summed completion log-probability from the logits (TRL's
 fused LM head computes the same values tile by tile; they agree to float32 rounding), `ld_alpha`'s
