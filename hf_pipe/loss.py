@@ -123,6 +123,8 @@ class PipelineLoss:
         self.metrics: list[dict[str, Any]] = []
         self._microbatches: Microbatches | None = None
         self._index: dict[int, int] = {}
+        #: the microbatch a hook is scoring (None: a whole batch, in evaluation)
+        self._current: int | None = None
         #: question answering: (the batch's length, its count of start terms, of end terms)
         self._spans: tuple[int, int, int] = (0, 0, 0)
 
@@ -174,7 +176,11 @@ class PipelineLoss:
         mbs = self._microbatches
         if self.hook is None:
             return self.sum(logits, mbs.inputs[index]) / self.normalizer
-        return self._call_hook(logits, mbs.labels[index], mbs.inputs[index])
+        self._current = index
+        try:
+            return self._call_hook(logits, mbs.labels[index], mbs.inputs[index])
+        finally:
+            self._current = None
 
     def whole_batch(self, logits: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """The loss of a whole batch from its logits (evaluation): as Trainer computes it on one device. `logits` may
@@ -185,6 +191,16 @@ class PipelineLoss:
         if self.hook is None:
             return self.sum(logits, inputs) / self.normalizer
         return self._call_hook(logits, inputs.get("labels"), inputs)
+
+    def rows(self) -> slice:
+        """The rows of the step's batch that the microbatch a hook is scoring holds (all of them in evaluation, where
+        the hook sees the whole batch): how a hook finds per-row values computed before the step, such as a frozen
+        reference model's log-probabilities. Padded batches only (a packed microbatch mixes rows)."""
+        if self._current is None:
+            return slice(None)
+        mbs = self._microbatches
+        start = sum(int(x["input_ids"].shape[0]) for x in mbs.inputs[: self._current])
+        return slice(start, start + int(mbs.inputs[self._current]["input_ids"].shape[0]))
 
     def model_loss(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """The model's own loss of `outputs` (as `outputs()` makes them) for `inputs` (a microbatch, or a whole

@@ -76,8 +76,9 @@ class Steps:
                 microbatches=engine.microbatches,
                 batch_size=rows // engine.rows_per_example,
             )
-        else:  # forward only: any count of equal microbatches works
-            name, count = FORWARD, largest_divisor_at_most(rows, engine.microbatches)
+        else:  # forward only: any count of equal microbatches works, whole examples each (a preference pair's rows)
+            per = engine.rows_per_example
+            name, count = FORWARD, largest_divisor_at_most(rows // per, engine.microbatches)
         # With DDP or FSDP2 a new shape makes torch's shape inference talk to the replicas, so they must meet new
         # shapes at the same steps: pad to the longest sequence among them (masked, labels -100).
         length = self._longest_over_replicas(batch["input_ids"].shape[-1]) if dp else None

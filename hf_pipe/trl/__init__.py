@@ -11,9 +11,9 @@ its stages' weights from the checkpoint (`_model.py`).
     trainer = PipeSFTTrainer(model="path/to/model", args=PipeSFTConfig(output_dir="out", packing=True),
                              train_dataset=dataset, peft_config=LoraConfig(...))
 
-A further trainer is one file here (its config and trainer), re-exported below. DPO-style trainers (DPO, KTO, ORPO)
-also need the reference model's log-probabilities through a second, frozen pipeline (or precomputed): not provided
-yet.
+`PipeDPOTrainer` with `PipeDPOConfig` (`dpo.py`) also runs DPO's reference model: a second, frozen set of stages
+with the policy's split (or, with PEFT, the adapters off), a forward-only pass before each step. A further trainer is
+one file here (its config and trainer), re-exported below; `_preference.py` holds what preference trainers share.
 """
 
 try:
@@ -21,7 +21,15 @@ try:
 except ImportError as err:  # pragma: no cover - the extra is missing
     raise ImportError("hf_pipe.trl needs TRL: pip install 'hf_pipe[trl]' (trl>=1.16)") from err
 
+from .dpo import PipeDPOConfig, PipeDPOTrainer
 from .reward import PipeRewardConfig, PipeRewardTrainer
 from .sft import PipeSFTConfig, PipeSFTTrainer
 
-__all__ = ["PipeRewardConfig", "PipeRewardTrainer", "PipeSFTConfig", "PipeSFTTrainer"]
+__all__ = [
+    "PipeDPOConfig",
+    "PipeDPOTrainer",
+    "PipeRewardConfig",
+    "PipeRewardTrainer",
+    "PipeSFTConfig",
+    "PipeSFTTrainer",
+]

@@ -1,0 +1,64 @@
+"""What the preference trainers over the pipeline share: a pair's two rows side by side (so that they travel in one
+microbatch) and back, and the per-token values TRL's fused LM head gives, computed on the last stage from its logits.
+
+TRL's collators stack the chosen rows above the rejected ones; a pipeline cuts the batch into row chunks, so the rows
+are interleaved (chosen 0, rejected 0, chosen 1, ...) before the step and put back in the collator's order after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def pair_order(rows: int, device: Any = None) -> torch.Tensor:
+    """The row order that puts row i of the first half next to row i of the second half."""
+    return torch.arange(rows, device=device).view(2, rows // 2).t().reshape(-1)
+
+
+def interleave(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch whose first half of rows pairs with its second half, each pair's rows side by side."""
+    rows = batch["input_ids"].shape[0]
+    order = pair_order(rows, batch["input_ids"].device)
+    return {k: v[order] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v for k, v in batch.items()}
+
+
+def deinterleave(values: torch.Tensor) -> torch.Tensor:
+    """Per-row values of an interleaved batch, back in the collator's order (first rows of pairs, then seconds)."""
+    return torch.cat([values[0::2], values[1::2]])
+
+
+@dataclass
+class TokenStats:
+    """Per-token values of a causal LM's output, as TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`)
+    returns them: zero where the label is -100; `log_probs` differentiable, the others detached."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor
+    mean_logits: torch.Tensor
+    is_top1: torch.Tensor
+    log_sum_sq_probs: torch.Tensor | None
+    mask: torch.Tensor
+
+
+def token_stats(logits: torch.Tensor, shift_labels: torch.Tensor, log_sum_sq_probs: bool = False) -> TokenStats:
+    """TRL's fused-head values at every position whose shifted label is not -100, from the last stage's logits, in
+    float32: the label's log-probability, the entropy, the mean logit, whether the label is the first argmax, and
+    (for WPO weights) log Σ p². The fused head folds the same quantities tile by tile without the full logits; the
+    two agree to float32 rounding (the pipeline's last stage has the logits of its microbatch anyway)."""
+    z = logits.float()
+    mask = shift_labels != IGNORE_INDEX
+    targets = shift_labels.clamp(min=0).unsqueeze(-1)
+    log_z = z.logsumexp(-1)
+    log_probs = (z.gather(-1, targets).squeeze(-1) - log_z) * mask
+    with torch.no_grad():
+        log_p = z - log_z.unsqueeze(-1)
+        entropy = -(log_p.exp() * log_p).sum(-1) * mask
+        mean_logits = z.mean(-1) * mask
+        is_top1 = (z.argmax(-1) == targets.squeeze(-1)) & mask
+        sq = (2 * log_p).logsumexp(-1) * mask if log_sum_sq_probs else None
+    return TokenStats(log_probs, entropy, mean_logits, is_top1, sq, mask)

@@ -1,0 +1,162 @@
+"""DPO's reference model under the pipeline, beyond the per-step pass: the skeleton DPOTrainer's `__init__` builds
+instead of a second whole model, the whole-model key of the precomputed cache, the precompute pass itself (reference
+log-probabilities of the whole dataset, gathered to every rank) and TR-DPO's stage-by-stage reference update.
+
+A precomputed cache is keyed as DPOTrainer keys it (the dataset's fingerprint and a hash of the reference model) so
+that a second run finds it; here the hash covers the whole model although each rank holds only its stages: every
+rank digests the tensors it holds and the digests are gathered over the pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from trl.trainer.callbacks import SyncRefModelCallback
+
+from ..launch import every_rank, waiting
+from ..loading import skeleton
+from ..weights import Checkpoint
+from ._preference import deinterleave
+
+
+@contextlib.contextmanager
+def reference_init(trainer: Any, args: Any) -> Iterator[None]:
+    """While DPOTrainer's `__init__` runs: its whole reference model (`ref_model=None`, loaded from the policy's
+    checkpoint) built as a skeleton on the meta device instead, which the trainer then reads stage by stage; and its
+    hash of the reference model (the precomputed cache's key) taken over the whole pipeline."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    originals = dpo_module.create_model_from_path, dpo_module.hash_module
+
+    def reference_skeleton(path: str, **kwargs: Any) -> Any:
+        model = skeleton(path, kwargs)
+        model._pipe_weights = Checkpoint(path, seed=args.seed, **kwargs)
+        model._is_accelerate_prepared = True  # nothing to place: the stages are read onto their device
+        return model
+
+    dpo_module.create_model_from_path = reference_skeleton
+    dpo_module.hash_module = lambda module: whole_model_hash(module, trainer.engine)
+    try:
+        yield
+    finally:
+        dpo_module.create_model_from_path, dpo_module.hash_module = originals
+
+
+def whole_model_hash(module: torch.nn.Module, engine: Any) -> str:
+    """A hash of every tensor of `module`'s state dict, as `trl.trainer.utils.hash_module` takes over a whole model,
+    where each rank of the pipeline holds only its stages' tensors (the others on meta): each rank digests the
+    tensors it holds, the digests are gathered over the pipeline and hashed in name order. Collective over the
+    pipeline; the same on every rank (a given reference model, whole on every rank, gives the same value)."""
+    digests: dict[str, str] = {}
+    for name, tensor in module.state_dict().items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        if tensor.device.type == "meta":
+            continue
+        tensor = tensor.detach().cpu()
+        digest = hashlib.sha256(str(tensor.dtype).encode())
+        if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+            tensor = tensor.to(torch.float32)
+        digest.update(tensor.numpy().tobytes())
+        digests[name] = digest.hexdigest()
+    gathered: list[Any] = [None] * engine.pp_size
+    with waiting("the gather of the model's hash", engine.pipeline_ranks):
+        dist.all_gather_object(gathered, digests, group=engine.group)
+    whole = hashlib.sha256()
+    merged = {name: digest for part in gathered for name, digest in part.items()}
+    for name in sorted(merged):
+        whole.update(f"{name}:{merged[name]}".encode())
+    return whole.hexdigest()
+
+
+def precompute(trainer: Any, dataset: Any, name: str, batch_size: int) -> Any:
+    """DPOTrainer's `_precompute_ref_logps` over the pipeline: `dataset` with the columns `ref_chosen_logps` and
+    `ref_rejected_logps`, the same on every rank, from DPOTrainer's cache file when one exists (keyed by the dataset
+    and the whole reference model), else from one forward-only pass over the dataset (`reference_logps`)."""
+    from accelerate.utils import broadcast_object_list
+    from datasets import Dataset, IterableDataset, concatenate_datasets
+
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+            "Dataset or set `precompute_ref_log_probs=False`."
+        )
+    from datasets.fingerprint import Hasher
+
+    fingerprint = [Hasher.hash((dataset._fingerprint, trainer._precompute_model_hash))]
+    broadcast_object_list(fingerprint, from_process=0)
+    fingerprint = fingerprint[0]
+    # a dataset held in memory has no cache directory the ranks share (each process has its own temporary one)
+    cache_file = dataset._get_cache_file_path(fingerprint) if dataset.cache_files else None
+    if cache_file is not None and os.path.exists(cache_file):
+        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+    chosen, rejected = reference_logps(trainer, dataset, batch_size)
+
+    def add_ref_logps(batch: Any, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {"ref_chosen_logps": chosen[indices], "ref_rejected_logps": rejected[indices]}
+
+    columns = dict(with_indices=True, batched=True, remove_columns=dataset.column_names, new_fingerprint=fingerprint)
+    if cache_file is None:  # every rank adds the same columns
+        return concatenate_datasets([dataset, dataset.map(add_ref_logps, keep_in_memory=True, **columns)], axis=1)
+    if trainer.accelerator.is_main_process:
+        dataset.map(
+            add_ref_logps, cache_file_name=cache_file, desc=f"Caching reference log probs for {name}", **columns
+        )
+    with waiting("the cache file of the reference log-probabilities", every_rank()):
+        trainer.accelerator.wait_for_everyone()
+    return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+
+def reference_logps(trainer: Any, dataset: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pair's reference log-probabilities (chosen, rejected), on every rank: the dataset's batches (DPOTrainer's
+    collator, unshuffled) shared round-robin over the pipeline replicas, each a forward-only pass through the
+    reference stages, the last stage's values then gathered from its ranks to every rank."""
+    from torch.utils.data import DataLoader
+
+    args = trainer.args
+    loader = DataLoader(
+        dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False,
+        num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+    )  # fmt: skip
+    dp, replica, total = trainer._dp_size, trainer._dp_rank, len(loader)
+    mine: dict[int, torch.Tensor] = {}
+    first = None
+    for index, inputs in enumerate(loader):
+        first = inputs if first is None else first
+        if index % dp == replica:
+            values = trainer._reference_logps(trainer._as_pipeline_batch(inputs)[0])
+            if values is not None:  # the last stage's rank
+                mine[index] = deinterleave(values).cpu()
+    # replicas meet at every forward (DDP's buffers, padded shapes): one with fewer batches repeats its first one
+    for _ in range(math.ceil(total / dp) - len(range(replica, total, dp))):
+        trainer._reference_logps(trainer._as_pipeline_batch(first)[0])
+    gathered: list[Any] = [None] * dist.get_world_size()
+    with waiting("the gather of the reference log-probabilities", every_rank()):
+        dist.all_gather_object(gathered, mine)
+    per_batch = {index: values for part in gathered for index, values in part.items()}
+    values = [per_batch[index].view(2, -1) for index in range(total)]  # rows: chosen, then rejected
+    return torch.cat([v[0] for v in values]), torch.cat([v[1] for v in values])
+
+
+class SyncReferenceStages(SyncRefModelCallback):
+    """TR-DPO's reference update (`trl.trainer.callbacks.SyncRefModelCallback`) at its cadence and with its alpha,
+    stage by stage: each rank mixes its reference stages into its policy stages' values, the same split, so no
+    rank needs another's weights."""
+
+    def __init__(self, trainer: Any):
+        super().__init__(ref_model=None, accelerator=None)
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % args.ref_model_sync_steps == 0:
+            reference, policy = self.trainer._reference.modules, self.trainer.engine.modules
+            for ref_stage, policy_stage in zip(reference, policy, strict=True):
+                self._sync_target_model(policy_stage, ref_stage, args.ref_model_mixup_alpha)
