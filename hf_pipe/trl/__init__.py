@@ -1,5 +1,6 @@
 """TRL's trainers over the pipeline, one file per trainer: `PipeSFTTrainer` with `PipeSFTConfig` (`sft.py`),
-`PipeRewardTrainer` with `PipeRewardConfig` (`reward.py`).
+`PipeRewardTrainer` with `PipeRewardConfig` (`reward.py`), and from `trl.experimental` `PipeORPOTrainer` with
+`PipeORPOConfig` (`orpo.py`) and `PipeCPOTrainer` with `PipeCPOConfig` (`cpo.py`, SimPO and AlphaPO included).
 
 Each `Pipe<Name>Config` is TRL's config with the pipeline fields (`hf_pipe.PipeArgumentsMixin`), every TRL default
 kept; each `Pipe<Name>Trainer` takes exactly TRL's trainer's arguments, keeps its dataset preparation, collator and
@@ -11,7 +12,7 @@ its stages' weights from the checkpoint (`_model.py`).
     trainer = PipeSFTTrainer(model="path/to/model", args=PipeSFTConfig(output_dir="out", packing=True),
                              train_dataset=dataset, peft_config=LoraConfig(...))
 
-A further trainer is one file here (its config and trainer), re-exported below. DPO-style trainers (DPO, KTO, ORPO)
+A further trainer is one file here (its config and trainer), re-exported below. DPO-style trainers (DPO, KTO)
 also need the reference model's log-probabilities through a second, frozen pipeline (or precomputed): not provided
 yet.
 """
@@ -24,4 +25,30 @@ except ImportError as err:  # pragma: no cover - the extra is missing
 from .reward import PipeRewardConfig, PipeRewardTrainer
 from .sft import PipeSFTConfig, PipeSFTTrainer
 
-__all__ = ["PipeRewardConfig", "PipeRewardTrainer", "PipeSFTConfig", "PipeSFTTrainer"]
+__all__ = [
+    "PipeCPOConfig",
+    "PipeCPOTrainer",
+    "PipeORPOConfig",
+    "PipeORPOTrainer",
+    "PipeRewardConfig",
+    "PipeRewardTrainer",
+    "PipeSFTConfig",
+    "PipeSFTTrainer",
+]
+
+#: trainers from `trl.experimental`, imported on first use: importing it warns that its APIs are unstable, which
+#: only their users should read
+_EXPERIMENTAL = {
+    "PipeCPOConfig": "cpo",
+    "PipeCPOTrainer": "cpo",
+    "PipeORPOConfig": "orpo",
+    "PipeORPOTrainer": "orpo",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPERIMENTAL:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPERIMENTAL[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
