@@ -15,13 +15,16 @@ rejected logits).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import PipelineConfigError
+from ..integrations.peft import is_peft_model
 from ..loading import skeleton
 from ..microbatch import IGNORE_INDEX
 from ..trainer import PipeTrainer
@@ -64,6 +67,7 @@ def paired_model(trainer: Any, model: Any, args: Any, config_cls: type, trl_conf
             trainer._hidden_init_kwargs = kwargs
             args.model_init_kwargs = None
         model = skeleton(model, kwargs)
+        trainer._path_skeleton = copy.deepcopy(model)  # on the meta device: no weights copied
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         problems.append(
@@ -93,6 +97,31 @@ class AfterTRL(PipeTrainer):
         if hidden is not None:
             kwargs["args"].model_init_kwargs = hidden
         super().__init__(*args, **kwargs)
+        path_skeleton = self.__dict__.pop("_path_skeleton", None)
+        if path_skeleton is not None and is_peft_model(self.model):
+            self._draw_adapters_as_trl(path_skeleton)
+
+    @torch.no_grad()
+    def _draw_adapters_as_trl(self, path_skeleton: nn.Module) -> None:
+        """The LoRA weights TRL draws for a model path: `set_seed(args.seed)`, `from_pretrained`, `get_peft_model`
+        from the global generator, in module order. TRL's own call ran on the skeleton, on the meta device, where the
+        draws were lost: it is replayed on a copy whose base weights are zero-stride CPU tensors (no memory), and
+        this rank's stages take the adapters they hold."""
+        from peft import get_peft_model
+
+        shadow = path_skeleton
+        for module in shadow.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.is_meta:
+                    cpu = torch.zeros((), dtype=param.dtype).expand(param.shape)
+                    setattr(module, name, nn.Parameter(cpu, requires_grad=False))
+        config = self.model.peft_config[self.model.active_adapter]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.args.seed)
+            drawn = dict(get_peft_model(shadow, copy.deepcopy(config)).base_model.model.named_parameters())
+        for name, param in self.engine.named_parameters():
+            if ".lora_" in name and ".lora_magnitude_vector." not in name:  # DoRA's magnitude: from the base weight
+                param.copy_(drawn[name])
 
 
 class PairedLosses:
