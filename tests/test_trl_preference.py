@@ -36,7 +36,7 @@ ORPO_CASES = {
 CPO_CASES = {
     "sigmoid-path-ga2": {"path": True, "label_smoothing": 0.1, "gradient_accumulation_steps": 2},
     "hinge-interleaved": {"loss_type": "hinge", "beta": 0.5, "schedule": "interleaved1f1b"},  # 4 stages on 2 ranks
-    "ipo": {"loss_type": "ipo"},
+    "ipo-short-last-batch": {"loss_type": "ipo", "train_rows": 18},  # the last batch: 2 pairs, 2 microbatches
     "simpo": {"loss_type": "simpo", "simpo_gamma": 0.3, "cpo_alpha": 0.5, "beta": 2.0},
     "alphapo": {"loss_type": "alphapo", "alpha": 0.25, "beta": 2.0},
     "sigmoid-lora": {"peft": True},
@@ -76,6 +76,7 @@ def _run(trainer: str, case: str, output_dir: str, pipeline: bool, checkpoint: s
     options = dict((ORPO_CASES if trainer == "orpo" else CPO_CASES)[case])
     peft, path = options.pop("peft", False), options.pop("path", False)
     pipe = {"pipeline_schedule": options.pop("schedule", "1f1b"), "pipeline_microbatches": 4}
+    train_rows = options.pop("train_rows", 16 * options.get("gradient_accumulation_steps", 1))  # 4 optimizer steps
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-3,
         num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], seed=3, max_length=32,
@@ -87,7 +88,7 @@ def _run(trainer: str, case: str, output_dir: str, pipeline: bool, checkpoint: s
         trainer_ = cls(
             model=checkpoint if path else AutoModelForCausalLM.from_pretrained(checkpoint),
             args=config,
-            train_dataset=_triples(16 * config.gradient_accumulation_steps, 0),  # 4 optimizer steps
+            train_dataset=_triples(train_rows, 0),
             eval_dataset=_triples(12, 5),
             processing_class=_tokenizer(),
             peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
