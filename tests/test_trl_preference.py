@@ -30,7 +30,7 @@ ORPO_CASES = {
     # 2 accumulated batches
     "orpo-path-ga2": {"path": True, "model_init_kwargs": {"dtype": "float32"}, "gradient_accumulation_steps": 2},
     "orpo-lora": {"peft": True, "beta": 0.3},
-    # TRL draws the adapters of a path's model after set_seed: the pipeline replays those draws (the skeleton's are lost)
+    # TRL draws a path's adapters after set_seed: the pipeline replays those draws (the skeleton's are lost)
     "orpo-path-lora": {"peft": True, "path": True},
 }
 CPO_CASES = {
