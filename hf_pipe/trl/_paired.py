@@ -107,15 +107,17 @@ class AfterTRL(PipeTrainer):
         from the global generator, in module order. TRL's own call ran on the skeleton, on the meta device, where the
         draws were lost: it is replayed on a copy whose base weights are zero-stride CPU tensors (no memory), and
         this rank's stages take the adapters they hold."""
-        from peft import get_peft_model
+        from peft import PeftType, get_peft_model
 
+        config = self.model.peft_config[self.model.active_adapter]
+        if config.peft_type != PeftType.LORA or config.init_lora_weights not in (True, False, "gaussian"):
+            return  # no random draws to replay, or inits computed from the base weights (PiSSA, OLoRA, ...)
         shadow = path_skeleton
         for module in shadow.modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 if param.is_meta:
                     cpu = torch.zeros((), dtype=param.dtype).expand(param.shape)
                     setattr(module, name, nn.Parameter(cpu, requires_grad=False))
-        config = self.model.peft_config[self.model.active_adapter]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.args.seed)
             drawn = dict(get_peft_model(shadow, copy.deepcopy(config)).base_model.model.named_parameters())
