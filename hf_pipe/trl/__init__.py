@@ -13,7 +13,8 @@ its stages' weights from the checkpoint (`_model.py`).
                              train_dataset=dataset, peft_config=LoraConfig(...))
 
 `PipeDPOTrainer` with `PipeDPOConfig` (`dpo.py`) also runs DPO's reference model: a second, frozen set of stages
-with the policy's split (or, with PEFT, the adapters off), a forward-only pass before each step. A further trainer is
+with the policy's split (or, with PEFT, the adapters off), a forward-only pass before each step; `PipeKTOTrainer`
+with `PipeKTOConfig` (`kto.py`) runs KTO's the same way, with its KL term from forward-only passes before the step. A further trainer is
 one file here (its config and trainer), re-exported below; `_preference.py` holds what preference trainers share,
 `_paired.py` what TRL's older paired trainers (ORPO, CPO) share.
 """
@@ -24,6 +25,7 @@ except ImportError as err:  # pragma: no cover - the extra is missing
     raise ImportError("hf_pipe.trl needs TRL: pip install 'hf_pipe[trl]' (trl>=1.16)") from err
 
 from .dpo import PipeDPOConfig, PipeDPOTrainer
+from .kto import PipeKTOConfig, PipeKTOTrainer
 from .reward import PipeRewardConfig, PipeRewardTrainer
 from .sft import PipeSFTConfig, PipeSFTTrainer
 
@@ -32,6 +34,8 @@ __all__ = [
     "PipeCPOTrainer",
     "PipeDPOConfig",
     "PipeDPOTrainer",
+    "PipeKTOConfig",
+    "PipeKTOTrainer",
     "PipeORPOConfig",
     "PipeORPOTrainer",
     "PipeRewardConfig",
