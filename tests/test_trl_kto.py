@@ -25,8 +25,15 @@ CASES = {
     "kto": {},
     # APO's unpaired loss (no KL term, no KL completions), weighted
     "apo": {"loss_type": "apo_zero_unpaired", "desirable_weight": 1.3, "undesirable_weight": 0.7, "beta": 0.5},
-    # 2 accumulated batches (KTOTrainer divides each batch's mean by the accumulation steps), weighted
-    "accumulated": {"gradient_accumulation_steps": 2, "desirable_weight": 1.2, "beta": 0.3},
+    # 2 accumulated batches of 2 rows (KTOTrainer divides each batch's mean by the accumulation steps; the KL
+    # completions swap within each batch), weighted; a microbatch per row
+    "accumulated": {
+        "gradient_accumulation_steps": 2,
+        "per_device_train_batch_size": 2,
+        "desirable_weight": 1.2,
+        "beta": 0.3,
+        "schedule": {"pipeline_microbatches": 2},
+    },
     # LoRA: the reference is the policy's own stages with the adapters off
     "lora": {"peft": True},
     # a reference model given built (another model than the policy), cut into stages like the policy
@@ -74,12 +81,13 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     peft = options.pop("peft", False)
     checkpoint = os.path.join(root, "llama")
     ref_model = options.pop("ref_model", None)
+    schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4, **options.pop("schedule", {})}
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=2e-3,
         num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], seed=3, max_length=24,
-        disable_tqdm=True, use_cpu=True, bf16=False, **options,
+        disable_tqdm=True, use_cpu=True, bf16=False,
     )  # fmt: skip
-    schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}
+    settings.update(options)
     config = PipeKTOConfig(**settings, **schedule) if pipeline else KTOConfig(**settings)
     cls = PipeKTOTrainer if pipeline else KTOTrainer
     trainer = cls(
@@ -149,7 +157,7 @@ def test_pipe_kto_refuses_by_name(tmp_path):
     tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
     args = PipeKTOConfig(
         output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], activation_offloading=True,
-        precompute_ref_log_probs=True, use_liger_kernel=True,
+        precompute_ref_log_probs=True,
     )  # fmt: skip
     with pytest.raises(PipelineConfigError) as err:
         PipeKTOTrainer(
@@ -157,8 +165,7 @@ def test_pipe_kto_refuses_by_name(tmp_path):
             compute_metrics=lambda p: {},
         )  # fmt: skip
     message = str(err.value)
-    for name in ("activation_offloading=True", "precompute_ref_log_probs=True", "use_liger_kernel=True",
-                 "compute_metrics"):  # fmt: skip
+    for name in ("activation_offloading=True", "precompute_ref_log_probs=True", "compute_metrics"):
         assert name in message, (name, message)
     with pytest.raises(TypeError, match="PipeKTOConfig"):
         from trl import KTOConfig

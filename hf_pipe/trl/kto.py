@@ -23,9 +23,9 @@ the accumulation steps in training): the microbatches add up to KTOTrainer's mea
 over processes, each logged only for the steps where KTOTrainer logs it (a batch without undesirable examples logs no
 `rewards/rejected`, nor `rewards/margins`); `num_tokens` is counted once per pipeline replica.
 
-Refused by name before the first step: `precompute_ref_log_probs` (not yet supported), `use_liger_kernel`, vision
-datasets, the MoE router loss, `compute_metrics`, `activation_offloading`, a frontend other than the module split;
-prompt-learning PEFT and LoRA on `lm_head` as PipeTrainer and KTOTrainer refuse them.
+Refused by name before the first step: `precompute_ref_log_probs` (not yet supported), vision datasets, the MoE
+router loss, `compute_metrics`, `activation_offloading`, a frontend other than the module split; `use_liger_kernel`,
+prompt-learning PEFT and LoRA on `lm_head` as PipeTrainer (and KTOTrainer) refuse them.
 """
 
 from __future__ import annotations
@@ -77,8 +77,6 @@ def _kto_problems(args: Any, model: Any, ref_model: Any, peft: bool, train_datas
             "precompute_ref_log_probs=True: not yet supported under the pipeline; set it to False (the reference "
             "runs as frozen stages, a forward-only pass before each step)."
         )
-    if args.use_liger_kernel:
-        problems.append("use_liger_kernel=True: Liger patches the whole model's forward, which no rank runs.")
     if kwargs.get("compute_metrics") is not None:
         problems.append(
             "compute_metrics: KTOTrainer passes it logits recomputed by a second forward of the whole model "
