@@ -40,8 +40,11 @@ CASES = {
     "given": {"ref_model": "other"},
     # TR-DPO: the reference stages mixed with the policy's every 2 steps
     "sync": {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.6},
+    # 2 pipelines of 2 ranks (4 ranks) against KTOTrainer on 2 processes, a batch of 4 each: the KL term a mean over
+    # the replicas' batch means, the metrics gathered over them (32 rows: 4 steps, no replica short of a batch)
+    "replicas": {"dp": 2, "rows": 32},
 }
-GROUPS = {"losses": ["kto", "apo", "accumulated"], "references": ["lora", "given", "sync"]}
+GROUPS = {"losses": ["kto", "apo", "accumulated"], "references": ["lora", "given", "sync"], "replicas": ["replicas"]}
 LOGGED = (
     "loss", "grad_norm", "kl", "entropy", "logits/chosen", "logits/rejected", "rewards/chosen", "rewards/rejected",
     "rewards/margins", "logps/chosen", "logps/rejected",
@@ -81,6 +84,7 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     peft = options.pop("peft", False)
     checkpoint = os.path.join(root, "llama")
     ref_model = options.pop("ref_model", None)
+    dp, rows = options.pop("dp", 1), options.pop("rows", len(LABELS))
     schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4, **options.pop("schedule", {})}
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=2e-3,
@@ -88,6 +92,8 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
         disable_tqdm=True, use_cpu=True, bf16=False,
     )  # fmt: skip
     settings.update(options)
+    if dp > 1:
+        schedule["pipeline_parallel_size"] = 2
     config = PipeKTOConfig(**settings, **schedule) if pipeline else KTOConfig(**settings)
     cls = PipeKTOTrainer if pipeline else KTOTrainer
     trainer = cls(
@@ -95,7 +101,7 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
         model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft else checkpoint,
         ref_model=AutoModelForCausalLM.from_pretrained(os.path.join(root, ref_model)) if ref_model else None,
         args=config,
-        train_dataset=_unpaired(LABELS, 0),
+        train_dataset=_unpaired((LABELS * 2)[:rows], 0),
         eval_dataset=_unpaired([True, False, True, True, False, False, True, False], 5),
         processing_class=_tokenizer(),
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
@@ -119,13 +125,15 @@ def test_pipe_kto_matches_kto_trainer(tmp_path, group):
     tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(os.path.join(root, "llama"))
     tiny_model("llama", seed=1, pad_token_id=0, eos_token_id=1).save_pretrained(os.path.join(root, "other"))
     launch = {"launcher_env": True, "fork": True}
-    ref = run_distributed(_runs, 1, cases, str(tmp_path / "ref"), False, root, timeout=400, **launch)[0]
-    mine = run_distributed(_runs, 2, cases, str(tmp_path / "pp"), True, root, timeout=600, **launch)
+    dp = 2 if group == "replicas" else 1  # KTOTrainer on as many processes as the pipeline has replicas
+    ref = run_distributed(_runs, dp, cases, str(tmp_path / "ref"), False, root, timeout=400, **launch)[0]
+    mine = run_distributed(_runs, 2 * dp, cases, str(tmp_path / "pp"), True, root, timeout=600, **launch)
     for case in cases:
         theirs, errs = ref[case], dict.fromkeys((*LOGGED, "eval", "weights"), 0.0)
         assert len(theirs["logs"]) >= 4, case
-        # the steps without undesirable (desirable) rows log no rejected (chosen) metrics, nor the margins
-        assert any("rewards/margins" not in e for e in theirs["logs"]), case
+        # the steps without undesirable (desirable) rows log no rejected (chosen) metrics, nor the margins; with
+        # replicas, one replica's batch of desirable rows only (rows 12-15) meets the other's mixed one
+        assert any("rewards/margins" not in e for e in theirs["logs"]) or dp > 1, case
         for rank in mine:
             run = rank[case]
             assert [e["step"] for e in run["logs"]] == [e["step"] for e in theirs["logs"]], case
