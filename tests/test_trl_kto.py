@@ -1,8 +1,8 @@
 """TRL's KTO under the pipeline: PipeKTOTrainer on 2 ranks against KTOTrainer on one process, same seed and data —
 per-step loss and grad norm, every metric KTOTrainer logs (and on which steps it logs it), num_tokens, evaluation and
 final weights — for the reference read per stage from the policy's checkpoint, apo_zero_unpaired, desirable /
-undesirable weights with gradient accumulation, LoRA (the reference: the adapters off), a given reference model and
-TR-DPO's reference sync; and the refusals."""
+undesirable weights with gradient accumulation, LoRA (the reference: the adapters off), a given reference model,
+TR-DPO's reference sync, and 2 pipeline replicas against KTOTrainer on 2 processes; and the refusals."""
 
 from __future__ import annotations
 
