@@ -1,6 +1,6 @@
 """Every pipeline config keeps the defaults of the config it wraps: `PipeSFTConfig` TRL's `SFTConfig` defaults (learning
-rate, bf16, logging steps, gradient checkpointing, ...), `PipeRewardConfig` `RewardConfig`'s, and the Trainer configs
-theirs — as declared fields, and as values after `__post_init__` from the command line. No process group: nothing
+rate, bf16, logging steps, gradient checkpointing, ...), `PipeRewardConfig` `RewardConfig`'s, `PipeORPOConfig` and
+`PipeCPOConfig` those of TRL's experimental `ORPOConfig` and `CPOConfig`, and the Trainer configs theirs — as declared fields, and as values after `__post_init__` from the command line. No process group: nothing
 here is launched (WORLD_SIZE unset)."""
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from hf_pipe.training_args import PipelineArguments
 pytest.importorskip("trl")
 
 from trl import RewardConfig, SFTConfig  # noqa: E402
+from trl.experimental.cpo import CPOConfig  # noqa: E402
+from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
-from hf_pipe.trl import PipeRewardConfig, PipeSFTConfig  # noqa: E402
+from hf_pipe.trl import PipeCPOConfig, PipeORPOConfig, PipeRewardConfig, PipeSFTConfig  # noqa: E402
 
 PAIRS = [
     (PipeSFTConfig, SFTConfig),
     (PipeRewardConfig, RewardConfig),
+    (PipeORPOConfig, ORPOConfig),
+    (PipeCPOConfig, CPOConfig),
     (PipeSeq2SeqTrainingArguments, Seq2SeqTrainingArguments),
     (PipeTrainingArguments, TrainingArguments),
 ]
@@ -65,8 +69,8 @@ def test_parsed_values_are_the_wrapped_config_s(pipe, base, use_cpu, tmp_path):
         if a != b:
             differ[field.name] = (a, b)
     assert differ == {}
-    if base in (SFTConfig, RewardConfig):  # the TRL defaults the pipeline configs used to lose to TrainingArguments'
-        assert mine.learning_rate == {SFTConfig: 2e-5, RewardConfig: 1e-4}[base]
+    if base in (SFTConfig, RewardConfig, ORPOConfig, CPOConfig):  # TRL's defaults, not TrainingArguments'
+        assert mine.learning_rate == {SFTConfig: 2e-5, RewardConfig: 1e-4, ORPOConfig: 1e-6, CPOConfig: 1e-6}[base]
         assert (mine.logging_steps, mine.gradient_checkpointing, mine.bf16) == (10, True, True)
     assert mine.to_dict().keys() - theirs.to_dict().keys() == PIPELINE_FIELDS | (
         {"model_init_kwargs"} - theirs.to_dict().keys()
@@ -107,3 +111,11 @@ def test_only_trl_s_false_model_init_kwargs_warning_is_dropped():
         finally:
             logger.removeHandler(handler)
         assert seen == ["another warning", false, false]
+
+
+def test_cpo_s_alphapo_sugar_is_kept(tmp_path):
+    """CPOConfig's own __post_init__ runs after the pipeline's: `loss_type="alphapo"` is SimPO without the NLL."""
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--loss_type", "alphapo", "--alpha", "0.2"]
+    mine, theirs = _parsed(PipeCPOConfig, argv), _parsed(CPOConfig, argv)
+    assert (mine.loss_type, mine.cpo_alpha, mine.alpha) == (theirs.loss_type, theirs.cpo_alpha, theirs.alpha)
+    assert (mine.loss_type, mine.cpo_alpha, mine.alpha) == ("simpo", 0.0, 0.2)

@@ -1,5 +1,6 @@
 """TRL's trainers over the pipeline, one file per trainer: `PipeSFTTrainer` with `PipeSFTConfig` (`sft.py`),
-`PipeRewardTrainer` with `PipeRewardConfig` (`reward.py`).
+`PipeRewardTrainer` with `PipeRewardConfig` (`reward.py`), and from `trl.experimental` `PipeORPOTrainer` with
+`PipeORPOConfig` (`orpo.py`) and `PipeCPOTrainer` with `PipeCPOConfig` (`cpo.py`, SimPO and AlphaPO included).
 
 Each `Pipe<Name>Config` is TRL's config with the pipeline fields (`hf_pipe.PipeArgumentsMixin`), every TRL default
 kept; each `Pipe<Name>Trainer` takes exactly TRL's trainer's arguments, keeps its dataset preparation, collator and
@@ -12,8 +13,10 @@ its stages' weights from the checkpoint (`_model.py`).
                              train_dataset=dataset, peft_config=LoraConfig(...))
 
 `PipeDPOTrainer` with `PipeDPOConfig` (`dpo.py`) also runs DPO's reference model: a second, frozen set of stages
-with the policy's split (or, with PEFT, the adapters off), a forward-only pass before each step. A further trainer is
-one file here (its config and trainer), re-exported below; `_preference.py` holds what preference trainers share.
+with the policy's split (or, with PEFT, the adapters off), a forward-only pass before each step; `PipeKTOTrainer`
+with `PipeKTOConfig` (`kto.py`) runs KTO's the same way, with its KL term from forward-only passes before the step. A further trainer is
+one file here (its config and trainer), re-exported below; `_preference.py` holds what preference trainers share,
+`_paired.py` what TRL's older paired trainers (ORPO, CPO) share.
 """
 
 try:
@@ -22,14 +25,38 @@ except ImportError as err:  # pragma: no cover - the extra is missing
     raise ImportError("hf_pipe.trl needs TRL: pip install 'hf_pipe[trl]' (trl>=1.16)") from err
 
 from .dpo import PipeDPOConfig, PipeDPOTrainer
+from .kto import PipeKTOConfig, PipeKTOTrainer
 from .reward import PipeRewardConfig, PipeRewardTrainer
 from .sft import PipeSFTConfig, PipeSFTTrainer
 
 __all__ = [
+    "PipeCPOConfig",
+    "PipeCPOTrainer",
     "PipeDPOConfig",
     "PipeDPOTrainer",
+    "PipeKTOConfig",
+    "PipeKTOTrainer",
+    "PipeORPOConfig",
+    "PipeORPOTrainer",
     "PipeRewardConfig",
     "PipeRewardTrainer",
     "PipeSFTConfig",
     "PipeSFTTrainer",
 ]
+
+#: trainers from `trl.experimental`, imported on first use: importing it warns that its APIs are unstable, which
+#: only their users should read
+_EXPERIMENTAL = {
+    "PipeCPOConfig": "cpo",
+    "PipeCPOTrainer": "cpo",
+    "PipeORPOConfig": "orpo",
+    "PipeORPOTrainer": "orpo",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPERIMENTAL:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPERIMENTAL[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

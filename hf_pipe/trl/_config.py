@@ -14,7 +14,7 @@ def config_problems(args: Any, config_cls: type, trl_config: type, trainer: str)
             f"Pipe{trainer} needs args={config_cls.__name__}(...), got {type(args).__name__}: a "
             f"{trl_config.__name__} with the pipeline settings."
         )
-    if not args.activation_offloading:
+    if not getattr(args, "activation_offloading", False):  # the stable TRL configs have it, the experimental ones not
         return []
     return [
         f"activation_offloading=True: {trainer} offloads the activations of its one forward, which the pipeline's "

@@ -1,5 +1,7 @@
 """What the preference trainers over the pipeline share: a pair's two rows side by side (so that they travel in one
-microbatch) and back, and the per-token values TRL's fused LM head gives, computed on the last stage from its logits.
+microbatch) and back, the per-token values TRL's fused LM head gives, computed on the last stage from its logits, and
+the frozen reference model (its stages, and the forward-only pass through them or through the policy's own stages with
+PEFT's adapters off).
 
 TRL's collators stack the chosen rows above the rejected ones; a pipeline cuts the batch into row chunks, so the rows
 are interleaved (chosen 0, rejected 0, chosen 1, ...) before the step and put back in the collator's order after it.
@@ -7,10 +9,16 @@ are interleaved (chosen 0, rejected 0, chosen 1, ...) before the step and put ba
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from trl.trainer.utils import use_adapter
+
+from ..integrations.peft import is_peft_model
+from ..weights import Resident
 
 IGNORE_INDEX = -100
 
@@ -62,3 +70,43 @@ def token_stats(logits: torch.Tensor, shift_labels: torch.Tensor, log_sum_sq_pro
         is_top1 = (z.argmax(-1) == targets.squeeze(-1)) & mask
         sq = (2 * log_p).logsumexp(-1) * mask if log_sum_sq_probs else None
     return TokenStats(log_probs, entropy, mean_logits, is_top1, sq, mask)
+
+
+def reference_stages(trainer: Any) -> Any:
+    """The reference's stages on this rank, cut like the policy's and frozen; None where the reference is the policy's
+    own stages (PEFT's adapters off, or nothing to keep: `trainer.ref_model` is None). A skeleton the TRL trainer built
+    (its `_pipe_weights` set, `_reference.reference_init`) is read stage by stage from its checkpoint."""
+    ref = trainer.ref_model
+    if ref is None:
+        return None
+    weights = getattr(ref, "_pipe_weights", None)
+    if weights is not None:  # a skeleton the TRL trainer made: no accelerator state to keep for it
+        trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not ref]
+    engine = trainer.engine
+    local = engine.frontend.build(
+        ref, engine.plan, engine.stage_indices, engine.device, weights if weights is not None else Resident()
+    )
+    for module in local.modules:
+        module.requires_grad_(False)
+        module.eval()
+    return local
+
+
+def reference_forward(
+    trainer: Any, reference: Any, batch: dict[str, Any], on_last: Callable[[Any, dict[str, Any]], torch.Tensor]
+) -> torch.Tensor | None:
+    """`on_last`'s per-row values of `batch` under the reference, on the last stage's rank (None elsewhere): a
+    forward-only pass through `reference` (the stages `reference_stages` built), or with None through the policy's
+    own stages with PEFT's adapters off (or the `"ref"` copy of a given adapter), as TRL's reference forward. A pass
+    of its own, before the step: toggling adapters also toggles their `requires_grad`, which the training schedule
+    must not see change."""
+    if reference is not None:
+        per_mb, _, _ = trainer.engine.forward(batch, on_last=on_last, stages=(reference, reference.modules))
+    else:  # PEFT's adapters off; or (precomputing, full fine-tuning) the policy before its first step
+        adapters = contextlib.nullcontext()
+        if is_peft_model(trainer.model):
+            adapter = "ref" if "ref" in trainer.model.peft_config else None
+            adapters = use_adapter(trainer.model, adapter_name=adapter)
+        with adapters:
+            per_mb, _, _ = trainer.engine.forward(batch, on_last=on_last)
+    return torch.cat(per_mb) if per_mb is not None else None

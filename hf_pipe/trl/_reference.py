@@ -28,12 +28,14 @@ from ._preference import deinterleave
 
 
 @contextlib.contextmanager
-def reference_init(trainer: Any, args: Any) -> Iterator[None]:
-    """While DPOTrainer's `__init__` runs: its whole reference model (`ref_model=None`, loaded from the policy's
-    checkpoint) built as a skeleton on the meta device instead, which the trainer then reads stage by stage; and its
-    hash of the reference model (the precomputed cache's key) taken over the whole pipeline."""
-    import trl.trainer.dpo_trainer as dpo_module
+def reference_init(trainer: Any, args: Any, trl_module: Any = None) -> Iterator[None]:
+    """While DPOTrainer's (or `trl_module`'s trainer's, e.g. `trl.trainer.kto_trainer`) `__init__` runs: its whole
+    reference model (`ref_model=None`, loaded from the policy's checkpoint) built as a skeleton on the meta device
+    instead, which the trainer then reads stage by stage; and its hash of the reference model (the precomputed cache's
+    key) taken over the whole pipeline."""
+    import trl.trainer.dpo_trainer
 
+    dpo_module = trl_module or trl.trainer.dpo_trainer
     originals = dpo_module.create_model_from_path, dpo_module.hash_module
 
     def reference_skeleton(path: str, **kwargs: Any) -> Any:

@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import use_adapter
 
 from ..batch_sync import one_batch_per_pipeline
 from ..errors import raise_if_any
@@ -53,11 +52,10 @@ from ..frontends import frontend_name
 from ..integrations.peft import is_peft_model
 from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
-from ..weights import Resident
 from ._config import config_problems
 from ._metrics import count_train_tokens
 from ._model import model_for, path_given
-from ._preference import IGNORE_INDEX, deinterleave, interleave, token_stats
+from ._preference import IGNORE_INDEX, deinterleave, interleave, reference_forward, reference_stages, token_stats
 from ._reference import SyncReferenceStages, precompute, reference_init
 
 #: the loss types whose loss compares the whole batch (they sort its pairs): no microbatch holds what they need
@@ -181,37 +179,12 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
 
     def _reference_stages(self) -> Any:
         """The reference's stages on this rank, cut like the policy's; frozen."""
-        ref = self.ref_model
-        if ref is None:
-            return None
-        weights = getattr(ref, "_pipe_weights", None)
-        if weights is not None:  # a skeleton DPOTrainer made: no accelerator state to keep for it
-            self.accelerator._models = [m for m in self.accelerator._models if m is not ref]
-        engine = self.engine
-        local = engine.frontend.build(
-            ref, engine.plan, engine.stage_indices, engine.device, weights if weights is not None else Resident()
-        )
-        for module in local.modules:
-            module.requires_grad_(False)
-            module.eval()
-        return local
+        return reference_stages(self)
 
     def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """Each row's reference log-probability: a forward-only pass of `batch` through the reference stages, or
-        (PEFT) through the policy's own stages with the adapters off (or the `"ref"` copy of a given adapter), as
-        DPOTrainer's reference forward; a pass of its own, before the step: toggling adapters also toggles their
-        `requires_grad`, which the training schedule must not see change."""
-        if self._reference is not None:
-            stages = (self._reference, self._reference.modules)
-            per_mb, _, _ = self.engine.forward(batch, on_last=self._row_logps, stages=stages)
-        else:  # PEFT's adapters off; or (precomputing, full fine-tuning) the policy before its first step
-            adapters = contextlib.nullcontext()
-            if is_peft_model(self.model):
-                adapter = "ref" if "ref" in self.model.peft_config else None
-                adapters = use_adapter(self.model, adapter_name=adapter)
-            with adapters:
-                per_mb, _, _ = self.engine.forward(batch, on_last=self._row_logps)
-        return torch.cat(per_mb) if per_mb is not None else None
+        (PEFT) through the policy's own stages with the adapters off (`_preference.reference_forward`)."""
+        return reference_forward(self, self._reference, batch, self._row_logps)
 
     def _row_logps(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
         return self._sequence_logps(token_stats(outputs.logits, inputs["shift_labels"]).log_probs, inputs)
