@@ -96,6 +96,23 @@ def test_sft_example_trains_packed_chats(tmp_path, smollm2):
     assert after < before and acc_after > acc_before, out[-2000:]
 
 
+@pytest.mark.timeout(400)
+def test_dpo_example_prefers_the_right_answers(tmp_path, smollm2):
+    out = _run(
+        ["examples/llama/dpo.py", "--output_dir", str(tmp_path), "--model_name_or_path", smollm2, "--max_steps", "3",
+         "--max_samples", "8", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+         "--pipeline_microbatches", "2", "--max_length", "64", "--learning_rate", "5e-3", "--report_to", "none",
+         "--bf16", "False"],
+        timeout=380,
+    )  # fmt: skip
+    result = re.search(r"DPO eval loss ([\d.]+) -> ([\d.]+), reward accuracy ([\d.]+) -> ([\d.]+)", out)
+    assert result is not None, out[-2000:]
+    before, after, acc_before, acc_after = map(float, result.groups())
+    # the adapter starts at zero: the policy is the reference, every reward 0, the loss log(2)
+    assert abs(before - 0.693) < 1e-3 and after < before and acc_after > acc_before, out[-2000:]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "final"))
+
+
 @pytest.mark.timeout(300)
 def test_t5_example_trains_and_generates_from_its_checkpoint(tmp_path):
     from transformers import AutoModelForSeq2SeqLM

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import use_adapter
 
+from ..frontends import frontend_name
 from ..integrations.peft import is_peft_model
 from ..weights import Resident
 
@@ -110,3 +111,48 @@ def reference_forward(
         with adapters:
             per_mb, _, _ = trainer.engine.forward(batch, on_last=on_last)
     return torch.cat(per_mb) if per_mb is not None else None
+
+
+def reference_trainer_problems(
+    trainer: str, args: Any, model: Any, train_dataset: Any, kwargs: dict, loads_reference: bool
+) -> list[str]:
+    """What a trainer with a reference model (`trainer`: "DPOTrainer", "KTOTrainer") refuses under the pipeline, each
+    with why and the fix; `loads_reference`: the reference is read from the model's checkpoint path."""
+    problems = []
+    if kwargs.get("compute_metrics") is not None:
+        problems.append(
+            f"compute_metrics: {trainer} passes it logits recomputed by a second forward of the whole model "
+            f"(deprecated in TRL); the pipeline's evaluation logs {trainer}'s own metrics (eval_rewards/*, ...). "
+            "Drop compute_metrics."
+        )
+    if train_dataset is not None:
+        with contextlib.suppress(StopIteration, TypeError):
+            sample = next(iter(train_dataset))
+            if "image" in sample or "images" in sample:
+                problems.append(
+                    "a vision dataset ('image' / 'images' columns): vision-language models are not split by the "
+                    f"pipeline's {trainer} yet; use a text-only dataset."
+                )
+    frontend = frontend_name(args.pipeline_frontend, getattr(model, "config", None))
+    if frontend != "module":
+        problems.append(
+            f"pipeline_frontend={args.pipeline_frontend!r} resolves to {frontend!r}: the frozen reference stages are "
+            "cut with the module split; use a model family with a module adapter (pipeline_frontend='module')."
+        )
+    config = getattr(model, "config", None)
+    if config is None:
+        return problems
+    text = config.get_text_config()
+    coef = args.router_aux_loss_coef
+    coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if hasattr(text, "output_router_logits") and coef:
+        problems.append(
+            f"a Mixture-of-Experts model with router_aux_loss_coef={coef}: the router's load-balancing loss "
+            "spans every layer's router logits, which live on different stages; set router_aux_loss_coef=0.0."
+        )
+    if loads_reference and not getattr(config, "_name_or_path", ""):
+        problems.append(
+            f"ref_model=None with a model that names no checkpoint (config._name_or_path is empty): {trainer} "
+            "loads the reference from that path; pass the checkpoint path as model, or give ref_model=."
+        )
+    return problems

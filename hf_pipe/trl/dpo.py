@@ -36,7 +36,6 @@ DPOTrainer pools them over processes; `num_tokens` is counted once per pipeline 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -48,14 +47,21 @@ from trl.trainer.callbacks import SyncRefModelCallback
 
 from ..batch_sync import one_batch_per_pipeline
 from ..errors import raise_if_any
-from ..frontends import frontend_name
 from ..integrations.peft import is_peft_model
 from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._metrics import count_train_tokens
 from ._model import model_for, path_given
-from ._preference import IGNORE_INDEX, deinterleave, interleave, reference_forward, reference_stages, token_stats
+from ._preference import (
+    IGNORE_INDEX,
+    deinterleave,
+    interleave,
+    reference_forward,
+    reference_stages,
+    reference_trainer_problems,
+    token_stats,
+)
 from ._reference import SyncReferenceStages, precompute, reference_init
 
 #: the loss types whose loss compares the whole batch (they sort its pairs): no microbatch holds what they need
@@ -87,45 +93,8 @@ def _dpo_problems(args: Any, model: Any, ref_model: Any, peft: bool, train_datas
             "padding_free=True: DPOTrainer itself falls back to padding; set padding_free=False (the pipeline cuts "
             "padded rows, a pair per microbatch at least)."
         )
-    if args.use_liger_kernel:
-        problems.append("use_liger_kernel=True: Liger patches the whole model's forward, which no rank runs.")
-    if kwargs.get("compute_metrics") is not None:
-        problems.append(
-            "compute_metrics: DPOTrainer passes it logits recomputed by a second forward of the whole model "
-            "(deprecated in TRL); the pipeline's evaluation logs DPOTrainer's own metrics (eval_rewards/*, ...). "
-            "Drop compute_metrics."
-        )
-    if train_dataset is not None:
-        with contextlib.suppress(StopIteration, TypeError):
-            sample = next(iter(train_dataset))
-            if "image" in sample or "images" in sample:
-                problems.append(
-                    "a vision dataset ('image' / 'images' columns): vision-language models are not split by the "
-                    "pipeline's DPO yet; use a text-only preference dataset."
-                )
-    frontend = frontend_name(args.pipeline_frontend, getattr(model, "config", None))
-    if frontend != "module":
-        problems.append(
-            f"pipeline_frontend={args.pipeline_frontend!r} resolves to {frontend!r}: the frozen reference stages are "
-            "cut with the module split; use a model family with a module adapter (pipeline_frontend='module')."
-        )
-    config = getattr(model, "config", None)
-    if config is not None:
-        text = config.get_text_config()
-        coef = args.router_aux_loss_coef
-        coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
-        if hasattr(text, "output_router_logits") and coef:
-            problems.append(
-                f"a Mixture-of-Experts model with router_aux_loss_coef={coef}: the router's load-balancing loss "
-                "spans every layer's router logits, which live on different stages; set router_aux_loss_coef=0.0."
-            )
-        loads_reference = ref_model is None and not args.precompute_ref_log_probs and not peft
-        if loads_reference and not getattr(config, "_name_or_path", ""):
-            problems.append(
-                "ref_model=None with a model that names no checkpoint (config._name_or_path is empty): DPOTrainer "
-                "loads the reference from that path; pass the checkpoint path as model, or give ref_model=."
-            )
-    return problems
+    loads_reference = ref_model is None and not args.precompute_ref_log_probs and not peft
+    return problems + reference_trainer_problems("DPOTrainer", args, model, train_dataset, kwargs, loads_reference)
 
 
 class PipeDPOTrainer(DPOTrainer, PipeTrainer):

@@ -30,7 +30,6 @@ prompt-learning PEFT and LoRA on `lm_head` as PipeTrainer (and KTOTrainer) refus
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +42,6 @@ from trl.trainer.callbacks import SyncRefModelCallback
 
 from ..batch_sync import one_batch_per_pipeline
 from ..errors import raise_if_any
-from ..frontends import frontend_name
 from ..integrations.peft import is_peft_model
 from ..reporting import pool_metrics
 from ..trainer import PipeTrainer
@@ -51,7 +49,7 @@ from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._metrics import count_train_tokens
 from ._model import model_for, path_given
-from ._preference import IGNORE_INDEX, reference_forward, reference_stages, token_stats
+from ._preference import IGNORE_INDEX, reference_forward, reference_stages, reference_trainer_problems, token_stats
 from ._reference import SyncReferenceStages, reference_init
 
 #: metrics KTOTrainer logs only for the steps whose batch (over every process) holds desirable rows, undesirable rows,
@@ -77,42 +75,8 @@ def _kto_problems(args: Any, model: Any, ref_model: Any, peft: bool, train_datas
             "precompute_ref_log_probs=True: not yet supported under the pipeline; set it to False (the reference "
             "runs as frozen stages, a forward-only pass before each step)."
         )
-    if kwargs.get("compute_metrics") is not None:
-        problems.append(
-            "compute_metrics: KTOTrainer passes it logits recomputed by a second forward of the whole model "
-            "(deprecated in TRL); the pipeline's evaluation logs KTOTrainer's own metrics (eval_kl, eval_rewards/*, "
-            "...). Drop compute_metrics."
-        )
-    if train_dataset is not None:
-        with contextlib.suppress(StopIteration, TypeError):
-            sample = next(iter(train_dataset))
-            if "image" in sample or "images" in sample:
-                problems.append(
-                    "a vision dataset ('image' / 'images' columns): vision-language models are not split by the "
-                    "pipeline's KTO yet; use a text-only dataset."
-                )
-    frontend = frontend_name(args.pipeline_frontend, getattr(model, "config", None))
-    if frontend != "module":
-        problems.append(
-            f"pipeline_frontend={args.pipeline_frontend!r} resolves to {frontend!r}: the frozen reference stages are "
-            "cut with the module split; use a model family with a module adapter (pipeline_frontend='module')."
-        )
-    config = getattr(model, "config", None)
-    if config is not None:
-        text = config.get_text_config()
-        coef = args.router_aux_loss_coef
-        coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
-        if hasattr(text, "output_router_logits") and coef:
-            problems.append(
-                f"a Mixture-of-Experts model with router_aux_loss_coef={coef}: the router's load-balancing loss "
-                "spans every layer's router logits, which live on different stages; set router_aux_loss_coef=0.0."
-            )
-        if ref_model is None and not peft and not getattr(config, "_name_or_path", ""):
-            problems.append(
-                "ref_model=None with a model that names no checkpoint (config._name_or_path is empty): KTOTrainer "
-                "loads the reference from that path; pass the checkpoint path as model, or give ref_model=."
-            )
-    return problems
+    loads_reference = ref_model is None and not peft
+    return problems + reference_trainer_problems("KTOTrainer", args, model, train_dataset, kwargs, loads_reference)
 
 
 def _completion_logps(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
