@@ -22,7 +22,7 @@ one file here (its config and trainer), re-exported below; `_preference.py` hold
 try:
     import trl  # noqa: F401
 except ImportError as err:  # pragma: no cover - the extra is missing
-    raise ImportError("hf_pipe.trl needs TRL: pip install 'hf_pipe[trl]' (trl>=1.16)") from err
+    raise ImportError("hf_pipe.trl needs TRL: pip install 'hf_pipe[trl]' (trl 1.16.x)") from err
 
 from .dpo import PipeDPOConfig, PipeDPOTrainer
 from .kto import PipeKTOConfig, PipeKTOTrainer
