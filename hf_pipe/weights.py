@@ -246,7 +246,7 @@ class Checkpoint:
         _free(model, keep)
         built = set(keep)
         if self.init_missing == "global":
-            built |= _missing_names(model, self.path)
+            built |= missing_names(model, self.path)
         loaded = _load_pruned(model, self.path, built, device, self.seed, self.kwargs, self.init_missing)
         for name, tensor in state_names(loaded):
             if name in keep:
@@ -254,17 +254,22 @@ class Checkpoint:
         _retie(model, groups)
 
 
-def _missing_names(model: nn.Module, path: str) -> set[str]:
-    """The model's weights a local safetensors checkpoint lacks (tied copies aside: HF ties them, drawing nothing);
-    empty when the checkpoint's keys are not known up front."""
+def missing_names(model: nn.Module, path: str) -> set[str]:
+    """The model's weights a local safetensors checkpoint lacks (tied copies aside: HF ties them, drawing nothing):
+    a new head's, with a checkpoint of another head (a causal LM's, whose `lm_head` the model does not take). Empty
+    when the checkpoint's keys are not known up front, or when they do not name the model's body (legacy names that
+    transformers converts while loading)."""
     files = checkpoint_files(path) if os.path.isdir(path) else None
+    if files is None:
+        return set()
     base = getattr(model, "base_model_prefix", "")
     names = set(model.state_dict(keep_vars=True))
-    if files is None or not _maps_by_name(files, model, base):
-        return set()
-    present = {_model_name(key, names, base) for key in files}
+    present = {_model_name(key, names, base) for key in files} - {None}
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    return names - present - tied
+    missing = names - present - tied
+    if not present or (base and any(n.startswith(f"{base}.") for n in missing)):
+        return set()
+    return missing
 
 
 def _cut(model: nn.Module, keep: Collection[str]) -> list[str]:

@@ -55,6 +55,8 @@ CASES = {
     # a model path: PipeSFTTrainer builds the skeleton and reads each rank's stages, SFTTrainer loads it whole; both
     # with model_init_kwargs, which TRL must not call ignored (hf_pipe builds the skeleton with them)
     "path": {"path": True, "model_init_kwargs": {"dtype": "float32"}},
+    # a path and a LoRA config: TRL draws the adapters after set_seed and from_pretrained, hf_pipe replays its draws
+    "path-lora": {"path": True, "peft": True},
 }
 
 
@@ -153,6 +155,8 @@ REWARD_CASES = {
     # a causal LM's checkpoint, as TRL's reward.py takes one: the skeleton built as AutoModelForSequenceClassification,
     # its stages read per rank, the new score head drawn as RewardTrainer's from_pretrained draws it (set_seed first)
     "path": {"path": True, "model_init_kwargs": {"dtype": "float32"}},
+    # and with a LoRA config: the score head's draw, then the adapters', as RewardTrainer makes them
+    "path-lora": {"path": True, "peft": True},
 }
 REWARD_LOGGED = ("loss", "grad_norm", "min_reward", "mean_reward", "max_reward", "accuracy", "margin", "num_tokens")
 
@@ -174,12 +178,13 @@ def _preferences(n: int, seed: int, margin: bool):
 
 
 def _reward_run(case: str, output_dir: str, pipeline: bool, checkpoint: str) -> dict:
+    from peft import LoraConfig
     from trl import RewardConfig, RewardTrainer
 
     from hf_pipe.trl import PipeRewardConfig, PipeRewardTrainer
 
     options = dict(REWARD_CASES[case])
-    margin, path = options.pop("margin", False), options.pop("path", False)
+    margin, path, peft = options.pop("margin", False), options.pop("path", False), options.pop("peft", False)
     schedule = {"pipeline_schedule": options.pop("schedule", "1f1b"), "pipeline_microbatches": 4}
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=2e-3,
@@ -195,17 +200,20 @@ def _reward_run(case: str, output_dir: str, pipeline: bool, checkpoint: str) -> 
             train_dataset=_preferences(36, 0, margin),
             eval_dataset=_preferences(12, 5, margin),
             processing_class=_tokenizer(),
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS") if peft else None,
         )
     model = trainer.engine if pipeline else trainer.model
-    head = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("score.")}
+    named = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters()}
+    head = {n: p.detach().clone() for n, p in named.items() if n.startswith("score.")}
+    lora = {n: p.detach().clone() for n, p in named.items() if ".lora_" in n}
     trainer.train()
     evaluation = trainer.evaluate()
     predictions = trainer.predict(trainer.eval_dataset).predictions
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights = {n.removeprefix("base_model.model."): p.detach().clone() for n, p in model.named_parameters()}
     logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
     return {
         "logs": logs, "eval": evaluation, "predictions": torch.as_tensor(predictions), "weights": weights,
-        "head": head, "warned": warned,
+        "head": head, "lora": lora, "warned": warned,
     }  # fmt: skip
 
 
@@ -237,14 +245,18 @@ def test_pipe_reward_trainer_matches_reward_trainer(tmp_path):
                 errs["eval"] = max(errs["eval"], _rel(run["eval"][key], theirs["eval"][key]))
             assert run["predictions"].shape == theirs["predictions"].shape, case
             errs["predictions"] = max(errs["predictions"], (run["predictions"] - theirs["predictions"]).abs().max())
-        weights, head = {}, {}
+        weights, head, lora = {}, {}, {}
         for rank in mine:
             weights.update(rank[case]["weights"])
             head.update(rank[case]["head"])
+            lora.update(rank[case]["lora"])
         assert weights.keys() == theirs["weights"].keys(), case
-        # the score head at the start: RewardTrainer's very draw (a new head with a path), bit for bit
-        assert head.keys() == theirs["head"].keys() == {"score.weight"}, case
-        assert torch.equal(head["score.weight"], theirs["head"]["score.weight"]), case
+        # the score head at the start: RewardTrainer's very draw (a new head with a path), bit for bit; with LoRA
+        # (PEFT's copy of the head to train beside the original) the adapters TRL draws after it too
+        assert head.keys() == theirs["head"].keys() and head, case
+        assert all(torch.equal(head[n], theirs["head"][n]) for n in head), case
+        assert lora.keys() == theirs["lora"].keys() and bool(lora) == ("lora" in case), case
+        assert all(torch.equal(lora[n], theirs["lora"][n]) for n in lora), case
         assert not [m for m in mine[0][case]["warned"] if "model_init_kwargs" in m], mine[0][case]["warned"]
         errs["weights"] = max((weights[n] - theirs["weights"][n]).abs().max().item() for n in weights)
         print(case, errs)

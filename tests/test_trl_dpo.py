@@ -44,6 +44,8 @@ CASES = {
     "accumulated": {"f_divergence_type": "alpha_divergence", "gradient_accumulation_steps": 2, "beta": 0.5},
     # LoRA: the reference is the policy's own stages with the adapters off, a forward-only pass before each step
     "lora": {"peft": True, "loss_type": ["sigmoid", "sft"]},
+    # a path and a LoRA config: the adapters TRL draws after set_seed and from_pretrained, replayed on every rank
+    "lora_path": {"peft": "path", "loss_type": ["sigmoid"]},
     # the reference log-probabilities precomputed once before training (batches of 6 rows, the last of 2: 3 and 1
     # pairs per microbatch), cached as dataset columns that follow their pair into its microbatch
     "precompute": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 6, "ld_alpha": 0.7},
@@ -68,7 +70,7 @@ CASES = {
 }
 GROUPS = {
     "losses": ["sigmoid", "mixed", "smoothed", "accumulated"],
-    "references": ["lora", "precompute", "sync", "given", "given_precompute"],
+    "references": ["lora", "lora_path", "precompute", "sync", "given", "given_precompute"],
     "layouts": ["tied", "interleaved", "resume_predict"],
     "replicas": ["replicas", "replicas_precompute"],
 }
@@ -127,7 +129,7 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     cls = PipeDPOTrainer if pipeline else DPOTrainer
     make = lambda: cls(  # noqa: E731
         # with PEFT a model built whole on every rank, its adapters drawn by get_peft_model after set_seed
-        model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft else checkpoint,
+        model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft is True else checkpoint,
         ref_model=AutoModelForCausalLM.from_pretrained(os.path.join(root, ref_model)) if ref_model else None,
         args=config,
         train_dataset=_preferences(pairs, 0),

@@ -1,17 +1,22 @@
 """A model id or path given to a TRL trainer over the pipeline: the model TRL would load, built on the meta device
 (`loading.skeleton`), each rank then reading only its stages from the checkpoint; weights the checkpoint lacks (a
-reward model's new score head) drawn as TRL's `from_pretrained` draws them on one process."""
+reward model's new score head) and the LoRA adapters of a `peft_config` drawn as TRL draws them on one process
+(`set_seed(args.seed)`, `from_pretrained`, `get_peft_model`, all from the global generator)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
+from ..integrations.peft import is_peft_model
 from ..loading import skeleton
+from ..weights import missing_names
 
 
 def model_for(trainer: Any, model: Any, args: Any, auto_class: Any = None, **config_kwargs: Any) -> Any:
@@ -26,7 +31,49 @@ def model_for(trainer: Any, model: Any, args: Any, auto_class: Any = None, **con
     kwargs = dict(args.model_init_kwargs or {})
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
         kwargs["dtype"] = torch.float32  # TRL's default, where from_pretrained's is the checkpoint's ("auto")
-    return skeleton(model, kwargs, auto_class, **config_kwargs)
+    built = skeleton(model, kwargs, auto_class, **config_kwargs)
+    trainer._path_skeleton = copy.deepcopy(built)  # on the meta device: no weights copied (`replay_adapter_draws`)
+    return built
+
+
+@torch.no_grad()
+def replay_adapter_draws(trainer: Any) -> None:
+    """The LoRA weights TRL draws for a model path, in this rank's stages (call it once the trainer is built).
+
+    TRL seeds (`set_seed(args.seed)`), loads the path — drawing the weights the checkpoint lacks, a reward model's
+    score head — and calls `get_peft_model`, whose LoRA inits draw from the global generator in module order. TRL's
+    call ran here on the meta skeleton, where the draws were lost (the stages' adapters were then initialised seeded
+    per layer): the draws are replayed on the skeleton kept before TRL wrapped it (`trainer._path_skeleton`), its
+    loaded weights zero-stride CPU tensors flagged as loaded (no memory, no draws) and its missing ones real, and
+    this rank's stages take the adapters they hold."""
+    from peft import PeftType, get_peft_model
+
+    shadow = trainer.__dict__.pop("_path_skeleton", None)
+    if shadow is None or not is_peft_model(trainer.model):
+        return
+    config = trainer.model.peft_config[trainer.model.active_adapter]
+    if config.peft_type != PeftType.LORA or config.init_lora_weights not in (True, False, "gaussian"):
+        return  # no random draws to replay, or inits computed from the base weights (PiSSA, OLoRA, ...)
+    missing = set()
+    if getattr(trainer, "_init_missing", "seeded") == "global" and trainer.args.pipeline_checkpoint:
+        missing = missing_names(shadow, trainer.args.pipeline_checkpoint)
+    for name, param in list(shadow.named_parameters()):
+        if param.is_meta:
+            module_name, _, leaf = name.rpartition(".")
+            module = shadow.get_submodule(module_name)
+            loaded = name not in missing
+            shape_only = torch.zeros((), dtype=param.dtype).expand(param.shape)
+            value = nn.Parameter(shape_only if loaded else torch.zeros(param.shape, dtype=param.dtype), False)
+            value._is_hf_initialized = loaded  # loaded from the checkpoint: from_pretrained draws nothing for it
+            setattr(module, leaf, value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(trainer.args.seed)
+        if missing:
+            shadow.initialize_weights()  # the draws from_pretrained makes for the weights the checkpoint lacks
+        drawn = dict(get_peft_model(shadow, copy.deepcopy(config)).base_model.model.named_parameters())
+    for name, param in trainer.engine.named_parameters():
+        if ".lora_" in name and ".lora_magnitude_vector." not in name:  # DoRA's magnitude: from the base weight
+            param.copy_(drawn[name])
 
 
 @contextlib.contextmanager

@@ -21,14 +21,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import PipelineConfigError
-from ..integrations.peft import is_peft_model
 from ..loading import skeleton
 from ..microbatch import IGNORE_INDEX
 from ..trainer import PipeTrainer
 from ._config import config_problems
+from ._model import replay_adapter_draws
 
 #: what TRL's `concatenated_inputs` makes of a decoder's batch, and the pipeline batch key each becomes
 _CONCATENATED = {
@@ -97,33 +96,7 @@ class AfterTRL(PipeTrainer):
         if hidden is not None:
             kwargs["args"].model_init_kwargs = hidden
         super().__init__(*args, **kwargs)
-        path_skeleton = self.__dict__.pop("_path_skeleton", None)
-        if path_skeleton is not None and is_peft_model(self.model):
-            self._draw_adapters_as_trl(path_skeleton)
-
-    @torch.no_grad()
-    def _draw_adapters_as_trl(self, path_skeleton: nn.Module) -> None:
-        """The LoRA weights TRL draws for a model path: `set_seed(args.seed)`, `from_pretrained`, `get_peft_model`
-        from the global generator, in module order. TRL's own call ran on the skeleton, on the meta device, where the
-        draws were lost: it is replayed on a copy whose base weights are zero-stride CPU tensors (no memory), and
-        this rank's stages take the adapters they hold."""
-        from peft import PeftType, get_peft_model
-
-        config = self.model.peft_config[self.model.active_adapter]
-        if config.peft_type != PeftType.LORA or config.init_lora_weights not in (True, False, "gaussian"):
-            return  # no random draws to replay, or inits computed from the base weights (PiSSA, OLoRA, ...)
-        shadow = path_skeleton
-        for module in shadow.modules():
-            for name, param in list(module.named_parameters(recurse=False)):
-                if param.is_meta:
-                    cpu = torch.zeros((), dtype=param.dtype).expand(param.shape)
-                    setattr(module, name, nn.Parameter(cpu, requires_grad=False))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.args.seed)
-            drawn = dict(get_peft_model(shadow, copy.deepcopy(config)).base_model.model.named_parameters())
-        for name, param in self.engine.named_parameters():
-            if ".lora_" in name and ".lora_magnitude_vector." not in name:  # DoRA's magnitude: from the base weight
-                param.copy_(drawn[name])
+        replay_adapter_draws(self)
 
 
 class PairedLosses:

@@ -52,7 +52,7 @@ from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._metrics import count_train_tokens
-from ._model import model_for, path_given
+from ._model import model_for, path_given, replay_adapter_draws
 from ._preference import (
     IGNORE_INDEX,
     deinterleave,
@@ -124,6 +124,7 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
         self._sft_normalizer = 1.0
         with path_given(DPOTrainer, model), reference_init(self, args):
             super().__init__(built, ref_model, args, *positional, **kwargs)
+        replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws
         self._prepared_reference()
         if args.sync_ref_model:  # TRL's callback mixes a whole reference model: this one mixes each rank's stages
             self.callback_handler.remove_callback(SyncRefModelCallback)

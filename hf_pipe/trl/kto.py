@@ -48,7 +48,7 @@ from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._metrics import count_train_tokens
-from ._model import model_for, path_given
+from ._model import model_for, path_given, replay_adapter_draws
 from ._preference import IGNORE_INDEX, reference_forward, reference_stages, reference_trainer_problems, token_stats
 from ._reference import SyncReferenceStages, reference_init
 
@@ -112,6 +112,7 @@ class PipeKTOTrainer(KTOTrainer, PipeTrainer):
         self._kl: torch.Tensor | None = None
         with path_given(KTOTrainer, model), reference_init(self, args, kto_module):
             super().__init__(built, ref_model, args, *positional, **kwargs)
+        replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws
         self._reference = reference_stages(self)
         if args.sync_ref_model:  # TRL's callback mixes a whole reference model: this one mixes each rank's stages
             self.callback_handler.remove_callback(SyncRefModelCallback)

@@ -25,7 +25,7 @@ from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._metrics import count_train_tokens
-from ._model import model_for, path_given
+from ._model import model_for, path_given, replay_adapter_draws
 
 
 @dataclass
@@ -49,6 +49,7 @@ class PipeRewardTrainer(RewardTrainer, PipeTrainer):
         built = model_for(self, model, args, AutoModelForSequenceClassification, num_labels=1)  # one-score classifier
         with path_given(RewardTrainer, model):
             super().__init__(built, args, *positional, **kwargs)
+        replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws (after the score head's)
         self.engine.rows_per_example = 2  # a pair's rows stay in one microbatch
 
     # RewardTrainer's compute_loss runs the whole model: the pipeline runs the pairwise loss on its last stage

@@ -21,7 +21,7 @@ from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._metrics import count_train_tokens
-from ._model import model_for, path_given
+from ._model import model_for, path_given, replay_adapter_draws
 
 
 @dataclass
@@ -55,6 +55,7 @@ class PipeSFTTrainer(SFTTrainer, PipeTrainer):
         self._total_train_tokens = 0
         with path_given(SFTTrainer, model):
             super().__init__(model_for(self, model, args), args, *positional, **kwargs)  # not built whole
+        replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws
 
     # SFT's evaluation runs its compute_loss on the whole model: the pipeline's own runs the last stage's loss
     compute_loss = PipeTrainer.compute_loss
