@@ -2,7 +2,9 @@
 per-step loss and grad norm, every metric KTOTrainer logs (and on which steps it logs it), num_tokens, evaluation and
 final weights — for the reference read per stage from the policy's checkpoint, apo_zero_unpaired, desirable /
 undesirable weights with gradient accumulation, LoRA (the reference: the adapters off), a given reference model,
-TR-DPO's reference sync, and 2 pipeline replicas against KTOTrainer on 2 processes; and the refusals."""
+TR-DPO's reference sync, the reference log-probabilities precomputed (the policy's before training, with the KL
+completions'; and a given reference's, for apo_zero_unpaired), and 2 pipeline replicas against KTOTrainer on 2
+processes (the reference per step, or precomputed over the replicas); and the refusals."""
 
 from __future__ import annotations
 
@@ -40,11 +42,32 @@ CASES = {
     "given": {"ref_model": "other"},
     # TR-DPO: the reference stages mixed with the policy's every 2 steps
     "sync": {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.6},
+    # the reference log-probabilities precomputed once before training from the policy itself (full fine-tuning),
+    # the KL completions' too (columns ref_logps, ref_KL_logps), in batches of 6 rows (the last of 2) that the
+    # training batches of 4 and their microbatches of 1 row cut differently: each value follows its row
+    "precompute": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 6},
+    # APO's unpaired loss (no KL column) with a given reference's log-probabilities precomputed from its stages
+    "precompute_apo": {"loss_type": "apo_zero_unpaired", "ref_model": "other", "precompute_ref_log_probs": True},
     # 2 pipelines of 2 ranks (4 ranks) against KTOTrainer on 2 processes, a batch of 4 each: the KL term a mean over
     # the replicas' batch means, the metrics gathered over them (32 rows: 4 steps, no replica short of a batch)
     "replicas": {"dp": 2, "rows": 32},
+    # the same, the reference precomputed in batches of 12 rows shared by the replicas (3 batches: one replica repeats
+    # one), the KL term then a mean over the replicas of the policy's KL rows less their precomputed column; the
+    # datasets read from disk (KTOTrainer's processes share the cache file through the dataset's cache directory,
+    # which an in-memory dataset lacks), a copy for each run
+    "replicas_precompute": {
+        "dp": 2,
+        "rows": 32,
+        "precompute_ref_log_probs": True,
+        "precompute_ref_batch_size": 12,
+        "on_disk": True,
+    },
 }
-GROUPS = {"losses": ["kto", "apo", "accumulated"], "references": ["lora", "given", "sync"], "replicas": ["replicas"]}
+GROUPS = {
+    "losses": ["kto", "apo", "accumulated"],
+    "references": ["lora", "given", "sync", "precompute", "precompute_apo"],
+    "replicas": ["replicas", "replicas_precompute"],
+}
 LOGGED = (
     "loss", "grad_norm", "kl", "entropy", "logits/chosen", "logits/rejected", "rewards/chosen", "rewards/rejected",
     "rewards/margins", "logps/chosen", "logps/rejected",
@@ -73,6 +96,21 @@ def _unpaired(labels: list[bool], seed: int):
     return datasets.Dataset.from_list(rows)
 
 
+def _datasets(case: str, output_dir: str, save: bool = False) -> tuple:
+    """The case's train and eval datasets; with `on_disk`, saved under `output_dir` (`save`) or read from there."""
+    import datasets
+
+    paths = os.path.join(output_dir, "train_data"), os.path.join(output_dir, "eval_data")
+    if CASES[case].get("on_disk") and not save:
+        return tuple(datasets.load_from_disk(path) for path in paths)
+    rows = CASES[case].get("rows", len(LABELS))
+    made = _unpaired((LABELS * 2)[:rows], 0), _unpaired([True, False, True, True, False, False, True, False], 5)
+    if save:
+        for dataset, path in zip(made, paths, strict=True):
+            dataset.save_to_disk(path)
+    return made
+
+
 def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -84,7 +122,9 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     peft = options.pop("peft", False)
     checkpoint = os.path.join(root, "llama")
     ref_model = options.pop("ref_model", None)
-    dp, rows = options.pop("dp", 1), options.pop("rows", len(LABELS))
+    dp = options.pop("dp", 1)
+    options.pop("rows", None), options.pop("on_disk", None)
+    train_dataset, eval_dataset = _datasets(case, output_dir)
     schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4, **options.pop("schedule", {})}
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=2e-3,
@@ -101,8 +141,8 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
         model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft else checkpoint,
         ref_model=AutoModelForCausalLM.from_pretrained(os.path.join(root, ref_model)) if ref_model else None,
         args=config,
-        train_dataset=_unpaired((LABELS * 2)[:rows], 0),
-        eval_dataset=_unpaired([True, False, True, True, False, False, True, False], 5),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=_tokenizer(),
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
     )
@@ -111,7 +151,8 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     model = trainer.engine if pipeline else trainer.model
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
-    return {"logs": logs, "eval": evaluation, "weights": weights}
+    columns = sorted(trainer.train_dataset.column_names)  # the precomputed reference columns, where precomputed
+    return {"logs": logs, "eval": evaluation, "weights": weights, "columns": columns}
 
 
 def _runs(cases: list[str], out: str, pipeline: bool, root: str) -> dict:
@@ -126,6 +167,9 @@ def test_pipe_kto_matches_kto_trainer(tmp_path, group):
     tiny_model("llama", seed=1, pad_token_id=0, eos_token_id=1).save_pretrained(os.path.join(root, "other"))
     launch = {"launcher_env": True, "fork": True}
     dp = 2 if group == "replicas" else 1  # KTOTrainer on as many processes as the pipeline has replicas
+    for case in (c for c in cases if CASES[c].get("on_disk")):
+        for run in ("ref", "pp"):
+            _datasets(case, str(tmp_path / run / case), save=True)
     ref = run_distributed(_runs, dp, cases, str(tmp_path / "ref"), False, root, timeout=400, **launch)[0]
     mine = run_distributed(_runs, 2 * dp, cases, str(tmp_path / "pp"), True, root, timeout=600, **launch)
     for case in cases:
@@ -137,6 +181,7 @@ def test_pipe_kto_matches_kto_trainer(tmp_path, group):
         for rank in mine:
             run = rank[case]
             assert [e["step"] for e in run["logs"]] == [e["step"] for e in theirs["logs"]], case
+            assert run["columns"] == theirs["columns"], (case, run["columns"], theirs["columns"])
             for a, b in zip(run["logs"], theirs["logs"]):
                 assert a["num_tokens"] == b["num_tokens"], case
                 assert {k for k in a if k in LOGGED} == {k for k in b if k in LOGGED}, (case, a, b)
@@ -165,7 +210,6 @@ def test_pipe_kto_refuses_by_name(tmp_path):
     tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
     args = PipeKTOConfig(
         output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], activation_offloading=True,
-        precompute_ref_log_probs=True,
     )  # fmt: skip
     with pytest.raises(PipelineConfigError) as err:
         PipeKTOTrainer(
@@ -173,7 +217,7 @@ def test_pipe_kto_refuses_by_name(tmp_path):
             compute_metrics=lambda p: {},
         )  # fmt: skip
     message = str(err.value)
-    for name in ("activation_offloading=True", "precompute_ref_log_probs=True", "compute_metrics"):
+    for name in ("activation_offloading=True", "compute_metrics"):
         assert name in message, (name, message)
     with pytest.raises(TypeError, match="PipeKTOConfig"):
         from trl import KTOConfig

@@ -1,10 +1,11 @@
-"""DPO's reference model under the pipeline, beyond the per-step pass: the skeleton DPOTrainer's `__init__` builds
-instead of a second whole model, the whole-model key of the precomputed cache, the precompute pass itself (reference
-log-probabilities of the whole dataset, gathered to every rank) and TR-DPO's stage-by-stage reference update.
+"""The reference model of DPO and KTO under the pipeline, beyond the per-step pass: the skeleton the TRL trainer's
+`__init__` builds instead of a second whole model, the whole-model key of the precomputed cache, the precompute pass
+itself (reference log-probabilities of the whole dataset, gathered to every rank) and TR-DPO's stage-by-stage
+reference update.
 
-A precomputed cache is keyed as DPOTrainer keys it (the dataset's fingerprint and a hash of the reference model) so
-that a second run finds it; here the hash covers the whole model although each rank holds only its stages: every
-rank digests the tensors it holds and the digests are gathered over the pipeline.
+A precomputed cache is keyed as the TRL trainer keys it (the dataset's fingerprint and a hash of the reference
+model) so that a second run finds it; here the hash covers the whole model although each rank holds only its stages:
+every rank digests the tensors it holds and the digests are gathered over the pipeline.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -24,7 +25,6 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from ..launch import every_rank, waiting
 from ..loading import skeleton
 from ..weights import Checkpoint
-from ._preference import deinterleave
 
 
 @contextlib.contextmanager
@@ -79,10 +79,19 @@ def whole_model_hash(module: torch.nn.Module, engine: Any) -> str:
     return whole.hexdigest()
 
 
-def precompute(trainer: Any, dataset: Any, name: str, batch_size: int) -> Any:
-    """DPOTrainer's `_precompute_ref_logps` over the pipeline: `dataset` with the columns `ref_chosen_logps` and
-    `ref_rejected_logps`, the same on every rank, from DPOTrainer's cache file when one exists (keyed by the dataset
-    and the whole reference model), else from one forward-only pass over the dataset (`reference_logps`)."""
+def precompute(
+    trainer: Any,
+    dataset: Any,
+    name: str,
+    batch_size: int,
+    columns_of: Callable[[dict[str, Any]], dict[str, torch.Tensor] | None],
+    key: tuple = (),
+) -> Any:
+    """A TRL trainer's `_precompute_ref_logps` over the pipeline: `dataset` with the reference columns `columns_of`
+    gives per batch (DPOTrainer's `ref_chosen_logps` / `ref_rejected_logps`, KTOTrainer's `ref_logps` and
+    `ref_KL_logps`), the same on every rank, from the trainer's cache file when one exists (keyed as the trainer keys
+    it: the dataset's fingerprint, the whole reference model's hash, then `key`, e.g. KTOTrainer's `calculate_KL`),
+    else from one forward-only pass over the dataset (`reference_columns`)."""
     from accelerate.utils import broadcast_object_list
     from datasets import Dataset, IterableDataset, concatenate_datasets
 
@@ -93,17 +102,17 @@ def precompute(trainer: Any, dataset: Any, name: str, batch_size: int) -> Any:
         )
     from datasets.fingerprint import Hasher
 
-    fingerprint = [Hasher.hash((dataset._fingerprint, trainer._precompute_model_hash))]
+    fingerprint = [Hasher.hash((dataset._fingerprint, trainer._precompute_model_hash, *key))]
     broadcast_object_list(fingerprint, from_process=0)
     fingerprint = fingerprint[0]
     # a dataset held in memory has no cache directory the ranks share (each process has its own temporary one)
     cache_file = dataset._get_cache_file_path(fingerprint) if dataset.cache_files else None
     if cache_file is not None and os.path.exists(cache_file):
         return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
-    chosen, rejected = reference_logps(trainer, dataset, batch_size)
+    values = reference_columns(trainer, dataset, batch_size, columns_of)
 
     def add_ref_logps(batch: Any, indices: list[int]) -> dict[str, torch.Tensor]:
-        return {"ref_chosen_logps": chosen[indices], "ref_rejected_logps": rejected[indices]}
+        return {column: per_row[indices] for column, per_row in values.items()}
 
     columns = dict(with_indices=True, batched=True, remove_columns=dataset.column_names, new_fingerprint=fingerprint)
     if cache_file is None:  # every rank adds the same columns
@@ -117,10 +126,16 @@ def precompute(trainer: Any, dataset: Any, name: str, batch_size: int) -> Any:
     return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
 
 
-def reference_logps(trainer: Any, dataset: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every pair's reference log-probabilities (chosen, rejected), on every rank: the dataset's batches (DPOTrainer's
-    collator, unshuffled) shared round-robin over the pipeline replicas, each a forward-only pass through the
-    reference stages, the last stage's values then gathered from its ranks to every rank."""
+def reference_columns(
+    trainer: Any,
+    dataset: Any,
+    batch_size: int,
+    columns_of: Callable[[dict[str, Any]], dict[str, torch.Tensor] | None],
+) -> dict[str, torch.Tensor]:
+    """Every row's reference values, per column, on every rank: the dataset's batches (the trainer's collator,
+    unshuffled) shared round-robin over the pipeline replicas, `columns_of` running each (forward-only passes through
+    the reference, collective over the pipeline) and giving its columns in the collator's row order on the last
+    stage's rank (None elsewhere), then gathered from those ranks to every rank."""
     from torch.utils.data import DataLoader
 
     args = trainer.args
@@ -129,23 +144,22 @@ def reference_logps(trainer: Any, dataset: Any, batch_size: int) -> tuple[torch.
         num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
     )  # fmt: skip
     dp, replica, total = trainer._dp_size, trainer._dp_rank, len(loader)
-    mine: dict[int, torch.Tensor] = {}
+    mine: dict[int, dict[str, torch.Tensor]] = {}
     first = None
     for index, inputs in enumerate(loader):
         first = inputs if first is None else first
         if index % dp == replica:
-            values = trainer._reference_logps(trainer._as_pipeline_batch(inputs)[0])
+            values = columns_of(inputs)
             if values is not None:  # the last stage's rank
-                mine[index] = deinterleave(values).cpu()
+                mine[index] = {column: per_row.cpu() for column, per_row in values.items()}
     # replicas meet at every forward (DDP's buffers, padded shapes): one with fewer batches repeats its first one
     for _ in range(math.ceil(total / dp) - len(range(replica, total, dp))):
-        trainer._reference_logps(trainer._as_pipeline_batch(first)[0])
+        columns_of(first)
     gathered: list[Any] = [None] * dist.get_world_size()
     with waiting("the gather of the reference log-probabilities", every_rank()):
         dist.all_gather_object(gathered, mine)
     per_batch = {index: values for part in gathered for index, values in part.items()}
-    values = [per_batch[index].view(2, -1) for index in range(total)]  # rows: chosen, then rejected
-    return torch.cat([v[0] for v in values]), torch.cat([v[1] for v in values])
+    return {column: torch.cat([per_batch[index][column] for index in range(total)]) for column in per_batch[0]}
 
 
 class SyncReferenceStages(SyncRefModelCallback):

@@ -145,7 +145,16 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         # DPOTrainer's cache, its log-probabilities from a forward-only pass through the pipeline (`_reference.py`)
         self._prepared_reference()
-        return precompute(self, dataset, name, batch_size)
+        return precompute(self, dataset, name, batch_size, self._reference_columns)
+
+    def _reference_columns(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """One collator batch's precomputed columns, on the last stage's rank (None elsewhere): each pair's chosen
+        and rejected reference log-probabilities, from a forward-only pass (collective over the pipeline)."""
+        values = self._reference_logps(self._as_pipeline_batch(inputs)[0])
+        if values is None:
+            return None
+        chosen, rejected = deinterleave(values).view(2, -1)  # the collator's rows: chosen, then rejected
+        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
     def _reference_stages(self) -> Any:
         """The reference's stages on this rank, cut like the policy's; frozen."""

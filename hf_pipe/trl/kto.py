@@ -23,9 +23,16 @@ the accumulation steps in training): the microbatches add up to KTOTrainer's mea
 over processes, each logged only for the steps where KTOTrainer logs it (a batch without undesirable examples logs no
 `rewards/rejected`, nor `rewards/margins`); `num_tokens` is counted once per pipeline replica.
 
-Refused by name before the first step: `precompute_ref_log_probs` (not yet supported), vision datasets, the MoE
-router loss, `compute_metrics`, `activation_offloading`, a frontend other than the module split; `use_liger_kernel`,
-prompt-learning PEFT and LoRA on `lm_head` as PipeTrainer (and KTOTrainer) refuse them.
+`precompute_ref_log_probs=True`: as DPO's (`_reference.py`), one forward-only pass over each dataset before
+training (through the reference stages, the policy's own before its first step for full fine-tuning, or with PEFT's
+adapters off), its batches shared over the pipeline replicas, the last stage's values gathered to every rank and
+stored as KTOTrainer stores them (the columns `ref_logps` and, for `kto`, `ref_KL_logps`, its cache keyed by the
+dataset, a hash of the whole model and whether the KL term is computed); each row's value then travels with its row
+into its microbatch, and the KL rows' values give the KL term's reference side.
+
+Refused by name before the first step: vision datasets, the MoE router loss, `compute_metrics`,
+`activation_offloading`, a frontend other than the module split; `use_liger_kernel`, prompt-learning PEFT and LoRA on
+`lm_head` as PipeTrainer (and KTOTrainer) refuse them.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from ._config import config_problems
 from ._metrics import count_train_tokens
 from ._model import model_for, path_given, replay_adapter_draws
 from ._preference import IGNORE_INDEX, reference_forward, reference_stages, reference_trainer_problems, token_stats
-from ._reference import SyncReferenceStages, reference_init
+from ._reference import SyncReferenceStages, precompute, reference_init
 
 #: metrics KTOTrainer logs only for the steps whose batch (over every process) holds desirable rows, undesirable rows,
 #: desirable completion tokens, undesirable completion tokens: each paired with a count reported beside it
@@ -70,12 +77,7 @@ class PipeKTOConfig(PipeArgumentsMixin, KTOConfig):
 def _kto_problems(args: Any, model: Any, ref_model: Any, peft: bool, train_dataset: Any, kwargs: dict) -> list[str]:
     """What PipeKTOTrainer refuses before anything is built, each with why and the fix."""
     problems = config_problems(args, PipeKTOConfig, KTOConfig, "KTOTrainer")
-    if args.precompute_ref_log_probs:
-        problems.append(
-            "precompute_ref_log_probs=True: not yet supported under the pipeline; set it to False (the reference "
-            "runs as frozen stages, a forward-only pass before each step)."
-        )
-    loads_reference = ref_model is None and not peft
+    loads_reference = ref_model is None and not args.precompute_ref_log_probs and not peft
     return problems + reference_trainer_problems("KTOTrainer", args, model, train_dataset, kwargs, loads_reference)
 
 
@@ -102,9 +104,10 @@ class PipeKTOTrainer(KTOTrainer, PipeTrainer):
         peft = peft_config is not None or is_peft_model(built)
         raise_if_any(_kto_problems(args, built, ref_model, peft, train_dataset, kwargs))
         self._total_train_tokens = 0
-        #: the reference's stages (None: the policy's own, with PEFT's adapters off), built after KTOTrainer's
-        #: `__init__`, which builds the pipeline
+        #: the reference's stages (None: the policy's own, with PEFT's adapters off), built on first use:
+        #: KTOTrainer's `__init__` may precompute the reference log-probabilities before it returns
         self._reference = None
+        self._reference_built = False
         #: per row of the step's batch: the reference log-probability (on the last stage's rank), the label
         self._ref_logps: torch.Tensor | None = None
         self._desirable: torch.Tensor | None = None
@@ -113,13 +116,38 @@ class PipeKTOTrainer(KTOTrainer, PipeTrainer):
         with path_given(KTOTrainer, model), reference_init(self, args, kto_module):
             super().__init__(built, ref_model, args, *positional, **kwargs)
         replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws
-        self._reference = reference_stages(self)
+        self._prepared_reference()
         if args.sync_ref_model:  # TRL's callback mixes a whole reference model: this one mixes each rank's stages
             self.callback_handler.remove_callback(SyncRefModelCallback)
             self.add_callback(SyncReferenceStages(self))
 
     # KTOTrainer's compute_loss runs the whole model: the pipeline runs the loss on its last stage
     compute_loss = PipeTrainer.compute_loss
+
+    # -- the reference ---------------------------------------------------------------------------------------------
+    def _prepared_reference(self) -> Any:
+        """The reference's stages on this rank (None: the policy's own), built once."""
+        if not self._reference_built:
+            self._reference = reference_stages(self)
+            self._reference_built = True
+        return self._reference
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        # KTOTrainer's cache (keyed also by whether the KL term is computed), its log-probabilities from forward-only
+        # passes through the pipeline (`_reference.py`)
+        self._prepared_reference()
+        return precompute(self, dataset, name, batch_size, self._reference_columns, key=(self.calculate_KL,))
+
+    def _reference_columns(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """One collator batch's precomputed columns, on the last stage's rank (None elsewhere): each row's reference
+        log-probability and, when the KL term is computed, its KL completion's (forward-only passes, collective over
+        the pipeline)."""
+        reference = self._prepared_reference()
+        columns = {"ref_logps": reference_forward(self, reference, self._rows(inputs), _completion_logps)}
+        if self.calculate_KL:
+            kl_rows = self._rows(inputs, "KL_")
+            columns["ref_KL_logps"] = reference_forward(self, reference, kl_rows, _completion_logps)
+        return columns if columns["ref_logps"] is not None else None
 
     # -- the batch -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -132,17 +160,24 @@ class PipeKTOTrainer(KTOTrainer, PipeTrainer):
 
     def _pipeline_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The batch as the pipeline runs it; before the step, the forward-only passes its loss needs (collective
-        over the pipeline): each row's reference log-probability and, for `kto`, the batch's KL term."""
+        over the pipeline): each row's reference log-probability (precomputed: the batch's column, which follows its
+        rows into their microbatches) and, for `kto`, the batch's KL term (the policy's pass over the KL rows, the
+        reference's from its pass or its precomputed column)."""
         batch = self._rows(inputs)
         self._desirable = inputs["label"].bool()
-        self._ref_logps = reference_forward(self, self._reference, batch, _completion_logps)
+        self._ref_logps = inputs.get("ref_logps")
+        if self._ref_logps is None:
+            self._ref_logps = reference_forward(self, self._reference, batch, _completion_logps)
         self._kl = None
         if self.calculate_KL:
             kl_batch = self._rows(inputs, "KL_")
             policy = self.engine.forward(kl_batch, on_last=_completion_logps)[0]  # no gradients
-            reference = reference_forward(self, self._reference, kl_batch, _completion_logps)
+            reference = inputs.get("ref_KL_logps")
+            if reference is None:
+                reference = reference_forward(self, self._reference, kl_batch, _completion_logps)
             if policy is not None:  # the last stage's rank
-                kl = (torch.cat(policy) - reference).mean().detach()
+                policy = torch.cat(policy)
+                kl = (policy - reference.to(policy.device)).mean().detach()
                 if self._dp_size > 1:  # KTOTrainer's mean over processes of each one's batch mean
                     dist.all_reduce(kl, group=self.data_parallel.group)
                     kl = kl / self._dp_size
