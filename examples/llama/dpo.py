@@ -19,9 +19,8 @@ import os
 from dataclasses import dataclass, field
 
 import datasets
-import torch
 from peft import LoraConfig, PeftModel
-from smollm2 import checkpoint_and_tokenizer
+from smollm2 import answer, checkpoint_and_tokenizer
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
 
 from hf_pipe.trl import PipeDPOConfig, PipeDPOTrainer
@@ -37,15 +36,6 @@ class DPOArguments:
     question: str = field(default="Spell 'lantern' backwards.")
     max_samples: int | None = field(default=None, metadata={"help": "Train on the first N pairs only."})
     lora_r: int = field(default=8)
-
-
-def answer(model, tokenizer, question: str) -> str:
-    messages = [{"role": "user", "content": question}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-    ids = ids["input_ids"]
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def main() -> None:

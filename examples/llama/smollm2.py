@@ -67,3 +67,13 @@ def generate(model, tokenizer, prompt: str) -> str:
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def answer(model, tokenizer, question: str) -> str:
+    """The model's greedy reply to one user turn, through the tokenizer's chat template (the chat examples)."""
+    messages = [{"role": "user", "content": question}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    ids = ids["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
