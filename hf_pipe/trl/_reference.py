@@ -171,6 +171,14 @@ class SyncReferenceStages(SyncRefModelCallback):
         super().__init__(ref_model=None, accelerator=None)
         self.trainer = trainer
 
+    @classmethod
+    def install(cls, trainer: Any) -> None:
+        """In place of TRL's callback, which mixes a whole reference model: with `sync_ref_model`, each rank mixes
+        its own stages."""
+        if trainer.args.sync_ref_model:
+            trainer.callback_handler.remove_callback(SyncRefModelCallback)
+            trainer.add_callback(cls(trainer))
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step % args.ref_model_sync_steps == 0:
             reference, policy = self.trainer._reference.modules, self.trainer.engine.modules

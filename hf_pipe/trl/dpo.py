@@ -43,7 +43,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.callbacks import SyncRefModelCallback
 
 from ..batch_sync import one_batch_per_pipeline
 from ..errors import raise_if_any
@@ -126,9 +125,7 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
             super().__init__(built, ref_model, args, *positional, **kwargs)
         replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws
         self._prepared_reference()
-        if args.sync_ref_model:  # TRL's callback mixes a whole reference model: this one mixes each rank's stages
-            self.callback_handler.remove_callback(SyncRefModelCallback)
-            self.add_callback(SyncReferenceStages(self))
+        SyncReferenceStages.install(self)  # TR-DPO: each rank mixes its own stages
 
     # DPOTrainer's compute_loss runs the whole model: the pipeline runs the loss on its last stage
     compute_loss = PipeTrainer.compute_loss

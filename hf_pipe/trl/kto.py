@@ -45,7 +45,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import trl.trainer.kto_trainer as kto_module
 from trl import KTOConfig, KTOTrainer
-from trl.trainer.callbacks import SyncRefModelCallback
 
 from ..batch_sync import one_batch_per_pipeline
 from ..errors import raise_if_any
@@ -117,9 +116,7 @@ class PipeKTOTrainer(KTOTrainer, PipeTrainer):
             super().__init__(built, ref_model, args, *positional, **kwargs)
         replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws
         self._prepared_reference()
-        if args.sync_ref_model:  # TRL's callback mixes a whole reference model: this one mixes each rank's stages
-            self.callback_handler.remove_callback(SyncRefModelCallback)
-            self.add_callback(SyncReferenceStages(self))
+        SyncReferenceStages.install(self)  # TR-DPO: each rank mixes its own stages
 
     # KTOTrainer's compute_loss runs the whole model: the pipeline runs the loss on its last stage
     compute_loss = PipeTrainer.compute_loss
