@@ -78,6 +78,22 @@ def new_group(ranks: list[int], timeout_s: float | None) -> dist.ProcessGroup:
     return dist.new_group(ranks, timeout=timedelta(seconds=timeout_s) if timeout_s else None)
 
 
+def twin_group(group: dist.ProcessGroup, timeout_s: float | None) -> dist.ProcessGroup:
+    """A second process group over the same ranks as `group` (a pipeline's), for messages that must not queue behind
+    the first group's. Collective over the world: every replica's pipeline gets its twin."""
+    if group is dist.group.WORLD:
+        return new_group(list(range(dist.get_world_size())), timeout_s)
+    mine = dist.get_process_group_ranks(group)
+    everyone: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    twin = None
+    for ranks in sorted({tuple(r) for r in everyone}):
+        created = new_group(list(ranks), timeout_s)
+        if list(ranks) == mine:
+            twin = created
+    return twin
+
+
 @contextlib.contextmanager
 def _groups_created_with(timeout_s: float | None) -> Iterator[None]:
     """Groups torch creates inside (init_device_mesh's, which takes no timeout) get `timeout_s`."""
