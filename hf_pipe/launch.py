@@ -167,6 +167,22 @@ def start(args: Any) -> Watchdog:
     return arm_watchdog(args.ddp_timeout, dist.get_rank())
 
 
+def start_for_inference(timeout_s: float) -> None:
+    """The process group and watchdog of a script that only runs a pipeline (generation), under torchrun or
+    `accelerate launch` (NCCL on GPUs, each rank on its `LOCAL_RANK` device; gloo on CPUs), or one process alone."""
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        else:
+            _init_single_process_group()
+        atexit.unregister(_destroy_if_clean_exit)
+        atexit.register(_destroy_if_clean_exit)
+    arm_watchdog(timeout_s, dist.get_rank())
+
+
 def _init_single_process_group() -> None:
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="hf_pipe-"), "store"), 1)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=0, world_size=1)

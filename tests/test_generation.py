@@ -93,6 +93,37 @@ def test_four_ranks_match_generate():
     _check(results, {name: _reference(name) for name in ("llama", "gpt2")})
 
 
+def _trainer_and_path(path: str, output_dir: str) -> dict:
+    """`PipeTrainer.generator` on a trainer's stages, and `PipelineGenerator.from_pretrained` reading each rank's
+    stages from a saved model."""
+    from hf_pipe import PipelineGenerator, PipeTrainer, PipeTrainingArguments
+
+    ids, mask = prompts()
+    args = PipeTrainingArguments(output_dir=output_dir, use_cpu=True, report_to=[], pipeline_generation_groups=2)
+    trainer = PipeTrainer(model=_model("llama"), args=args)
+    torch.manual_seed(11)
+    by_trainer = trainer.generator.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True)
+    generator = PipelineGenerator.from_pretrained(path)
+    torch.manual_seed(11)
+    by_path = generator.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True)
+    held = sum(p.numel() for p in generator.engine.parameters())
+    return {"trainer": by_trainer, "path": by_path, "held": held, "training": generator.engine.modules[0].training}
+
+
+def test_trainer_generator_and_model_read_per_stage(tmp_path):
+    model = _model("llama")
+    model.save_pretrained(tmp_path / "model")
+    torch.manual_seed(11)
+    ids, mask = prompts()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True)
+    results = run_distributed(_trainer_and_path, 2, str(tmp_path / "model"), str(tmp_path / "out"), fork=True)
+    for result in results:
+        assert torch.equal(result["trainer"], expected)
+        assert torch.equal(result["path"], expected)
+        assert result["held"] < 0.75 * sum(p.numel() for p in model.parameters())  # its stages only
+        assert not result["training"]
+
+
 def _refusals() -> list[str]:
     from transformers import LogitsProcessor, LogitsProcessorList
 

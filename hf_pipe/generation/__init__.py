@@ -21,9 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..errors import raise_if_any
+from ..errors import PipelineConfigError, raise_if_any
 from ..launch import timeout_s, twin_group
 from .pipeline import DecodeLoop
 from .problems import call_problems, decoding_problems, generator_problems, input_problems
@@ -51,6 +52,49 @@ class PipelineGenerator:
         self.groups = groups or engine.num_stages
         self.back = twin_group(engine.group, timeout_s())
         self.dtype = next(p.dtype for m in engine.modules for p in m.parameters() if p.is_floating_point())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        pipeline_parallel_size: int | None = None,
+        split: Any = "auto",
+        groups: int | None = None,
+        device: torch.device | str | None = None,
+        ddp_timeout: float = 1800,
+        **model_init_kwargs: Any,
+    ) -> PipelineGenerator:
+        """A generator for the model saved at `path` (a folder or hub id), each rank reading only its stages' tensors:
+        no rank ever holds the whole model. Run under torchrun / `accelerate launch` (or alone: one stage);
+        `pipeline_parallel_size` ranks per pipeline (default: the world; fewer: data-parallel replicas, each
+        generating its own prompts). `model_init_kwargs` as `from_pretrained` takes them (`dtype`,
+        `attn_implementation`, `revision`, ...). The stages are in evaluation mode (no dropout), as after
+        `from_pretrained`.
+
+        Example (`torchrun --nproc-per-node 4 generate.py`):
+            >>> generator = PipelineGenerator.from_pretrained("path/to/llama", dtype=torch.bfloat16)
+            >>> tokens = generator.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=64)
+        """
+        from ..engine import PipelineEngine
+        from ..launch import pipeline_groups, start_for_inference
+        from ..loading import skeleton
+        from ..weights import Checkpoint
+
+        start_for_inference(ddp_timeout)
+        world = dist.get_world_size()
+        pp = pipeline_parallel_size or world
+        if world % pp:
+            raise PipelineConfigError(
+                f"pipeline_parallel_size={pp} does not divide the {world} launched ranks; pass a divisor of {world}."
+            )
+        group, _ = pipeline_groups(world, pp, "ddp", ddp_timeout)
+        model = skeleton(path, model_init_kwargs)
+        weights = Checkpoint(path, seed=0, **model_init_kwargs)
+        engine = PipelineEngine(model, group=group, split=split, device=device, weights=weights)
+        for module in engine.modules:
+            module.eval()
+        return cls(engine, model.eval(), groups)
 
     def generate(
         self,
