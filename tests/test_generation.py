@@ -87,9 +87,32 @@ def test_two_ranks_match_generate():
     _check(results, {name: _reference(name) for name in ("llama", "gpt2")})
 
 
-def test_four_ranks_match_generate():
+def _four_ranks(cases: list, path: str) -> dict:
+    """`_ranks` on one 4-stage pipeline, then two 2-rank pipelines read from `path`, each generating its own
+    prompts (data-parallel replicas)."""
+    import torch.distributed as dist
+
+    from hf_pipe import PipelineGenerator
+
+    out = _ranks(cases)
+    generator = PipelineGenerator.from_pretrained(path, pipeline_parallel_size=2)
+    ids, mask = prompts()
+    replica = dist.get_rank() // 2
+    torch.manual_seed(11)
+    out["replica"] = generator.generate(ids[replica::2], attention_mask=mask[replica::2], max_new_tokens=5)
+    return out
+
+
+def test_four_ranks_match_generate(tmp_path):
     cases = [("llama", "1f1b", None), ("gpt2", "1f1b", 2)]
-    results = run_distributed(_ranks, 4, cases, fork=True, timeout=420)
+    model = _model("llama")
+    model.save_pretrained(tmp_path)
+    results = run_distributed(_four_ranks, 4, cases, str(tmp_path), fork=True, timeout=420)
+    ids, mask = prompts()
+    for rank, result in enumerate(results):
+        replica = rank // 2
+        expected = model.generate(ids[replica::2], attention_mask=mask[replica::2], max_new_tokens=5)
+        assert torch.equal(result.pop("replica"), expected), rank
     _check(results, {name: _reference(name) for name in ("llama", "gpt2")})
 
 

@@ -107,6 +107,7 @@ class DecodeLoop:
         with torch.no_grad(), waiting("generation through the stages", engine.neighbours):
             step = 0
             while True:
+                earlier = len(self.sends)  # the previous step's sends, waited for once this step has run
                 running = [g for g in self.groups if not g.done]
                 if not running:
                     break
@@ -122,11 +123,17 @@ class DecodeLoop:
                     self._run_group(group, first=step == 0)
                     progress()
                 step += 1
+                self._wait_sends(keep=len(self.sends) - earlier)
                 if not self.has_last and all(g.done for g in self.groups):
                     break
-            for work in self.sends:
-                work.wait()
+            self._wait_sends(keep=0)
         return broadcast_from_last_stage(engine, self._sequences() if self.has_last else None)
+
+    def _wait_sends(self, keep: int) -> None:
+        """Wait for the sends of earlier steps (their peers took them by now), keeping the last `keep` in flight."""
+        done, self.sends = self.sends[: len(self.sends) - keep], self.sends[len(self.sends) - keep :]
+        for work in done:
+            work.wait()
 
     def _run_group(self, group: Group, first: bool) -> None:
         model, engine = self.model, self.engine

@@ -50,6 +50,12 @@ def generator_problems(engine: Any, model: Any, groups: int | None) -> list[str]
             f"generation needs a language-model head; {type(model).__name__} has the {engine.plan.task} head. "
             "Build the pipeline from a ...ForCausalLM / ...LMHeadModel."
         )
+    if engine.dp is not None and engine.dp.size > 1 and engine.dp.mode == "fsdp":
+        problems.append(
+            "generation with pipeline_data_parallel='fsdp': each replica's stages gather their sharded weights from "
+            "the other replicas at every forward, and replicas generating their own prompts end at different steps; "
+            "use pipeline_data_parallel='ddp' (or one replica) to generate."
+        )
     if groups is not None and groups < 1:
         problems.append(f"groups={groups}: the groups of rows in flight must be at least 1.")
     return problems
