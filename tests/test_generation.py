@@ -1,7 +1,7 @@
 """Generation through the pipeline (`hf_pipe.generation.PipelineGenerator`) against `model.generate` on one process:
 greedy search, seeded sampling (top-k, top-p, temperature, `num_return_sequences`), beam search and beam sampling,
 left-padded prompts, an EOS that ends some rows (and whole groups) early — with one group in flight and with several,
-on 2 ranks (one and two stages per rank) and on 4; the random generator's state after generation; the refusals."""
+on 2 ranks (one and two stages per rank, a stage beginning mid-block) and on 4, and data-parallel pipelines; the random generator's state after generation; the refusals."""
 
 from __future__ import annotations
 
@@ -57,16 +57,19 @@ def _reference(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return _generate(_model(name).generate, name)
 
 
-def _ranks(cases: list[tuple[str, str, int | None]]) -> dict:
+def _ranks(cases: list[tuple]) -> dict:
     from hf_pipe.engine import PipelineEngine
     from hf_pipe.generation import PipelineGenerator
 
     out = {}
-    for name, schedule, groups in cases:
+    for name, schedule, groups, *split in cases:  # split: where stages begin (1.5: block 1's MLP half)
         model = _model(name)
-        engine = PipelineEngine(model, schedule=schedule, device="cpu")
+        engine = PipelineEngine(model, schedule=schedule, device="cpu", split=split[0] if split else "auto")
         generator = PipelineGenerator(engine, model, groups=groups)
-        out[(name, schedule, groups)] = {"tokens": _generate(generator.generate, name), "last": engine.has_last}
+        out[(name, schedule, groups, *split)] = {
+            "tokens": _generate(generator.generate, name),
+            "last": engine.has_last,
+        }
     return out
 
 
@@ -82,7 +85,12 @@ def _check(results: list[dict], references: dict) -> None:
 
 
 def test_two_ranks_match_generate():
-    cases = [("llama", "1f1b", None), ("llama", "1f1b", 1), ("gpt2", "1f1b", None), ("llama", "interleaved1f1b", 3)]
+    cases = [
+        ("llama", "1f1b", None),
+        ("llama", "1f1b", 1, (0, 1.5)),
+        ("gpt2", "1f1b", None),
+        ("llama", "interleaved1f1b", 3),
+    ]
     results = run_distributed(_ranks, 2, cases, fork=True, timeout=420)
     _check(results, {name: _reference(name) for name in ("llama", "gpt2")})
 

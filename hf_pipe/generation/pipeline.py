@@ -31,6 +31,7 @@ import torch.distributed as dist
 from ..evaluation import broadcast_from_last_stage
 from ..families.base import CACHE
 from ..launch import progress, waiting
+from ..stage import BlockHalf
 from .cache import StageCache
 from .choice import BeamSearch, Sampling, Step
 
@@ -59,6 +60,11 @@ def row_groups(rows: int, groups: int, unit: int) -> list[slice]:
     sizes = [units // groups + (1 if g < units % groups else 0) for g in range(groups)]
     starts = [sum(sizes[:g]) * unit for g in range(groups)]
     return [slice(s, s + n * unit) for s, n in zip(starts, sizes)]
+
+
+def attention_layers(stage: Any) -> list[int]:
+    """The blocks whose attention a stage runs (a stage that begins mid-block runs only the MLP of its first)."""
+    return [i for i, b in zip(stage.layer_ids, stage.blocks) if not (isinstance(b, BlockHalf) and b.part == 1)]
 
 
 def slice_rows(kwargs: dict[str, Any], rows: slice, total: int) -> dict[str, Any]:
@@ -92,7 +98,7 @@ class DecodeLoop:
         self.groups = []
         for rows in row_groups(total, generator.groups, beams):
             group = Group(rows, input_ids[rows], slice_rows(model_kwargs, rows, total))
-            group.caches = {s.index: StageCache(model.config, s.layer_ids) for s in self.stages}
+            group.caches = {s.index: StageCache(model.config, attention_layers(s)) for s in self.stages}
             if self.has_last:
                 group.choice = choice(input_ids[rows], processors, stopping, config, model)
             self.groups.append(group)
