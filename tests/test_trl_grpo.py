@@ -1,0 +1,162 @@
+"""TRL's GRPO under the pipeline: PipeGRPOTrainer on 2 ranks against GRPOTrainer on one process, same seed and data —
+the same sampled completions (seeded generation through the pipeline), per-step loss and grad norm, every metric
+GRPOTrainer logs (rewards, completion lengths, clip ratios, entropy, KL), and final weights — for DAPO (the default
+loss) without a reference, GRPO with the reference stages read from the checkpoint and num_iterations 2 (old-policy
+log-probabilities by a forward-only pass), BNPO over 2 accumulated steps per generation, Dr. GRPO with sequence-level
+importance weights, delta, the off-policy mask and an entropy bonus, and LoRA with the adapters off as the reference;
+and the refusals."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from tests._dist import run_distributed
+from tests._models import VOCAB, tiny_model
+from tests.test_trl import _tokenizer
+
+TOL = 1e-5
+WEIGHT_TOL = 5e-5
+#: metrics that are small differences of O(1) terms (a KL of nearly equal log-probs, clip fractions, a reward's mean
+#: over a group, the entropy bonus's policy part): compared relative to their terms' size (1)
+ABSOLUTE = ("kl", "clip_ratio", "reward", "rewards/", "policy_loss", "loss")
+#: logged per step but not a number of the training (wall time)
+UNTIMED = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+CASES = {
+    # DAPO, GRPO's default loss, no reference (beta 0), one iteration per generation
+    "dapo": {},
+    # the reference's stages read from the checkpoint (beta > 0), two iterations per generation: old log-probs from a
+    # forward-only pass of the policy, reference log-probs from one through the frozen stages
+    "reference": {"beta": 0.1, "loss_type": "grpo", "num_iterations": 2},
+    # BNPO, 2 accumulation steps sharing one generation batch, top-k / top-p sampling
+    "accumulated": {"loss_type": "bnpo", "gradient_accumulation_steps": 2, "top_k": 30, "top_p": 0.9},
+    # Dr. GRPO with sequence-level importance weights, delta, the off-policy mask and a static entropy bonus
+    "dr_grpo": {
+        "loss_type": "dr_grpo", "importance_sampling_level": "sequence", "delta": 1.5, "num_iterations": 2,
+        "off_policy_mask_threshold": 0.5, "entropy_coef": 0.01,
+    },  # fmt: skip
+    # LoRA: the reference is the policy's stages with the adapters off
+    "lora": {"peft": True, "beta": 0.2},
+}
+STEPS = 3
+
+
+def _prompts(n: int, seed: int):
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(2, 6, (1,), generator=g))
+        rows.append({"prompt": " ".join(f"w{int(i)}" for i in torch.randint(2, VOCAB, (length,), generator=g))})
+    return datasets.Dataset.from_list(rows)
+
+
+def even_words(completions: list[str], **kwargs) -> list[float]:
+    """A rule-based reward: the share of a completion's words with an even number (0 for an empty completion)."""
+    out = []
+    for text in completions:
+        words = [w for w in text.split() if w[1:].isdigit()]
+        out.append(sum(int(w[1:]) % 2 == 0 for w in words) / len(words) if words else 0.0)
+    return out
+
+
+def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from hf_pipe.trl import PipeGRPOConfig, PipeGRPOTrainer
+
+    options = dict(CASES[case])
+    peft = options.pop("peft", False)
+    checkpoint = os.path.join(root, "llama")
+    settings = dict(
+        output_dir=output_dir, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+        learning_rate=5e-3, max_steps=STEPS, logging_steps=1, save_strategy="no", report_to=[], seed=3,
+        disable_tqdm=True, use_cpu=True, bf16=False, **options,
+    )  # fmt: skip
+    schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}
+    config = PipeGRPOConfig(**settings, **schedule) if pipeline else GRPOConfig(**settings)
+    cls = PipeGRPOTrainer if pipeline else GRPOTrainer
+    trainer = cls(
+        model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft else checkpoint,
+        reward_funcs=even_words,
+        args=config,
+        train_dataset=_prompts(24, 0),
+        processing_class=_tokenizer(),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
+    )
+    trainer.train()
+    model = trainer.engine if pipeline else trainer.model
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    return {"logs": logs, "weights": weights}
+
+
+def _runs(cases: list[str], out: str, pipeline: bool, root: str) -> dict:
+    return {case: _run(case, os.path.join(out, case), pipeline, root) for case in cases}
+
+
+def _err(key: str, a: float | None, b: float | None) -> float:
+    if a is None or b is None or (isinstance(b, float) and math.isnan(b)):
+        return 0.0 if a is b or (a is not None and math.isnan(a)) else math.inf
+    scale = 1.0 if key.startswith(ABSOLUTE) else 1e-12
+    return abs(a - b) / max(abs(b), scale)
+
+
+@pytest.mark.timeout(600)
+def test_pipe_grpo_matches_grpo_trainer(tmp_path):
+    cases, root = list(CASES), str(tmp_path)
+    tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(os.path.join(root, "llama"))
+    ref = run_distributed(_runs, 1, cases, str(tmp_path / "ref"), False, root, launcher_env=True, fork=True,
+                          timeout=400)[0]  # fmt: skip
+    mine = run_distributed(_runs, 2, cases, str(tmp_path / "pp"), True, root, launcher_env=True, fork=True,
+                           timeout=500)  # fmt: skip
+    for case in cases:
+        theirs, errs = ref[case], {}
+        assert len(theirs["logs"]) == STEPS, case
+        for rank in mine:
+            run = rank[case]
+            assert [e["step"] for e in run["logs"]] == [e["step"] for e in theirs["logs"]], case
+            for a, b in zip(run["logs"], theirs["logs"]):
+                assert set(a) == set(b), (case, set(a) ^ set(b))
+                for key in b:
+                    if key not in UNTIMED:
+                        errs[key] = max(errs.get(key, 0.0), _err(key, a[key], b[key]))
+        weights = {}
+        for rank in mine:
+            weights.update(rank[case]["weights"])
+        expected = {n.removeprefix("base_model.model."): w for n, w in theirs["weights"].items()}
+        assert weights.keys() == expected.keys(), case
+        errs["weights"] = max((weights[n] - expected[n]).abs().max().item() for n in weights)
+        worst = max(errs, key=lambda k: errs[k] if k != "weights" else 0.0)
+        print(case, f"worst metric {worst} {errs[worst]:.2e}", {k: f"{v:.1e}" for k, v in errs.items()})
+        assert max(v for k, v in errs.items() if k != "weights") < TOL and errs["weights"] < WEIGHT_TOL, (case, errs)
+        assert theirs["logs"][-1]["loss"] != theirs["logs"][0]["loss"], case  # it trained
+
+
+def test_pipe_grpo_refuses_by_name(tmp_path):
+    """What the pipeline cannot run as GRPOTrainer does, refused before anything is built, all in one list."""
+    from hf_pipe.errors import PipelineConfigError
+    from hf_pipe.trl import PipeGRPOConfig, PipeGRPOTrainer
+
+    checkpoint = str(tmp_path / "llama")
+    tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
+    args = PipeGRPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=8,
+        num_generations=4, use_vllm=True, top_entropy_quantile=0.2, use_adaptive_entropy=True,
+        cast_lm_head_to_fp32=True,
+    )  # fmt: skip
+    with pytest.raises(PipelineConfigError) as err:
+        PipeGRPOTrainer(
+            checkpoint, reward_funcs=even_words, args=args, train_dataset=_prompts(4, 0),
+            processing_class=_tokenizer(), rollout_func=lambda prompts, trainer: {},
+        )  # fmt: skip
+    message = str(err.value)
+    for name in ("use_vllm=True", "top_entropy_quantile=0.2", "use_adaptive_entropy=True",
+                 "cast_lm_head_to_fp32=True", "rollout_func"):  # fmt: skip
+        assert name in message, (name, message)
