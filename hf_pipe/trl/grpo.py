@@ -68,7 +68,7 @@ from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._model import model_for, path_given, replay_adapter_draws
-from ._preference import IGNORE_INDEX, reference_stages, reference_trainer_problems, token_stats
+from ._preference import IGNORE_INDEX, reference_stages, reference_trainer_problems
 from ._reference import SyncReferenceStages, reference_init
 
 #: loss types whose loss is a mean over the batch's rows of each row's token mean (`grpo`, `sapo`) or sum (`luspo`)
@@ -246,7 +246,11 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
             "ref": inputs.get("ref_per_token_logps"),
         }
         self._num_items = float(inputs["num_items_in_batch"])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": _labels(input_ids, attention_mask, keep)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": _labels(input_ids, attention_mask, keep),
+        }
 
     def _loss_normalizer(self, inputs: dict[str, Any], num_items_in_batch: Any, training: bool = True) -> float:
         # what GRPOTrainer divides the batch's loss by, per loss type, and the accumulation steps in training
@@ -273,7 +277,9 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
 
         accelerator = self.accelerator
         cls = type(accelerator)
-        one = type("OnePipeline", (cls,), {"process_index": property(lambda _: 0), "num_processes": property(lambda _: 1)})
+        one = type(
+            "OnePipeline", (cls,), {"process_index": property(lambda _: 0), "num_processes": property(lambda _: 1)}
+        )
         saved = trl_grpo.gather, trl_grpo.gather_object
         trl_grpo.gather, trl_grpo.gather_object = (lambda tensor: tensor), (lambda obj: obj)
         accelerator.gather = lambda tensor: tensor
@@ -316,7 +322,9 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
         state = broadcast_from_last_stage(engine, torch.get_rng_state() if engine.has_last else None)
         torch.set_rng_state(state.cpu())
         if torch.cuda.is_available() and engine.device.type == "cuda":
-            state = broadcast_from_last_stage(engine, torch.cuda.get_rng_state().to(engine.device) if engine.has_last else None)
+            state = broadcast_from_last_stage(
+                engine, torch.cuda.get_rng_state().to(engine.device) if engine.has_last else None
+            )
             torch.cuda.set_rng_state(state.cpu())
 
     # -- forward-only passes ---------------------------------------------------------------------------------------
@@ -334,7 +342,7 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
         }
 
         def on_last(outputs: Any, mb: dict[str, Any]) -> torch.Tensor:
-            return self._token_stats(outputs.logits, mb["shift_labels"], logits_to_keep).log_probs
+            return self._token_stats(outputs.logits, mb["shift_labels"], logits_to_keep)[0]
 
         reference = self._reference if model is self.ref_model and self.ref_model is not None else None
         stages = (reference, reference.modules) if reference is not None else None
@@ -343,17 +351,30 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
             return input_ids.new_zeros(input_ids.shape[0], logits_to_keep, dtype=torch.float32), None, None
         return torch.cat(per_mb), None, None
 
-    def _token_stats(self, logits: torch.Tensor, shift_labels: torch.Tensor, keep: int) -> Any:
-        """Per completion token (the last `keep` of each row): its log-probability and the entropy under the logits
-        divided by TRL's temperature, 0 where the token is padding, as TRL's fused LM head gives them."""
-        return token_stats(logits[:, -keep - 1 : -1] / self.temperature, shift_labels[:, -keep - 1 : -1])
+    def _token_stats(
+        self, logits: torch.Tensor, shift_labels: torch.Tensor, keep: int, entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per completion token (the last `keep` of each row): its log-probability and (`entropy`) the entropy of the
+        logits divided by TRL's temperature, in float32, 0 where the token is padding — as TRL's fused LM head gives
+        them (they agree to float32 rounding). Both differentiable, as the fused head's are: the entropy bonus trains
+        through the entropy."""
+        z = logits[:, -keep - 1 : -1].float() / self.temperature
+        targets = shift_labels[:, -keep - 1 : -1]
+        mask = targets != IGNORE_INDEX
+        log_z = z.logsumexp(-1)
+        log_probs = (z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - log_z) * mask
+        if not entropy:
+            return log_probs, None
+        log_p = z - log_z.unsqueeze(-1)
+        return log_probs, -(log_p.exp() * log_p).sum(-1) * mask
 
     # -- the loss --------------------------------------------------------------------------------------------------
     def compute_microbatch_loss(self, outputs, labels, inputs, num_items_in_batch):
         """GRPOTrainer's `_compute_loss` for the rows of one microbatch, its share of the step's loss."""
         rows = self.engine.loss.rows()
-        stats = self._token_stats(outputs.logits, inputs["shift_labels"], self._logits_to_keep)
-        logps, entropies = stats.log_probs, stats.entropy
+        logps, entropies = self._token_stats(outputs.logits, inputs["shift_labels"], self._logits_to_keep, True)
+        if not self._entropy_bonus_enabled:
+            entropies = entropies.detach()  # a metric only
         device = logps.device
         mask = self._rows["mask"][rows].to(device)
         advantages = self._rows["advantages"][rows].to(device)
@@ -379,7 +400,7 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
                 metrics["policy_loss"] = (loss.detach() * self._policy_scale, mask.shape[0] / batch_rows)
                 if training and self.accelerator.sync_gradients:
                     metrics["entropy_coef"] = self.entropy_coef
-            metrics.update(self._loss_metrics(entropies, mask, advantages, coef_1, kl, phi))
+            metrics.update(self._loss_metrics(entropies.detach(), mask, advantages, coef_1, kl, phi))
         if self._entropy_bonus_enabled:  # TRL's static bonus: a token mean over the batch, scaled for accumulation
             loss = loss - self.entropy_coef * (entropies * mask).sum() / self._entropy_normalizer
         return loss, metrics
