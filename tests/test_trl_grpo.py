@@ -26,10 +26,19 @@ WEIGHT_TOL = 5e-5
 #: and clip fractions (0 on the first step) relative to 1
 FLOORS = {"loss": 1e-2, "policy_loss": 1e-2, "kl": 1.0, "clip_ratio/": 1.0}
 #: logged per step but not a number of the training (wall time)
-UNTIMED = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+UNTIMED = (
+    "step_time",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "runtime",
+    "samples_per_second",
+    "steps_per_second",
+)
 CASES = {
-    # DAPO, GRPO's default loss, no reference (beta 0), one iteration per generation
-    "dapo": {},
+    # DAPO, GRPO's default loss, no reference (beta 0), one iteration per generation; then evaluate (generation
+    # and loss in evaluation mode)
+    "dapo": {"evaluate": True},
     # the reference's stages read from the checkpoint (beta > 0), two iterations per generation: old log-probs from a
     # forward-only pass of the policy, reference log-probs from one through the frozen stages
     "reference": {"beta": 0.1, "loss_type": "grpo", "num_iterations": 2},
@@ -78,10 +87,10 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     from hf_pipe.trl import PipeGRPOConfig, PipeGRPOTrainer
 
     options = dict(CASES[case])
-    peft = options.pop("peft", False)
+    peft, evaluate = options.pop("peft", False), options.pop("evaluate", False)
     checkpoint = os.path.join(root, "llama")
     settings = dict(
-        output_dir=output_dir, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+        output_dir=output_dir, per_device_train_batch_size=8, per_device_eval_batch_size=8, num_generations=4, max_completion_length=8,
         learning_rate=5e-3, max_steps=STEPS, logging_steps=1, save_strategy="no", report_to=[], seed=3,
         disable_tqdm=True, use_cpu=True, bf16=False, **options,
     )  # fmt: skip
@@ -93,14 +102,16 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
         reward_funcs=even_words,
         args=config,
         train_dataset=_prompts(24, 0),
+        eval_dataset=_prompts(4, 5) if evaluate else None,
         processing_class=_tokenizer(),
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
     )
     trainer.train()
+    evaluation = trainer.evaluate() if evaluate else {}
     model = trainer.engine if pipeline else trainer.model
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    return {"logs": logs, "weights": weights}
+    return {"logs": logs, "weights": weights, "eval": evaluation}
 
 
 def _runs(cases: list[str], out: str, pipeline: bool, root: str) -> dict:
@@ -133,6 +144,10 @@ def test_pipe_grpo_matches_grpo_trainer(tmp_path):
                 for key in b:
                     if key not in UNTIMED:
                         errs[key] = max(errs.get(key, 0.0), _err(key, a[key], b[key]))
+            assert set(run["eval"]) == set(theirs["eval"]), (case, set(run["eval"]) ^ set(theirs["eval"]))
+            for key, value in theirs["eval"].items():
+                if key.removeprefix("eval_") not in UNTIMED:
+                    errs["eval"] = max(errs.get("eval", 0.0), _err(key.removeprefix("eval_"), run["eval"][key], value))
         weights = {}
         for rank in mine:
             weights.update(rank[case]["weights"])

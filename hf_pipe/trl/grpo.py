@@ -316,16 +316,17 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
         yield self._pipe_generator
 
     def _share_random_state(self) -> None:
+        """The sampling rank's random generators (CPU, and the device's) on every rank of the pipeline."""
         engine = self.engine
         if engine.pp_size == 1:
             return
-        state = broadcast_from_last_stage(engine, torch.get_rng_state() if engine.has_last else None)
-        torch.set_rng_state(state.cpu())
-        if torch.cuda.is_available() and engine.device.type == "cuda":
-            state = broadcast_from_last_stage(
-                engine, torch.cuda.get_rng_state().to(engine.device) if engine.has_last else None
-            )
-            torch.cuda.set_rng_state(state.cpu())
+
+        def on_device(state: torch.Tensor) -> torch.Tensor | None:  # NCCL broadcasts device tensors only
+            return state.to(engine.device) if engine.has_last else None
+
+        torch.set_rng_state(broadcast_from_last_stage(engine, on_device(torch.get_rng_state())).cpu())
+        if engine.device.type == "cuda":
+            torch.cuda.set_rng_state(broadcast_from_last_stage(engine, on_device(torch.cuda.get_rng_state())).cpu())
 
     # -- forward-only passes ---------------------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(
