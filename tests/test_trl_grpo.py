@@ -42,8 +42,16 @@ CASES = {
     # the reference's stages read from the checkpoint (beta > 0), two iterations per generation: old log-probs from a
     # forward-only pass of the policy, reference log-probs from one through the frozen stages
     "reference": {"beta": 0.1, "loss_type": "grpo", "num_iterations": 2},
-    # BNPO, 2 accumulation steps sharing one generation batch, top-k / top-p sampling
-    "accumulated": {"loss_type": "bnpo", "gradient_accumulation_steps": 2, "top_k": 30, "top_p": 0.9},
+    # BNPO, 2 accumulation steps sharing one generation batch, top-k / top-p sampling, and a reward model (a small
+    # sequence classifier, whole on every rank, as TRL loads it) beside the rule, weighted
+    "accumulated": {
+        "loss_type": "bnpo",
+        "gradient_accumulation_steps": 2,
+        "top_k": 30,
+        "top_p": 0.9,
+        "reward_model": True,
+        "reward_weights": [1.0, 0.5],
+    },  # fmt: skip
     # Dr. GRPO with sequence-level importance weights, delta, the off-policy mask and a static entropy bonus
     "dr_grpo": {
         "loss_type": "dr_grpo",
@@ -88,6 +96,7 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
 
     options = dict(CASES[case])
     peft, evaluate = options.pop("peft", False), options.pop("evaluate", False)
+    reward_model = options.pop("reward_model", False)
     checkpoint = os.path.join(root, "llama")
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=8, per_device_eval_batch_size=8, num_generations=4, max_completion_length=8,
@@ -99,7 +108,7 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     cls = PipeGRPOTrainer if pipeline else GRPOTrainer
     trainer = cls(
         model=AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32) if peft else checkpoint,
-        reward_funcs=even_words,
+        reward_funcs=[even_words, os.path.join(root, "reward")] if reward_model else even_words,
         args=config,
         train_dataset=_prompts(24, 0),
         eval_dataset=_prompts(4, 5) if evaluate else None,
@@ -112,6 +121,20 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     logs = [e for e in trainer.state.log_history if "loss" in e]
     return {"logs": logs, "weights": weights, "eval": evaluation}
+
+
+def _reward_model(path: str) -> None:
+    """A tiny Llama sequence classifier (one score) with the word-level tokenizer, as a reward model checkpoint."""
+    from transformers import LlamaForSequenceClassification
+
+    from tests._models import CASES as MODELS
+
+    config_cls, _, kwargs = MODELS["llama"]
+    torch.manual_seed(5)
+    LlamaForSequenceClassification(
+        config_cls(vocab_size=VOCAB, num_labels=1, pad_token_id=0, **kwargs)
+    ).save_pretrained(path)
+    _tokenizer().save_pretrained(path)
 
 
 def _runs(cases: list[str], out: str, pipeline: bool, root: str) -> dict:
@@ -129,6 +152,7 @@ def _err(key: str, a: float | None, b: float | None) -> float:
 def test_pipe_grpo_matches_grpo_trainer(tmp_path):
     cases, root = list(CASES), str(tmp_path)
     tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(os.path.join(root, "llama"))
+    _reward_model(os.path.join(root, "reward"))
     ref = run_distributed(_runs, 1, cases, str(tmp_path / "ref"), False, root, launcher_env=True, fork=True,
                           timeout=400)[0]  # fmt: skip
     mine = run_distributed(_runs, 2, cases, str(tmp_path / "pp"), True, root, launcher_env=True, fork=True,
