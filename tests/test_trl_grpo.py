@@ -1,10 +1,10 @@
 """TRL's GRPO under the pipeline: PipeGRPOTrainer on 2 ranks against GRPOTrainer on one process, same seed and data —
 the same sampled completions (seeded generation through the pipeline), per-step loss and grad norm, every metric
-GRPOTrainer logs (rewards, completion lengths, clip ratios, entropy, KL), and final weights — for DAPO (the default
-loss) without a reference, GRPO with the reference stages read from the checkpoint and num_iterations 2 (old-policy
-log-probabilities by a forward-only pass), BNPO over 2 accumulated steps per generation, Dr. GRPO with sequence-level
-importance weights, delta, the off-policy mask and an entropy bonus, and LoRA with the adapters off as the reference;
-and the refusals."""
+GRPOTrainer logs (rewards per function, completion lengths, clip ratios, entropy, KL), evaluation, and final weights —
+for DAPO (the default loss) without a reference, GRPO with the reference stages read from the checkpoint, synced with
+the policy, and num_iterations 2 (old-policy log-probabilities by a forward-only pass), BNPO over 2 accumulated steps
+per generation with a reward model beside the rule, Dr. GRPO with sequence-level importance weights, delta, the
+off-policy mask and an entropy bonus, and LoRA with the adapters off as the reference; and the refusals."""
 
 from __future__ import annotations
 
@@ -40,8 +40,16 @@ CASES = {
     # and loss in evaluation mode)
     "dapo": {"evaluate": True},
     # the reference's stages read from the checkpoint (beta > 0), two iterations per generation: old log-probs from a
-    # forward-only pass of the policy, reference log-probs from one through the frozen stages
-    "reference": {"beta": 0.1, "loss_type": "grpo", "num_iterations": 2},
+    # forward-only pass of the policy, reference log-probs from one through the frozen stages, mixed with the
+    # policy's every 2 steps (TR-DPO's sync, stage by stage)
+    "reference": {
+        "beta": 0.1,
+        "loss_type": "grpo",
+        "num_iterations": 2,
+        "sync_ref_model": True,
+        "ref_model_sync_steps": 2,
+        "ref_model_mixup_alpha": 0.6,
+    },
     # BNPO, 2 accumulation steps sharing one generation batch, top-k / top-p sampling, and a reward model (a small
     # sequence classifier, whole on every rank, as TRL loads it) beside the rule, weighted
     "accumulated": {
@@ -51,7 +59,7 @@ CASES = {
         "top_p": 0.9,
         "reward_model": True,
         "reward_weights": [1.0, 0.5],
-    },  # fmt: skip
+    },
     # Dr. GRPO with sequence-level importance weights, delta, the off-policy mask and a static entropy bonus
     "dr_grpo": {
         "loss_type": "dr_grpo",
@@ -60,7 +68,7 @@ CASES = {
         "num_iterations": 2,
         "off_policy_mask_threshold": 0.5,
         "entropy_coef": 0.01,
-    },  # fmt: skip
+    },
     # LoRA: the reference is the policy's stages with the adapters off
     "lora": {"peft": True, "beta": 0.2},
 }
