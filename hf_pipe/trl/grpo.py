@@ -27,7 +27,8 @@ what needs the whole model on one process. GRPOTrainer 1.16's step, part by part
   last stage computes each token's log-probability from its logits divided by TRL's `temperature`, as TRL's fused LM
   head does (they agree to float32 rounding); kept on the last stage's rank. The reference is a second, frozen set of
   stages with the policy's split read from the checkpoint TRL would load (`_reference.py`), or with PEFT the policy's
-  own stages with the adapters off (TRL's `use_adapter`, the `"ref"` adapter of a given `PeftModel`).
+  own stages with the adapters off (TRL's `use_adapter`, the `"ref"` adapter of a given `PeftModel`);
+  `sync_ref_model` mixes each rank's reference stages into its policy stages at TRL's cadence.
 - `compute_loss` / `_compute_loss`: per microbatch on the last stage (`compute_microbatch_loss`): the policy's
   per-token log-probs and entropies from the logits, TRL's importance weights (token or sequence level), KL term,
   off-policy mask and per-token loss of every loss type (`grpo`, `bnpo`, `dr_grpo`, `dapo`, `cispo`, `sapo`, `luspo`,
