@@ -1,6 +1,6 @@
 """TRL's GRPO under the pipeline: PipeGRPOTrainer on 2 ranks against GRPOTrainer on one process, same seed and data —
 the same sampled completions (seeded generation through the pipeline), per-step loss and grad norm, every metric
-GRPOTrainer logs (rewards per function, completion lengths, clip ratios, entropy, KL), evaluation, and final weights —
+GRPOTrainer logs (rewards per function, completion lengths, clip ratios, entropy, KL), evaluation, final weights —
 for DAPO (the default loss) without a reference, GRPO with the reference stages read from the checkpoint, synced with
 the policy, and num_iterations 2 (old-policy log-probabilities by a forward-only pass), BNPO over 2 accumulated steps
 per generation with a reward model beside the rule, Dr. GRPO with sequence-level importance weights, delta, the
@@ -107,8 +107,9 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     reward_model = options.pop("reward_model", False)
     checkpoint = os.path.join(root, "llama")
     settings = dict(
-        output_dir=output_dir, per_device_train_batch_size=8, per_device_eval_batch_size=8, num_generations=4, max_completion_length=8,
-        learning_rate=5e-3, max_steps=STEPS, logging_steps=1, save_strategy="no", report_to=[], seed=3,
+        output_dir=output_dir, per_device_train_batch_size=8, per_device_eval_batch_size=8, num_generations=4,
+        max_completion_length=8, learning_rate=5e-3, max_steps=STEPS, logging_steps=1, save_strategy="no",
+        report_to=[], seed=3,
         disable_tqdm=True, use_cpu=True, bf16=False, **options,
     )  # fmt: skip
     schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}

@@ -29,12 +29,12 @@ what needs the whole model on one process. GRPOTrainer 1.16's step, part by part
   stages with the policy's split read from the checkpoint TRL would load (`_reference.py`), or with PEFT the policy's
   own stages with the adapters off (TRL's `use_adapter`, the `"ref"` adapter of a given `PeftModel`);
   `sync_ref_model` mixes each rank's reference stages into its policy stages at TRL's cadence.
-- `compute_loss` / `_compute_loss`: per microbatch on the last stage (`compute_microbatch_loss`): the policy's
-  per-token log-probs and entropies from the logits, TRL's importance weights (token or sequence level), KL term,
-  off-policy mask and per-token loss of every loss type (`grpo`, `bnpo`, `dr_grpo`, `dapo`, `cispo`, `sapo`, `luspo`,
-  `vespo`), summed over the microbatch and divided by the normaliser of the whole step known before it (rows, tokens,
-  `max_completion_length`, `num_items_in_batch` per loss type, times the accumulation steps as TRL scales them); the
-  static entropy bonus likewise. Its metrics (`kl`, `entropy`, `clip_ratio/*`, `cispo_clip_ratio`,
+- `compute_loss` / `_compute_loss`: per microbatch on the last stage (`compute_microbatch_loss`, `_grpo_loss.py`): the
+  policy's per-token log-probs and entropies from the logits, TRL's importance weights (token or sequence level), KL
+  term, off-policy mask and per-token loss of every loss type (`grpo`, `bnpo`, `dr_grpo`, `dapo`, `cispo`, `sapo`,
+  `luspo`, `vespo`), summed over the microbatch and divided by the normaliser of the whole step known before it (rows,
+  tokens, `max_completion_length`, `num_items_in_batch` per loss type, times the accumulation steps as TRL scales
+  them); the static entropy bonus likewise. Its metrics (`kl`, `entropy`, `clip_ratio/*`, `cispo_clip_ratio`,
   `vespo/phi_seq_mean`, `policy_loss`, `entropy_coef`) pooled over the microbatches as TRL pools them over processes:
   masked means as (sum, count), `low_min` / `high_max` as the least / greatest.
 
@@ -59,7 +59,6 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin
 
 from ..errors import raise_if_any
 from ..evaluation import broadcast_from_last_stage
@@ -68,6 +67,7 @@ from ..launch import waiting
 from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
+from ._grpo_loss import loss_metrics, per_token_loss
 from ._model import model_for, path_given, replay_adapter_draws
 from ._preference import IGNORE_INDEX, reference_stages, reference_trainer_problems
 from ._reference import SyncReferenceStages, reference_init
@@ -385,8 +385,8 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
         old = self._rows["old"]
         old = logps.detach() if old is None else old[rows].to(device)
         ref = self._rows["ref"][rows].to(device) if self.beta != 0.0 else None
-        per_token_loss, coef_1, kl, phi = self._per_token_loss(logps, old, ref, advantages, mask)
-        masked = per_token_loss * mask
+        token_loss, coef_1, kl, phi = per_token_loss(self, logps, old, ref, advantages, mask)
+        masked = token_loss * mask
         if self.loss_type in ("grpo", "sapo"):
             total = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
         elif self.loss_type == "luspo":
@@ -402,97 +402,10 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
                 metrics["policy_loss"] = (loss.detach() * self._policy_scale, mask.shape[0] / batch_rows)
                 if training and self.accelerator.sync_gradients:
                     metrics["entropy_coef"] = self.entropy_coef
-            metrics.update(self._loss_metrics(entropies.detach(), mask, advantages, coef_1, kl, phi))
+            metrics.update(loss_metrics(self, entropies.detach(), mask, advantages, coef_1, kl, phi))
         if self._entropy_bonus_enabled:  # TRL's static bonus: a token mean over the batch, scaled for accumulation
             loss = loss - self.entropy_coef * (entropies * mask).sum() / self._entropy_normalizer
         return loss, metrics
-
-    def _per_token_loss(
-        self, logps: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, advantages: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
-        """GRPOTrainer's per-token loss (its KL term added), with the importance weights (after `delta`'s clamp),
-        the per-token KL and VESPO's weights its metrics read."""
-        args = self.args
-        if self.off_policy_mask_threshold is not None:
-            off_policy = self.get_off_policy_mask(advantages, logps, old, mask, self.off_policy_mask_threshold)
-        log_ratio = logps - old
-        if self.importance_sampling_level == "token":
-            log_weights = log_ratio
-        elif self.importance_sampling_level == "sequence":
-            log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        else:
-            raise ValueError(
-                f"Unknown importance sampling level: {self.importance_sampling_level}. Possible values are 'token' "
-                "and 'sequence'."
-            )
-        coef_1 = torch.exp(log_weights)
-        kl = None
-        if ref is not None:
-            kl = torch.exp(ref - logps) - (ref - logps) - 1
-            if args.use_bias_correction_kl:
-                kl = kl * coef_1
-        phi = None
-        if self.loss_type == "cispo":
-            per_token_loss = -torch.clamp(coef_1, max=self.epsilon_high).detach() * advantages * logps
-        elif self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-            coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)
-            if args.delta is not None:
-                coef_1 = torch.clamp(coef_1, max=args.delta)
-            per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
-        elif self.loss_type == "sapo":
-            temperatures = torch.where(advantages > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
-            per_token_loss = -torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures * advantages
-        elif self.loss_type == "vespo":
-            phi = self.get_gamma_weights(
-                advantages=advantages, log_ratio_per_token=log_ratio, mask=mask, importance_sampling_ratio=None,
-                k_pos=args.vespo_k_pos, lambda_pos=args.vespo_lambda_pos, k_neg=args.vespo_k_neg,
-                lambda_neg=args.vespo_lambda_neg,
-            )  # fmt: skip
-            per_token_loss = -phi * advantages * logps
-        else:
-            raise ValueError(f"Unknown loss type: {self.loss_type}")
-        if self.off_policy_mask_threshold is not None:
-            per_token_loss = per_token_loss * off_policy
-        if kl is not None:
-            per_token_loss = per_token_loss + self.beta * kl
-        return per_token_loss, coef_1, kl, phi
-
-    def _loss_metrics(
-        self, entropies: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, coef_1: torch.Tensor,
-        kl: torch.Tensor | None, phi: torch.Tensor | None,
-    ) -> dict[str, Any]:  # fmt: skip
-        """GRPOTrainer's loss metrics for a microbatch, as (sum, count) pairs (its masked means over the batch) and
-        ("min" | "max", value) (its least and greatest per-sequence clip ratios)."""
-
-        def pooled(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-            if x.shape[1] == 1:  # sequence-level values: one per row
-                return x.sum(), x.shape[0]
-            return (x * mask).sum(), mask.sum().float()
-
-        def per_sequence(x: torch.Tensor) -> torch.Tensor:
-            return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
-
-        metrics: dict[str, Any] = {}
-        if kl is not None:
-            metrics["kl"] = pooled(kl)
-        metrics["entropy"] = pooled(entropies)
-        if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-            low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
-            high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
-            metrics["clip_ratio/low_mean"] = pooled(low)
-            metrics["clip_ratio/high_mean"] = pooled(high)
-            metrics["clip_ratio/region_mean"] = pooled(((low + high) > 0).float())
-            least, most = nanmin(per_sequence(low)), nanmax(per_sequence(high))
-            if not torch.isnan(least):  # a microbatch of empty completions has no ratio (TRL's nanmin skips it)
-                metrics["clip_ratio/low_min"] = ("min", float(least))
-            if not torch.isnan(most):
-                metrics["clip_ratio/high_max"] = ("max", float(most))
-        elif self.loss_type == "cispo":
-            metrics["cispo_clip_ratio"] = pooled(((coef_1 > self.epsilon_high) & (advantages > 0)).float())
-        elif self.loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"] = pooled(phi)
-        return metrics
 
     def store_pipeline_metric(self, mode: str, name: str, value: float) -> None:
         self._metrics[mode][name].append(value)  # GRPOTrainer's own store, averaged by its log()
