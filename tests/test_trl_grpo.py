@@ -4,7 +4,8 @@ GRPOTrainer logs (rewards per function, completion lengths, clip ratios, entropy
 for DAPO (the default loss) without a reference, GRPO with the reference stages read from the checkpoint, synced with
 the policy, and num_iterations 2 (old-policy log-probabilities by a forward-only pass), BNPO over 2 accumulated steps
 per generation with a reward model beside the rule, Dr. GRPO with sequence-level importance weights, delta, the
-off-policy mask and an entropy bonus, and LoRA with the adapters off as the reference; and the refusals."""
+off-policy mask and an entropy bonus, LoRA with the adapters off as the reference, and SAPO on 4 interleaved stages;
+and the refusals."""
 
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ CASES = {
     },
     # LoRA: the reference is the policy's stages with the adapters off
     "lora": {"peft": True, "beta": 0.2},
+    # 4 stages on 2 ranks, interleaved: generation, the reference's and the training passes through all four
+    "interleaved": {
+        "beta": 0.05,
+        "loss_type": "sapo",
+        "schedule": {"pipeline_schedule": "interleaved1f1b", "pipeline_stages_per_rank": 2},
+    },
 }
 STEPS = 3
 
@@ -105,6 +112,7 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
     options = dict(CASES[case])
     peft, evaluate = options.pop("peft", False), options.pop("evaluate", False)
     reward_model = options.pop("reward_model", False)
+    schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4, **options.pop("schedule", {})}
     checkpoint = os.path.join(root, "llama")
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=8, per_device_eval_batch_size=8, num_generations=4,
@@ -112,7 +120,6 @@ def _run(case: str, output_dir: str, pipeline: bool, root: str) -> dict:
         report_to=[], seed=3,
         disable_tqdm=True, use_cpu=True, bf16=False, **options,
     )  # fmt: skip
-    schedule = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4}
     config = PipeGRPOConfig(**settings, **schedule) if pipeline else GRPOConfig(**settings)
     cls = PipeGRPOTrainer if pipeline else GRPOTrainer
     trainer = cls(
