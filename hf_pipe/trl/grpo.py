@@ -181,8 +181,6 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
         peft = peft_config is not None or is_peft_model(built)
         given = dict(tools=tools, environment_factory=environment_factory, rollout_func=rollout_func)
         raise_if_any(_grpo_problems(args, built, peft, train_dataset, given))
-        #: the generator through the pipeline, built on first use (collective over the world)
-        self._pipe_generator: Any = None
         #: per row of the step's batch: advantages, completion mask, old and reference log-probs (last stage's rank)
         self._rows: dict[str, torch.Tensor | None] = {}
         self._logits_to_keep = 0
@@ -309,12 +307,9 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
 
     @contextlib.contextmanager
     def _unwrapped_for_generation(self, model: Any, accelerator: Any, **kwargs: Any) -> Iterator[Any]:
-        """What GRPOTrainer generates with: an object whose `generate` is the pipeline's."""
-        if self._pipe_generator is None:
-            from ..generation import PipelineGenerator
-
-            self._pipe_generator = PipelineGenerator(self.engine, self._stage_model)
-        yield self._pipe_generator
+        """What GRPOTrainer generates with: an object whose `generate` is the pipeline's (`PipeTrainer.generator`,
+        built at the first generation: collective over the world)."""
+        yield self.generator
 
     def _share_random_state(self) -> None:
         """The sampling rank's random generators (CPU, and the device's) on every rank of the pipeline."""
