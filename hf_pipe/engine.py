@@ -43,6 +43,7 @@ from .runtime.gradients import Gradients
 from .runtime.steps import Steps
 from .schedule import default_stages_per_rank, placement, schedule_class
 from .split import SplitPolicy
+from .tensor_parallel import TensorParallel, shard_stages, tensor_parallel_problems
 from .timeline import Action, Timeline
 from .validate import pipeline_problems
 from .weights import Resident, weights_problems
@@ -65,6 +66,9 @@ class PipelineEngine:
     (`weights.Checkpoint(path, seed)`, `weights.Initialise(seed)`): then no rank ever holds more than its stages.
     Settings are checked on every rank before anything is built; `batch_size`, when given, is checked against
     `microbatches` too. A shorter batch (an epoch's last) still runs: see `schedule.schedule_for_batch`.
+
+    `tensor_parallel` (`launch.parallel_groups`) shards each stage over its TP ranks with the model's own
+    transformers TP plan (`tensor_parallel.py`).
 
     `frontend` (see `frontends/`): `"module"` splits a family with an adapter at its modules; `"trace"` exports
     any model (a family without an adapter, or your own `nn.Module` whose forward takes `input_ids` and returns
@@ -95,9 +99,12 @@ class PipelineEngine:
         task: str | None = None,
         weights: Any = None,
         sequence_lengths: tuple[int, int] | None = None,
+        tensor_parallel: TensorParallel | None = None,
     ):
         self.group = group if group is not None else dist.group.WORLD
         self.dp = data_parallel
+        #: this rank's tensor-parallel side (None without TP): its stages sharded with the model's TP plan
+        self.tp = tensor_parallel if tensor_parallel is not None and tensor_parallel.size > 1 else None
         self.pp_size = dist.get_world_size(self.group)
         self.pp_rank = dist.get_rank(self.group)
         self.schedule_name = schedule.lower()
@@ -121,6 +128,12 @@ class PipelineEngine:
                 data_parallel=data_parallel.mode if self._replicated else None,
             )
             + weights_problems(model, weights)
+            + tensor_parallel_problems(
+                config,
+                self.tp.size if self.tp else 1,
+                frontend=name,
+                data_parallel=data_parallel.mode if self._replicated else None,
+            )
         )
         self.frontend = select_frontend(name, config)
         self.device = torch.device(device) if device is not None else default_device()
@@ -140,6 +153,8 @@ class PipelineEngine:
         weights = weights if weights is not None else Resident()
         self.local = build_stages(self.frontend, model, self.plan, self.stage_indices, self.device, weights)
         self.modules: list[nn.Module] = self.local.modules
+        #: parameters whose gradients are summed over the TP ranks once per step (Qwen3's q/k norms)
+        self.tp_summed = shard_stages(model, self.local.keep, self.tp) if self.tp else []
         #: Linear weight gradients written straight into `.grad` (`grad_accumulation.py`), installed on the stage
         #: modules each schedule runs (a traced frontend makes new ones per shape)
         self._in_place = (

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..launch import new_group, timeout_s, waiting
+from ..tensor_parallel import counted_square
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -39,11 +40,12 @@ class Gradients:
     def _setup_tied(self, local: dict[str, nn.Parameter], groups: list[tuple[list[str], list[int]]]) -> None:
         engine = self.engine
         # every replica's pipeline, as global ranks (one pipeline when there is no data parallelism)
-        pipelines = (
-            engine.dp.pipelines
-            if engine.dp
-            else [[dist.get_global_rank(engine.group, r) for r in range(engine.pp_size)]]
-        )
+        if engine.tp is not None:
+            pipelines = engine.tp.pipelines
+        elif engine.dp:
+            pipelines = engine.dp.pipelines
+        else:
+            pipelines = [[dist.get_global_rank(engine.group, r) for r in range(engine.pp_size)]]
         for fqns, stages in groups:
             ranks = sorted({engine.stage_to_rank[s] for s in stages})
             if len(ranks) < 2 or not engine._trainable(fqns):
@@ -81,11 +83,18 @@ class Gradients:
                 param.grad = torch.zeros_like(param)
             # under FSDP2 each copy is sharded alike over the replicas: the local shards line up
             dist.all_reduce(local_tensor(param.grad), group=pg)
+        tp = self.engine.tp
+        for param in self.engine.tp_summed:  # each TP rank's gradient covers its own heads: summed once per step
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=tp.group)
 
     def norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients over all stages, each tied weight counted once."""
         engine = self.engine
         counted_elsewhere = {id(p) for p, _, counts in self.tied if not counts}
+        if engine.tp is not None:
+            return self._norm_tensor_parallel(counted_elsewhere)
         grads = [
             local_tensor(p.grad)
             for p in self.engine.parameters()
@@ -100,12 +109,26 @@ class Gradients:
             dist.all_reduce(squares, group=engine.group)
         return squares.sqrt()
 
+    def _norm_tensor_parallel(self, counted_elsewhere: set[int]) -> torch.Tensor:
+        """The global norm over stages holding DTensor (sharded over TP) and plain gradients, every element counted
+        once: torch's foreach norm refuses lists mixing the two, and a replicated gradient summed over the TP ranks
+        would count `tp` times."""
+        engine = self.engine
+        squares = torch.zeros((), device=engine.device)
+        for p in engine.parameters():
+            if p.grad is not None and id(p) not in counted_elsewhere:
+                squares += counted_square(p.grad, engine.tp)
+        with waiting("the gradient-norm all-reduce", engine.pipeline_ranks):
+            dist.all_reduce(squares, group=engine.tp.group)
+            dist.all_reduce(squares, group=engine.group)
+        return squares.sqrt()
+
     def clip(self, max_norm: float) -> torch.Tensor:
         """Clip all gradients by the global norm, as `torch.nn.utils.clip_grad_norm_` does on one device."""
         norm = self.norm()
         if max_norm and max_norm > 0:
             params = [p for p in self.engine.parameters() if p.grad is not None]
-            if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2: scale each local shard
+            if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2, TP: scale each local shard
                 coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
                 for p in params:
                     local_tensor(p.grad).mul_(coef.to(p.grad.dtype))
