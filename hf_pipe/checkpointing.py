@@ -142,9 +142,7 @@ def save_optimizer_and_scheduler(trainer: Any, output_dir: str) -> None:
     engine = trainer.engine
     os.makedirs(output_dir, exist_ok=True)
     with waiting(f"writing the optimizer state into {output_dir}", engine.pipeline_ranks):
-        save_named(
-            trainer.optimizer, parameter_names(engine), output_dir, group=engine.group, write=trainer._writes
-        )
+        save_named(trainer.optimizer, parameter_names(engine), output_dir, group=engine.group, write=trainer._writes)
     if trainer.args.should_save:
         torch.save(trainer.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
     with waiting(f"the barrier after writing the optimizer state into {output_dir}", every_rank()):

@@ -175,14 +175,13 @@ class PipelineArguments:
         if tp < 1:
             problems.append(f"pipeline_tensor_parallel_size={tp} must be at least 1.")
             return problems
-        if tp > 1 and world_size % (pp * tp) == 0:
-            pass
-        elif tp > 1:
-            problems.append(
-                f"pipeline_parallel_size={pp} × pipeline_tensor_parallel_size={tp} = {pp * tp} ranks per pipeline "
-                f"replica does not divide the {world_size} launched processes; launch a multiple of {pp * tp} "
-                f"processes, or pick sizes whose product divides {world_size}."
-            )
+        if tp > 1:
+            if world_size % (pp * tp):
+                problems.append(
+                    f"pipeline_parallel_size={pp} × pipeline_tensor_parallel_size={tp} = {pp * tp} ranks per "
+                    f"pipeline replica does not divide the {world_size} launched processes; launch a multiple of "
+                    f"{pp * tp} processes, or pick sizes whose product divides {world_size}."
+                )
         elif world_size % pp:
             problems.append(
                 f"pipeline_parallel_size={pp} does not divide the {world_size} launched processes; use one of "
@@ -252,7 +251,6 @@ class PipeArgumentsMixin(PipelineArguments):
 
     def pipeline_problems(self, world_size: int, batch_size: int | None = None) -> list[str]:
         batch_size = batch_size or self.per_device_train_batch_size
-        pp = self.resolved_pipeline_size(world_size)
         replicas = self.resolved_replicas(world_size)
         problems = super().pipeline_problems(world_size, batch_size) + training_args_problems(self, replicas)
         if self.pipeline_cpu_affinity:
