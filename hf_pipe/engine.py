@@ -43,7 +43,7 @@ from .runtime.gradients import Gradients
 from .runtime.steps import Steps
 from .schedule import default_stages_per_rank, placement, schedule_class
 from .split import SplitPolicy
-from .tensor_parallel import TensorParallel, shard_stages, tensor_parallel_problems
+from .tensor_parallel import TensorParallel, tensor_parallel_problems
 from .timeline import Action, Timeline
 from .validate import pipeline_problems
 from .weights import Resident, weights_problems
@@ -151,10 +151,12 @@ class PipelineEngine:
         self.stage_indices = [s for s in range(self.num_stages) if self.stage_to_rank[s] == self.pp_rank]
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         weights = weights if weights is not None else Resident()
-        self.local = build_stages(self.frontend, model, self.plan, self.stage_indices, self.device, weights)
+        self.local = build_stages(
+            self.frontend, model, self.plan, self.stage_indices, self.device, weights, tp=self.tp
+        )
         self.modules: list[nn.Module] = self.local.modules
         #: parameters whose gradients are summed over the TP ranks once per step (Qwen3's q/k norms)
-        self.tp_summed = shard_stages(model, self.local.keep, self.tp) if self.tp else []
+        self.tp_summed = self.local.tp_summed
         #: Linear weight gradients written straight into `.grad` (`grad_accumulation.py`), installed on the stage
         #: modules each schedule runs (a traced frontend makes new ones per shape)
         self._in_place = (

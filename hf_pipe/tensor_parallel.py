@@ -105,15 +105,12 @@ def tensor_parallel_problems(
     return problems
 
 
-def shard_stages(model: nn.Module, keep: Collection[str], tp: TensorParallel) -> list[nn.Parameter]:
-    """Shard the modules of `model` that this rank's stages hold (`keep`: their parameter and buffer names) with the
-    model's TP plan, in place (the stage modules hold the same modules). Tied weights stay whole. Returns the
-    parameters whose gradients must be summed over the TP ranks once per step (`GRAD_SUMMED`)."""
-    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
-
+def _local_plan(model: nn.Module, keep: Collection[str]) -> dict[str, str]:
+    """The model's TP plan, expanded to layer numbers, restricted to what this rank's stages hold (`keep`: their
+    parameter and buffer names); tied weights left out (they stay whole)."""
     tied = {name for group in _tied(model) for name in group}
     plan = model._expand_parallel_plan(model.tp_plan)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
 
     def held(name: str) -> bool:
         # a parameter this rank holds, or a module whose own parameters it holds (a half block holds some only)
@@ -122,11 +119,92 @@ def shard_stages(model: nn.Module, keep: Collection[str], tp: TensorParallel) ->
         own = [f"{name}.{p}" for p, _ in model.get_submodule(name).named_parameters(recurse=False)]
         return bool(own) and all(p in keep and p not in tied for p in own)
 
-    local = {name: style for name, style in plan.items() if held(name)}
+    return {name: style for name, style in plan.items() if held(name)}
+
+
+def sharded_names(model: nn.Module, keep: Collection[str]) -> set[str]:
+    """The parameters of this rank's stages the plan shards over the TP ranks (a rowwise bias stays whole)."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return {
+        name
+        for name, style in _local_plan(model, keep).items()
+        if name in params and style != GRAD_SUMMED and not (style == "rowwise" and name.endswith(".bias"))
+    }
+
+
+def shard_stages(model: nn.Module, keep: Collection[str], tp: TensorParallel) -> list[nn.Parameter]:
+    """Shard the modules of `model` that this rank's stages hold (`keep`: their parameter and buffer names) with the
+    model's TP plan, in place (the stage modules hold the same modules). Tied weights stay whole. Returns the
+    parameters whose gradients must be summed over the TP ranks once per step (`GRAD_SUMMED`)."""
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    local = _local_plan(model, keep)
     summed = [params[name] for name, style in local.items() if style == GRAD_SUMMED and name in params]
-    local = {name: style for name, style in local.items() if style != GRAD_SUMMED}
-    apply_tensor_parallelism(model, tp.mesh, local)
+    apply_tensor_parallelism(model, tp.mesh, {name: style for name, style in local.items() if style != GRAD_SUMMED})
     return summed
+
+
+class SlicedCheckpoint:
+    """A weight source (`weights.Checkpoint` of a local safetensors folder) whose TP-sharded tensors are read as
+    this rank's slices only: `materialize` loads the stage's other tensors through the checkpoint, leaving the
+    sharded ones on the meta device; once the stages are sharded, `load_slices` reads each rank's part of each."""
+
+    def __init__(self, checkpoint: Any, files: dict[str, str]):
+        self.checkpoint = checkpoint
+        self.files = files  # checkpoint key -> file
+        #: the parameters left for `load_slices`
+        self.skipped: set[str] = set()
+
+    def materialize(self, model: nn.Module, keep: Collection[str], device: torch.device) -> None:
+        self.skipped = sharded_names(model, keep)
+        self.checkpoint.materialize(model, set(keep) - self.skipped, device)
+
+    def load_slices(self, model: nn.Module, device: torch.device) -> list[str]:
+        """Read this rank's slice of every skipped parameter (a meta DTensor after sharding) from the checkpoint
+        files; returns the names read."""
+        import os
+
+        from safetensors import safe_open
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        from .weights import _model_name
+
+        base = getattr(model, "base_model_prefix", "")
+        key_of = {_model_name(k, self.skipped, base): k for k in self.files}
+        handles: dict[str, Any] = {}
+        for name in sorted(self.skipped):
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            param = module._parameters[attr]
+            key = key_of[name]
+            file = self.files[key]
+            if file not in handles:
+                handles[file] = safe_open(os.path.join(self.checkpoint.path, file), framework="pt")
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+            local = handles[file].get_slice(key)[index].to(device=device, dtype=param.dtype).contiguous()
+            value = DTensor.from_local(
+                local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+            )
+            module._parameters[attr] = nn.Parameter(value, requires_grad=param.requires_grad)
+        return sorted(self.skipped)
+
+
+def sliced_source(weights: Any, model: nn.Module) -> SlicedCheckpoint | None:
+    """`weights` as a `SlicedCheckpoint` where the TP slices can be read on their own: a local safetensors folder
+    whose keys are the model's names. Other sources (a hub id, legacy names, a whole model) load whole tensors,
+    sharded once loaded."""
+    import os
+
+    from .weights import Checkpoint, _maps_by_name, checkpoint_files
+
+    if not isinstance(weights, Checkpoint) or not os.path.isdir(weights.path) or weights.init_missing != "seeded":
+        return None
+    files = checkpoint_files(weights.path)
+    if files is None or not _maps_by_name(files, model, getattr(model, "base_model_prefix", "")):
+        return None
+    return SlicedCheckpoint(weights, files)
 
 
 def _tied(model: nn.Module) -> list[list[str]]:

@@ -3,7 +3,13 @@ against Trainer on one process (same seed and data): logged losses, grad norms, 
 
 from __future__ import annotations
 
-from tests.test_trainer_equivalence import compare_many
+import os
+
+from torch.distributed.tensor import DTensor
+
+from tests._dist import run_distributed
+from tests.test_resume_layouts import LAYOUT_TOL, _diff, _run
+from tests.test_trainer_equivalence import _common_args, compare_many
 
 PP2_TP2 = {"pipeline_parallel_size": 2, "pipeline_tensor_parallel_size": 2, "pipeline_microbatches": 4}
 
@@ -17,3 +23,52 @@ def test_pp2_tp2_matches_trainer(tmp_path):
         ("llama-tied", [{**PP2_TP2, "pipeline_schedule": "interleaved1f1b", "pipeline_stages_per_rank": 2}], None),
     ]
     print(compare_many(cases, tmp_path, 4))
+
+
+def _load_by_path(path: str) -> dict:
+    """PipeTrainer given a checkpoint path at PP=2 × TP=2: the names each rank read as TP slices, and how far its
+    weights are from the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_pipe import PipeTrainer, PipeTrainingArguments
+
+    args = PipeTrainingArguments(**_common_args(path + "-load"), **PP2_TP2)
+    trainer = PipeTrainer(model=path, args=args)
+    saved = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    local = {n: p for n, p in trainer.engine.named_parameters()}
+    shards = {n: tuple(p.to_local().shape) for n, p in local.items() if isinstance(p, DTensor)}
+    diff = max((trainer.engine.local_state()[n] - saved[n]).abs().max().item() for n in local)
+    return {"sliced": trainer.engine.local.tp_sliced, "shards": shards, "diff": diff}
+
+
+def _save_resume_load(root: str) -> dict:
+    """On 4 ranks: 6 steps at PP=2 × TP=2 (checkpoints every 2); its checkpoint-2 resumed at PP=4 × TP=1, whose
+    checkpoint-4 is resumed at PP=2 × TP=2 again; the final model loaded by path."""
+    tp2 = {**PP2_TP2, "pipeline_schedule": "1f1b"}
+    pp4 = {"pipeline_schedule": "1f1b", "pipeline_split": "0,1,2,3"}
+    out = {"run": _run(os.path.join(root, "tp2"), dict(tp2))}
+    out["pp4"] = _run(os.path.join(root, "pp4"), pp4, os.path.join(root, "tp2", "checkpoint-2"))
+    out["back"] = _run(os.path.join(root, "back"), dict(tp2), os.path.join(root, "pp4", "checkpoint-4"), False)
+    out["load"] = _load_by_path(os.path.join(root, "tp2", "final"))
+    return out
+
+
+def test_save_resume_on_another_tp_size_and_load_by_path(tmp_path):
+    out = run_distributed(_save_resume_load, 4, str(tmp_path), launcher_env=True, fork=True, timeout=400)
+    final = tmp_path / "tp2" / "final"
+    to_tp1, back_to_tp2 = _diff(final, tmp_path / "pp4" / "final"), _diff(final, tmp_path / "back" / "final")
+    moved = _diff(tmp_path / "tp2" / "checkpoint-2", final)
+    run = out[0]["run"]["losses"]
+    losses = max(abs(a - b) / abs(b) for a, b in zip(out[0]["pp4"]["losses"][2:], run[2:]))
+    print(
+        f"PP2 x TP2 checkpoint-2 resumed at PP4 x TP1: final weights {to_tp1:.2e} from the uninterrupted run's, "
+        f"losses {losses:.1e} relative; its checkpoint-4 resumed at PP2 x TP2: {back_to_tp2:.2e}; the run moved "
+        f"them {moved:.2e}; loaded by path: {[rank['load']['diff'] for rank in out]}"
+    )
+    assert to_tp1 < LAYOUT_TOL and back_to_tp2 < LAYOUT_TOL and losses < 1e-5 and moved > 1e-2
+    for rank in out:
+        load = rank["load"]
+        assert load["diff"] == 0.0, load
+        # every sharded weight of the rank's stage was read as its slice: half the rows (colwise) or columns
+        assert load["sliced"] and set(load["sliced"]) == set(load["shards"]), load
+        assert any(shape[0] == 64 // 2 for shape in load["shards"].values()), load

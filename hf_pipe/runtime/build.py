@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import PipelineConfigError, raise_on_every_rank
 from ..frontends import Frontend, LocalStages
 from ..split import SplitPlan
+from ..tensor_parallel import shard_stages, sliced_source
 from ..weights import meta_names
 
 
@@ -21,13 +22,21 @@ def build_stages(
     stage_indices: list[int],
     device: torch.device,
     weights: Any,
+    tp: Any = None,
 ) -> LocalStages:
     """This rank's stages through the frontend, their tensors real on the device; a problem on any rank (a
-    checkpoint that does not fit, a weight left on meta) is one error on every rank, before any step."""
+    checkpoint that does not fit, a weight left on meta) is one error on every rank, before any step. With `tp`
+    (`launch.TensorParallel`) the stages are sharded with the model's TP plan, a local checkpoint's sharded tensors
+    read as this rank's slices only (`tensor_parallel.py`)."""
     problems: list[str] = []
     local = None
+    sliced = sliced_source(weights, model) if tp is not None else None
     try:
-        local = frontend.build(model, plan, stage_indices, device, weights)
+        local = frontend.build(model, plan, stage_indices, device, sliced or weights)
+        if local is not None and tp is not None:
+            # the modules sharded in place (the stages hold them), then the TP slices read on their own
+            local.tp_summed = shard_stages(model, local.keep, tp)
+            local.tp_sliced = sliced.load_slices(model, device) if sliced is not None else []
     except PipelineConfigError as err:
         problems = err.problems
     if local is not None and (left := meta_names(model, local.keep)):
