@@ -7,6 +7,8 @@ import os
 
 from torch.distributed.tensor import DTensor
 
+from hf_pipe.cli import PlanArguments, describe
+from hf_pipe.training_args import PipelineArguments
 from tests._dist import run_distributed
 from tests.test_resume_layouts import LAYOUT_TOL, _diff, _run
 from tests.test_trainer_equivalence import _common_args, compare_many
@@ -38,7 +40,8 @@ def _load_by_path(path: str) -> dict:
     local = {n: p for n, p in trainer.engine.named_parameters()}
     shards = {n: tuple(p.to_local().shape) for n, p in local.items() if isinstance(p, DTensor)}
     diff = max((trainer.engine.local_state()[n] - saved[n]).abs().max().item() for n in local)
-    return {"sliced": trainer.engine.local.tp_sliced, "shards": shards, "diff": diff}
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in local.values())
+    return {"sliced": trainer.engine.local.tp_sliced, "shards": shards, "diff": diff, "held": held}
 
 
 def _save_resume_load(root: str) -> dict:
@@ -66,9 +69,42 @@ def test_save_resume_on_another_tp_size_and_load_by_path(tmp_path):
         f"them {moved:.2e}; loaded by path: {[rank['load']['diff'] for rank in out]}"
     )
     assert to_tp1 < LAYOUT_TOL and back_to_tp2 < LAYOUT_TOL and losses < 1e-5 and moved > 1e-2
+    # `hf-pipe plan` predicts what each rank holds (the vocabulary, 97 rows, splits 49 / 48)
+    summary = describe(
+        PlanArguments(model_name_or_path=str(final), world_size=4),
+        PipelineArguments(pipeline_tensor_parallel_size=2, pipeline_parallel_size=2, pipeline_schedule="1f1b"),
+    )
+    for r, rank in enumerate(out):
+        predicted = summary["stages"][r // 2]["weights_bytes"] / 4
+        assert abs(rank["load"]["held"] - predicted) <= 64, (r, rank["load"]["held"], predicted)
     for rank in out:
         load = rank["load"]
         assert load["diff"] == 0.0, load
         # every sharded weight of the rank's stage was read as its slice: half the rows (colwise) or columns
         assert load["sliced"] and set(load["sliced"]) == set(load["shards"]), load
         assert any(shape[0] == 64 // 2 for shape in load["shards"].values()), load
+
+
+def test_refused_by_name():
+    """One error naming the setting, before anything is built: a family with no TP plan, the trace frontend, a TP size
+    that does not divide the heads, FSDP2 replicas, a world the mesh does not fit."""
+    from transformers import GPT2Config, LlamaConfig, Qwen3Config
+
+    from hf_pipe.tensor_parallel import tensor_parallel_problems
+
+    llama = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, hidden_size=64)
+    (gpt2,) = tensor_parallel_problems(GPT2Config(), 2, frontend="module", data_parallel=None)
+    assert "model_type='gpt2'" in gpt2 and "no tensor-parallel plan" in gpt2 and "T5" in gpt2, gpt2
+    (trace,) = tensor_parallel_problems(llama, 2, frontend="trace", data_parallel=None)
+    assert "pipeline_frontend='trace'" in trace, trace
+    heads = tensor_parallel_problems(llama, 4, frontend="module", data_parallel=None)
+    assert len(heads) == 1 and "num_key_value_heads=2" in heads[0], heads
+    three = tensor_parallel_problems(llama, 3, frontend="module", data_parallel=None)
+    assert len(three) == 3 and "intermediate_size=128" in three[2], three
+    (fsdp,) = tensor_parallel_problems(llama, 2, frontend="module", data_parallel="fsdp")
+    assert "pipeline_data_parallel='fsdp'" in fsdp, fsdp
+    assert tensor_parallel_problems(Qwen3Config(), 2, frontend="module", data_parallel="ddp") == []
+    args = PipelineArguments(pipeline_parallel_size=2, pipeline_tensor_parallel_size=2)
+    (world,) = args.pipeline_problems(6, 8)
+    assert "= 4 ranks per pipeline replica does not divide the 6 launched processes" in world, world
+    assert PipelineArguments(pipeline_tensor_parallel_size=2).resolved_pipeline_size(8) == 4
