@@ -169,7 +169,9 @@ class PipelineEngine:
             for m in self.modules
         ]
         # What the schedule runs: the stages themselves, or their DDP / FSDP2 wrappers over the replicas.
-        self._runnable = [wrap_data_parallel(m, self.dp, self.frontend, self.device) for m in self.modules]
+        self._runnable = [
+            wrap_data_parallel(m, self.dp, self.frontend, self.device, self.tp is not None) for m in self.modules
+        ]
         # after wrapping: FSDP2 replaces each parameter by its sharded version
         self.gradients = Gradients(self, self.local.tied)
         self.loss = PipelineLoss(self.plan.task, config)

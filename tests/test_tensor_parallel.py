@@ -5,26 +5,39 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from torch.distributed.tensor import DTensor
 
 from hf_pipe.cli import PlanArguments, describe
 from hf_pipe.training_args import PipelineArguments
 from tests._dist import run_distributed
 from tests.test_resume_layouts import LAYOUT_TOL, _diff, _run
-from tests.test_trainer_equivalence import _common_args, compare_many
+from tests.test_trainer_equivalence import (
+    _common_args,
+    _many_pipelines,
+    _many_references,
+    _pipeline_runs,
+    check_runs,
+    run_trainer,
+)
 
+PER_REPLICA = {"per_device_train_batch_size": 4, "per_device_eval_batch_size": 4}
 PP2_TP2 = {"pipeline_parallel_size": 2, "pipeline_tensor_parallel_size": 2, "pipeline_microbatches": 4}
 
 
 def test_pp2_tp2_matches_trainer(tmp_path):
-    """4 ranks: Llama and Qwen3 (its q/k norms' gradients summed over TP once per step) on 1F1B; a tied Llama on
+    """4 forked ranks (no DDP wrapper here): Llama and Qwen3 (its q/k norms' gradients summed over TP once per step) on 1F1B; a tied Llama on
     interleaved 1F1B with 2 stages per rank (the tied embedding stays whole, summed across stages)."""
     cases = [
         ("llama", [{**PP2_TP2, "pipeline_schedule": "1f1b"}], None),
         ("qwen3", [{**PP2_TP2, "pipeline_schedule": "1f1b"}], None),
         ("llama-tied", [{**PP2_TP2, "pipeline_schedule": "interleaved1f1b", "pipeline_stages_per_rank": 2}], None),
     ]
-    print(compare_many(cases, tmp_path, 4))
+    refs = run_distributed(_many_references, 1, cases, str(tmp_path), {}, launcher_env=True, fork=True)[0]
+    per_rank = run_distributed(_many_pipelines, 4, cases, str(tmp_path), {}, timeout=400, launcher_env=True, fork=True)
+    for c, ((name, pipelines, setup), ref) in enumerate(zip(cases, refs)):
+        runs = [rank[c] for rank in per_rank]
+        print(check_runs(name, tmp_path / f"case{c}", 4, pipelines, ref, runs, setup=setup))
 
 
 def _load_by_path(path: str) -> dict:
@@ -108,3 +121,21 @@ def test_refused_by_name():
     (world,) = args.pipeline_problems(6, 8)
     assert "= 4 ranks per pipeline replica does not divide the 6 launched processes" in world, world
     assert PipelineArguments(pipeline_tensor_parallel_size=2).resolved_pipeline_size(8) == 4
+
+
+@pytest.mark.timeout(600)
+def test_pp2_dp2_tp2_matches_trainer(tmp_path):
+    """8 ranks, PP=2 × DP=2 × TP=2: each replica takes 4 of the 8 rows one process trains on per step (48 and 16
+    rows: no short batch), its TP-sharded gradients averaged over the replicas once per step (no DDP wrapper, so
+    the ranks can be forked)."""
+    pipelines = [{**PP2_TP2, "pipeline_schedule": "1f1b", "pipeline_microbatches": 2}]
+    setup = {"rows": (48, 16)}
+    one_process = {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 8}
+    ref = run_distributed(
+        run_trainer, 1, "llama", str(tmp_path / "ref"), None, one_process, setup, launcher_env=True, fork=True
+    )[0]
+    per_rank = run_distributed(
+        _pipeline_runs, 8, "llama", str(tmp_path), pipelines, PER_REPLICA, setup, timeout=500, launcher_env=True,
+        fork=True,
+    )  # fmt: skip
+    print(check_runs("llama", tmp_path, 8, pipelines, ref, per_rank, setup=setup))

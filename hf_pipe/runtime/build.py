@@ -48,10 +48,13 @@ def build_stages(
     return local
 
 
-def wrap_data_parallel(module: nn.Module, dp: Any, frontend: Frontend, device: torch.device) -> nn.Module:
+def wrap_data_parallel(
+    module: nn.Module, dp: Any, frontend: Frontend, device: torch.device, tensor_parallel: bool = False
+) -> nn.Module:
     """DDP or FSDP2 over the data-parallel replicas `dp` of this stage; torch's stages drive both (no_sync,
-    reshard). Without replicas, or for traced stages (the engine averages their gradients), the module itself."""
-    if dp is None or dp.size <= 1 or not frontend.wraps_data_parallel:
+    reshard). Without replicas, for traced stages, or for tensor-parallel ones (DDP takes no DTensor parameters), the
+    module itself: the engine averages their gradients over the replicas once per step."""
+    if dp is None or dp.size <= 1 or not frontend.wraps_data_parallel or tensor_parallel:
         return module
     if dp.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard

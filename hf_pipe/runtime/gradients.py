@@ -29,8 +29,11 @@ class Gradients:
 
     def __init__(self, engine: Any, tied: list[tuple[list[str], list[int]]]):
         self.engine = engine  # its parameters and placement (stage_to_rank, group, pp_rank, dp, device)
-        #: traced stages with replicas: gradients averaged over the replicas here (DDP would do it for modules)
-        self.average_replicas = engine._replicated and not engine.frontend.wraps_data_parallel
+        #: traced or tensor-parallel stages with replicas: gradients averaged over the replicas here (DDP would do it
+        #: for modules; it takes no DTensor parameters)
+        self.average_replicas = engine._replicated and (
+            not engine.frontend.wraps_data_parallel or engine.tp is not None
+        )
         #: (local parameter, group of its owner ranks, whether this rank counts it in the norm)
         self.tied: list[tuple[nn.Parameter, dist.ProcessGroup | None, bool]] = []
         #: (FQNs, group, global ranks), for errors
@@ -72,7 +75,7 @@ class Gradients:
     def _reduce(self) -> None:
         if self.average_replicas:
             dp = self.engine.dp
-            grads = [p.grad for p in self.engine.parameters() if p.grad is not None]
+            grads = [local_tensor(p.grad) for p in self.engine.parameters() if p.grad is not None]
             if grads:
                 flat = torch._utils._flatten_dense_tensors(grads).div_(dp.size)
                 dist.all_reduce(flat, group=dp.group)
