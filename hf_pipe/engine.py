@@ -155,8 +155,6 @@ class PipelineEngine:
             self.frontend, model, self.plan, self.stage_indices, self.device, weights, tp=self.tp
         )
         self.modules: list[nn.Module] = self.local.modules
-        #: parameters whose gradients are summed over the TP ranks once per step (Qwen3's q/k norms)
-        self.tp_summed = self.local.tp_summed
         #: Linear weight gradients written straight into `.grad` (`grad_accumulation.py`), installed on the stage
         #: modules each schedule runs (a traced frontend makes new ones per shape)
         self._in_place = (
@@ -173,6 +171,8 @@ class PipelineEngine:
             wrap_data_parallel(m, self.dp, self.frontend, self.device, self.tp is not None) for m in self.modules
         ]
         # after wrapping: FSDP2 replaces each parameter by its sharded version
+        #: parameters whose gradients are summed over the TP ranks once per step (Qwen3's q/k norms)
+        self.tp_summed = [p for name, p in self.named_parameters() if name in set(self.local.tp_summed)]
         self.gradients = Gradients(self, self.local.tied)
         self.loss = PipelineLoss(self.plan.task, config)
         #: what a user loss reported for the last step, as (reduction, total, count) per metric

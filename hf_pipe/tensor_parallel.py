@@ -94,8 +94,8 @@ def tensor_parallel_problems(
             )
     if data_parallel == "fsdp":
         problems.append(
-            f"{setting} with pipeline_data_parallel='fsdp': FSDP2 over TP-sharded stages is not run here; use "
-            "pipeline_data_parallel='ddp' for the replicas."
+            f"{setting} with pipeline_data_parallel='fsdp': FSDP2 over TP-sharded stages is not run here (the TP "
+            "stages' replicas average their gradients once per step, as DDP would); use pipeline_data_parallel='ddp'."
         )
     if peft:
         problems.append(
@@ -132,15 +132,15 @@ def sharded_names(model: nn.Module, keep: Collection[str]) -> set[str]:
     }
 
 
-def shard_stages(model: nn.Module, keep: Collection[str], tp: TensorParallel) -> list[nn.Parameter]:
+def shard_stages(model: nn.Module, keep: Collection[str], tp: TensorParallel) -> list[str]:
     """Shard the modules of `model` that this rank's stages hold (`keep`: their parameter and buffer names) with the
-    model's TP plan, in place (the stage modules hold the same modules). Tied weights stay whole. Returns the
-    parameters whose gradients must be summed over the TP ranks once per step (`GRAD_SUMMED`)."""
+    model's TP plan, in place (the stage modules hold the same modules). Tied weights stay whole. Returns the names
+    of the parameters whose gradients must be summed over the TP ranks once per step (`GRAD_SUMMED`)."""
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
     params = dict(model.named_parameters(remove_duplicate=False))
     local = _local_plan(model, keep)
-    summed = [params[name] for name, style in local.items() if style == GRAD_SUMMED and name in params]
+    summed = [name for name, style in local.items() if style == GRAD_SUMMED and name in params]
     apply_tensor_parallelism(model, tp.mesh, {name: style for name, style in local.items() if style != GRAD_SUMMED})
     return summed
 
@@ -215,13 +215,18 @@ def _tied(model: nn.Module) -> list[list[str]]:
 
 def counted_square(grad: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
     """This rank's share of `grad`'s squared L2 norm, so that the sum over the TP ranks counts every element once: a
-    sharded DTensor's local shard, a replicated one (or a plain gradient of a parameter the plan leaves whole) on TP
-    rank 0 only."""
-    if isinstance(grad, DTensor):
-        replicated = all(isinstance(p, Replicate) for p in grad.placements)
-        local = grad.to_local()
-    else:
-        replicated, local = True, grad
-    if replicated and tp is not None and tp.rank != 0:
+    gradient sharded over "tp" by its local shard, one replicated over the TP ranks (a parameter the plan leaves
+    whole, a replicated DTensor such as a rowwise bias) on TP rank 0 only."""
+    local = grad.to_local() if isinstance(grad, DTensor) else grad
+    if tp is not None and tp.rank != 0 and not _sharded_over_tp(grad):
         return torch.zeros((), device=local.device, dtype=torch.float32)
     return local.detach().float().pow(2).sum()
+
+
+def _sharded_over_tp(tensor: torch.Tensor) -> bool:
+    if not isinstance(tensor, DTensor):
+        return False
+    names = tensor.device_mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        return False
+    return not isinstance(tensor.placements[names.index("tp")], Replicate)

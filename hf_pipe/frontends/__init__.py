@@ -34,9 +34,9 @@ class LocalStages:
     tied: list[tuple[list[str], list[int]]]
     #: the model's parameters and buffers these stages hold (real, on the device; every other one is on meta)
     keep: set[str]
-    #: with tensor parallelism: parameters whose gradients are summed over the TP ranks once per step, and those
+    #: with tensor parallelism: the parameters (model names) whose gradients are summed over the TP ranks once per step, and those
     #: read from the checkpoint as this rank's slices only
-    tp_summed: list[nn.Parameter] = field(default_factory=list)
+    tp_summed: list[str] = field(default_factory=list)
     tp_sliced: list[str] = field(default_factory=list)
 
 
