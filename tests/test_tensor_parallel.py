@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from torch.distributed.tensor import DTensor
 
 from hf_pipe.cli import PlanArguments, describe
@@ -54,12 +55,19 @@ def _load_by_path(path: str) -> dict:
     shards = {n: tuple(p.to_local().shape) for n, p in local.items() if isinstance(p, DTensor)}
     diff = max((trainer.engine.local_state()[n] - saved[n]).abs().max().item() for n in local)
     held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in local.values())
-    return {"sliced": trainer.engine.local.tp_sliced, "shards": shards, "diff": diff, "held": held}
+    # generation through the TP stages (each with its KV cache of its own heads)
+    prompt = _prompt()
+    tokens = trainer.generator.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6)
+    return {"sliced": trainer.engine.local.tp_sliced, "shards": shards, "diff": diff, "held": held, "tokens": tokens}
+
+
+def _prompt() -> torch.Tensor:
+    return torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(3))
 
 
 def _save_resume_load(root: str) -> dict:
     """On 4 ranks: 6 steps at PP=2 × TP=2 (checkpoints every 2); its checkpoint-2 resumed at PP=4 × TP=1, whose
-    checkpoint-4 is resumed at PP=2 × TP=2 again; the final model loaded by path."""
+    checkpoint-4 is resumed at PP=2 × TP=2 again; the final model loaded by path, and generating greedily."""
     tp2 = {**PP2_TP2, "pipeline_schedule": "1f1b"}
     pp4 = {"pipeline_schedule": "1f1b", "pipeline_split": "0,1,2,3"}
     out = {"run": _run(os.path.join(root, "tp2"), dict(tp2))}
@@ -90,8 +98,13 @@ def test_save_resume_on_another_tp_size_and_load_by_path(tmp_path):
     for r, rank in enumerate(out):
         predicted = summary["stages"][r // 2]["weights_bytes"] / 4
         assert abs(rank["load"]["held"] - predicted) <= 64, (r, rank["load"]["held"], predicted)
+    from transformers import AutoModelForCausalLM
+
+    one = AutoModelForCausalLM.from_pretrained(final).eval()
+    greedy = one.generate(_prompt(), attention_mask=torch.ones_like(_prompt()), max_new_tokens=6, do_sample=False)
     for rank in out:
         load = rank["load"]
+        assert torch.equal(load["tokens"], greedy), (load["tokens"], greedy)
         assert load["diff"] == 0.0, load
         # every sharded weight of the rank's stage was read as its slice: half the rows (colwise) or columns
         assert load["sliced"] and set(load["sliced"]) == set(load["shards"]), load
