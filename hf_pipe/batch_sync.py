@@ -62,11 +62,16 @@ def broadcast_batches(
 
 
 def one_batch_per_pipeline(engine: Any, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The batches of `engine`'s pipeline's first rank, on all of its ranks (collective over the pipeline)."""
-    if engine.pp_size == 1:
-        return batches
-    with waiting("the batch broadcast from the first stage's rank", f"rank {engine.global_rank(0)} (stage 0)"):
-        return broadcast_batches(batches, src=0, group=engine.group, device=engine.device)
+    """The batches of `engine`'s pipeline's first rank, on all of its ranks (collective over the pipeline); with
+    tensor parallelism, those of TP rank 0's pipeline on every TP rank (the TP ranks of a stage compute one batch)."""
+    if engine.pp_size > 1:
+        with waiting("the batch broadcast from the first stage's rank", f"rank {engine.global_rank(0)} (stage 0)"):
+            batches = broadcast_batches(batches, src=0, group=engine.group, device=engine.device)
+    tp = getattr(engine, "tp", None)
+    if tp is not None:
+        with waiting("the batch broadcast from TP rank 0", "the tensor-parallel ranks of this stage"):
+            batches = broadcast_batches(batches, src=0, group=tp.group, device=engine.device)
+    return batches
 
 
 def prepare_unsharded(accelerator: Any, dataloader: Any, num_processes: int, process_index: int) -> Any:

@@ -52,12 +52,12 @@ class PipelineSaveError(RuntimeError):
 def save_model(trainer: Any, output_dir: str) -> None:
     """One ordinary HF checkpoint (`from_pretrained` loads it on one device); every rank writes its stages."""
     engine, args = trainer.engine, trainer.args
-    state = engine.local_state()  # collective over the replicas under FSDP2
-    if trainer._dp_rank == 0 and is_peft_model(trainer.model):  # the adapter, as PeftModel.save_pretrained writes it
+    state = engine.local_state()  # collective over the replicas under FSDP2, over the TP ranks with TP
+    if trainer._writes and is_peft_model(trainer.model):  # the adapter, as PeftModel.save_pretrained writes it
         save_adapter(trainer.model, state, output_dir, group=engine.group)
         if trainer.processing_class is not None and args.should_save:
             trainer.processing_class.save_pretrained(output_dir)
-    elif trainer._dp_rank == 0:  # replicas hold the same weights: the first one writes
+    elif trainer._writes:  # replicas hold the same weights, TP ranks gathered them: the first one writes
         save_pipeline_model(
             state, trainer.model, output_dir, group=engine.group, processing_class=trainer.processing_class
         )
@@ -142,9 +142,7 @@ def save_optimizer_and_scheduler(trainer: Any, output_dir: str) -> None:
     engine = trainer.engine
     os.makedirs(output_dir, exist_ok=True)
     with waiting(f"writing the optimizer state into {output_dir}", engine.pipeline_ranks):
-        save_named(
-            trainer.optimizer, parameter_names(engine), output_dir, group=engine.group, write=trainer._dp_rank == 0
-        )
+        save_named(trainer.optimizer, parameter_names(engine), output_dir, group=engine.group, write=trainer._writes)
     if trainer.args.should_save:
         torch.save(trainer.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
     with waiting(f"the barrier after writing the optimizer state into {output_dir}", every_rank()):

@@ -2,6 +2,8 @@
 
     hf-pipe plan --model_name_or_path out/smollm2-135m --pipeline_parallel_size 2 --pipeline_schedule 1f1b
     hf-pipe plan --model_type llama --config num_hidden_layers=32,hidden_size=4096 --pipeline_parallel_size 8 --json
+    hf-pipe plan --model_type llama --config ... --world_size 16 --pipeline_parallel_size 2 \
+        --pipeline_tensor_parallel_size 8 --dtype_bytes 2
 
 The pipeline flags are `PipeTrainingArguments`' own, so a training command's flags can be pasted as they are.
 """
@@ -20,6 +22,7 @@ from .families import CAUSAL_LM, task_of
 from .frontends import frontend_name
 from .seq2seq_split import plan_seq2seq
 from .split import meta_model, plan_blocks, plan_split
+from .tensor_parallel import sharded_names, tensor_parallel_problems
 from .training_args import PipelineArguments
 from .validate import model_problems
 
@@ -75,8 +78,10 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
     """The plan `PipeTrainer` would build for these settings, with memory and bubble estimates, as plain data."""
     pipeline.normalize_pipeline_fields()
     config = load_config(plan_args)
-    pp = pipeline.pipeline_parallel_size or plan_args.world_size or 2
-    world = plan_args.world_size or pp
+    tp = pipeline.pipeline_tensor_parallel_size
+    pp = pipeline.pipeline_parallel_size or (plan_args.world_size // tp if plan_args.world_size else 2)
+    world = plan_args.world_size or pp * tp
+    dp = world // (pp * tp) if pp * tp and world % (pp * tp) == 0 else 1
     batch = plan_args.per_device_train_batch_size
     stages_per_rank = pipeline.resolved_stages_per_rank()
     frontend = frontend_name(pipeline.pipeline_frontend, config)
@@ -88,6 +93,9 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
             stages_per_rank=stages_per_rank,
             explicit_split=not isinstance(pipeline.pipeline_split, str),
             frontend=frontend,
+        )
+        + tensor_parallel_problems(
+            config, tp, frontend=frontend, data_parallel=pipeline.pipeline_data_parallel if dp > 1 else None
         )
     )
     microbatches = pipeline.resolved_microbatches(world, batch)
@@ -108,6 +116,7 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
         task = task_of(config.architectures[0]) if getattr(config, "architectures", None) else CAUSAL_LM
         task = pipeline.pipeline_task or task or CAUSAL_LM
         plan = plan_blocks(meta_model(config, task), pp * stages_per_rank, pipeline.pipeline_split)
+    whole = meta_model(config, plan.task)
     return plan_summary(
         plan,
         config,
@@ -118,9 +127,23 @@ def describe(plan_args: PlanArguments, pipeline: PipelineArguments) -> dict[str,
         batch_size=batch,
         seq_len=seq_len,
         dtype_bytes=plan_args.dtype_bytes,
-        model_params=sum(p.numel() for p in meta_model(config, plan.task).parameters()),
+        model_params=sum(p.numel() for p in whole.parameters()),
         num_choices=plan_args.num_choices,
+        tp_size=tp,
+        tp_sharded=_tp_sharded(whole, plan) if tp > 1 else None,
+        dp_size=dp,
+        data_parallel=pipeline.pipeline_data_parallel,
     )
+
+
+def _tp_sharded(model: Any, plan: Any) -> list[int]:
+    """Per stage, how many of its parameters the model's TP plan shards (`tensor_parallel.sharded_names`)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = []
+    for stage in plan.stages:
+        held = {n for n in params if any(n.startswith(m + ".") or n == m for m in stage.modules)}
+        out.append(sum(params[n].numel() for n in sharded_names(model, held)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

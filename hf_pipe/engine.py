@@ -43,6 +43,7 @@ from .runtime.gradients import Gradients
 from .runtime.steps import Steps
 from .schedule import default_stages_per_rank, placement, schedule_class
 from .split import SplitPolicy
+from .tensor_parallel import TensorParallel, tensor_parallel_problems
 from .timeline import Action, Timeline
 from .validate import pipeline_problems
 from .weights import Resident, weights_problems
@@ -65,6 +66,9 @@ class PipelineEngine:
     (`weights.Checkpoint(path, seed)`, `weights.Initialise(seed)`): then no rank ever holds more than its stages.
     Settings are checked on every rank before anything is built; `batch_size`, when given, is checked against
     `microbatches` too. A shorter batch (an epoch's last) still runs: see `schedule.schedule_for_batch`.
+
+    `tensor_parallel` (`launch.parallel_groups`) shards each stage over its TP ranks with the model's own
+    transformers TP plan (`tensor_parallel.py`).
 
     `frontend` (see `frontends/`): `"module"` splits a family with an adapter at its modules; `"trace"` exports
     any model (a family without an adapter, or your own `nn.Module` whose forward takes `input_ids` and returns
@@ -95,9 +99,12 @@ class PipelineEngine:
         task: str | None = None,
         weights: Any = None,
         sequence_lengths: tuple[int, int] | None = None,
+        tensor_parallel: TensorParallel | None = None,
     ):
         self.group = group if group is not None else dist.group.WORLD
         self.dp = data_parallel
+        #: this rank's tensor-parallel side (None without TP): its stages sharded with the model's TP plan
+        self.tp = tensor_parallel if tensor_parallel is not None and tensor_parallel.size > 1 else None
         self.pp_size = dist.get_world_size(self.group)
         self.pp_rank = dist.get_rank(self.group)
         self.schedule_name = schedule.lower()
@@ -121,6 +128,12 @@ class PipelineEngine:
                 data_parallel=data_parallel.mode if self._replicated else None,
             )
             + weights_problems(model, weights)
+            + tensor_parallel_problems(
+                config,
+                self.tp.size if self.tp else 1,
+                frontend=name,
+                data_parallel=data_parallel.mode if self._replicated else None,
+            )
         )
         self.frontend = select_frontend(name, config)
         self.device = torch.device(device) if device is not None else default_device()
@@ -138,7 +151,9 @@ class PipelineEngine:
         self.stage_indices = [s for s in range(self.num_stages) if self.stage_to_rank[s] == self.pp_rank]
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         weights = weights if weights is not None else Resident()
-        self.local = build_stages(self.frontend, model, self.plan, self.stage_indices, self.device, weights)
+        self.local = build_stages(
+            self.frontend, model, self.plan, self.stage_indices, self.device, weights, tp=self.tp
+        )
         self.modules: list[nn.Module] = self.local.modules
         #: Linear weight gradients written straight into `.grad` (`grad_accumulation.py`), installed on the stage
         #: modules each schedule runs (a traced frontend makes new ones per shape)
@@ -152,8 +167,12 @@ class PipelineEngine:
             for m in self.modules
         ]
         # What the schedule runs: the stages themselves, or their DDP / FSDP2 wrappers over the replicas.
-        self._runnable = [wrap_data_parallel(m, self.dp, self.frontend, self.device) for m in self.modules]
+        self._runnable = [
+            wrap_data_parallel(m, self.dp, self.frontend, self.device, self.tp is not None) for m in self.modules
+        ]
         # after wrapping: FSDP2 replaces each parameter by its sharded version
+        #: parameters whose gradients are summed over the TP ranks once per step (Qwen3's q/k norms)
+        self.tp_summed = [p for name, p in self.named_parameters() if name in set(self.local.tp_summed)]
         self.gradients = Gradients(self, self.local.tied)
         self.loss = PipelineLoss(self.plan.task, config)
         #: what a user loss reported for the last step, as (reduction, total, count) per metric

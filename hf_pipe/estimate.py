@@ -60,11 +60,12 @@ def _in_flight(schedule: str, stage: int, num_stages: int, microbatches: int) ->
     return min(microbatches, num_stages - stage)  # 1F1B family: warm-up depth
 
 
-def _activation_bytes_per_token_per_block(config: Any, dtype_bytes: int, seq_len: int) -> float:
-    """Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes at 16 bits for one block, here per token and dtype."""
+def _activation_bytes_per_token_per_block(config: Any, dtype_bytes: int, seq_len: int, tp: int = 1) -> float:
+    """Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes at 16 bits for one block, here per token and dtype;
+    with tensor parallelism (no sequence parallelism) s·b·h·(10 + 24/t + 5·a·s/(h·t)) per TP rank."""
     h = getattr(config, "hidden_size", None) or config.n_embd
     heads = getattr(config, "num_attention_heads", None) or config.n_head
-    return h * (34 + 5 * heads * seq_len / h) * dtype_bytes / 2
+    return h * (10 + 24 / tp + 5 * heads * seq_len / (h * tp)) * dtype_bytes / 2
 
 
 def head_activation_bytes_per_token(plan: SplitPlan, config: Any, dtype_bytes: int, seq_len: int) -> float:
@@ -100,18 +101,28 @@ def stage_memory(
     seq_len: int,
     dtype_bytes: int = 4,
     num_choices: int = 4,
+    tp_size: int = 1,
+    tp_sharded: list[int] | None = None,
+    fsdp_shards: int = 1,
 ) -> list[StageMemory]:
-    """Per stage: weights, gradients, AdamW moments (fp32) and the activations the schedule keeps alive, the last
-    stage's head included. A multiple-choice batch holds `num_choices` sequences per example."""
+    """Per stage and per rank: weights, gradients, AdamW moments (fp32) and the activations the schedule keeps alive,
+    the last stage's head included. A multiple-choice batch holds `num_choices` sequences per example.
+
+    With tensor parallelism (`tp_size`), `tp_sharded[i]` of stage i's parameters are split over the TP ranks (the
+    rest, norms and tied weights, held whole by each) and a block's activations shrink as Korthikanti et al. give;
+    with FSDP2 replicas, weights, gradients and moments are split over `fsdp_shards` ranks. `params` stays the
+    stage's whole count."""
     from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
     ranks = generate_stage_to_rank_mapping(pp_size, plan.num_stages, placement(schedule))
     sequences = num_choices if plan.task == MULTIPLE_CHOICE else 1
     tokens_per_microbatch = batch_size // microbatches * seq_len * sequences
-    per_block = _activation_bytes_per_token_per_block(config, dtype_bytes, seq_len)
+    per_block = _activation_bytes_per_token_per_block(config, dtype_bytes, seq_len, tp_size)
     per_head = head_activation_bytes_per_token(plan, config, dtype_bytes, seq_len)
     out = []
     for s in plan.stages:
+        sharded = tp_sharded[s.index] if tp_sharded is not None else 0
+        held = (s.params - sharded + sharded // tp_size) // fsdp_shards  # this rank's parameters
         in_flight = _in_flight(schedule, s.index, plan.num_stages, microbatches)
         last = s.index == plan.num_stages - 1
         head = int(per_head * tokens_per_microbatch * in_flight) if last else 0
@@ -121,9 +132,9 @@ def stage_memory(
                 stage=s.index,
                 rank=ranks[s.index],
                 params=s.params,
-                weights_bytes=s.params * dtype_bytes,
-                grads_bytes=s.params * dtype_bytes,
-                adamw_bytes=s.params * 8,
+                weights_bytes=held * dtype_bytes,
+                grads_bytes=held * dtype_bytes,
+                adamw_bytes=held * 8,
                 activation_bytes=activations,
                 microbatches_in_flight=in_flight,
                 head_activation_bytes=head,
@@ -145,6 +156,10 @@ def plan_summary(
     dtype_bytes: int = 4,
     model_params: int | None = None,
     num_choices: int = 4,
+    tp_size: int = 1,
+    tp_sharded: list[int] | None = None,
+    dp_size: int = 1,
+    data_parallel: str = "ddp",
 ) -> dict[str, Any]:
     """Everything `hf-pipe plan` reports, as plain data. `model_params` (the whole model's, each weight once) adds
     the start-up memory of a fully built model next to that of a path or meta model (each rank its stages only)."""
@@ -158,6 +173,9 @@ def plan_summary(
         seq_len=seq_len,
         dtype_bytes=dtype_bytes,
         num_choices=num_choices,
+        tp_size=tp_size,
+        tp_sharded=tp_sharded,
+        fsdp_shards=dp_size if data_parallel == "fsdp" else 1,
     )
     startup: dict[int, int] = {}
     for m in memory:
@@ -170,6 +188,10 @@ def plan_summary(
         "policy": plan.policy,
         "schedule": schedule.lower(),
         "pipeline_parallel_size": pp_size,
+        "tensor_parallel_size": tp_size,
+        "data_parallel_size": dp_size,
+        "data_parallel": data_parallel if dp_size > 1 else None,
+        "world_size": pp_size * tp_size * dp_size,
         "stages_per_rank": stages_per_rank,
         "placement": "v" if schedule.lower() in V_SCHEDULES else "loop",
         "microbatches": microbatches,
@@ -219,14 +241,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("target_len"):  # an encoder-decoder: the encoder runs over the source, the decoder the target
         tokens = f"(source {summary['seq_len']} + target {summary['target_len']}) tokens"
     width = max(9, *(len(s["blocks"]) for s in summary["stages"]))
+    tp, dp = summary.get("tensor_parallel_size", 1), summary.get("data_parallel_size", 1)
+    mesh = f" × TP {tp}" if tp > 1 else ""
+    mesh += f" × DP {dp} ({summary['data_parallel']})" if dp > 1 else ""
+    mesh = f" (PP {summary['pipeline_parallel_size']}{mesh} = {summary['world_size']} processes)" if mesh else ""
     lines = [
         f"{summary['model_type']} ({summary['task']}): {len(summary['stages'])} stages on "
-        f"{summary['pipeline_parallel_size']} ranks ({summary['placement']} placement), {summary['schedule']}, "
+        f"{summary['pipeline_parallel_size']} ranks{mesh} ({summary['placement']} placement), {summary['schedule']}, "
         f"{summary['microbatches']} microbatches of {summary['batch_size'] // summary['microbatches']} × "
         f"{tokens}, split {summary['policy']}",
         "",
         f"{'stage':>5} {'rank':>4} {'layers':>{width}} {'params':>9} {'FLOPs':>6} {'weights':>8} {'grads':>8} "
-        f"{'AdamW':>8} {'activ.':>8} {'total':>8}  (GiB)  extra modules",
+        f"{'AdamW':>8} {'activ.':>8} {'total':>8}  (GiB{' per TP rank' if tp > 1 else ''})  extra modules",
     ]
     for s in summary["stages"]:
         extra = s["extra_modules"]

@@ -5,7 +5,7 @@ Trainer sets `ddp_timeout` on the process group only on GPUs: on the CPU (gloo) 
 30 minutes, and subgroups (`new_group`, `init_device_mesh`) get that default too, whatever the world has. So:
 
 - `init_process_group` sets the world up with `ddp_timeout` where Trainer would not (gloo), before Trainer's own set-up;
-- `new_group` / `pipeline_mesh` create the tied-weight and ("dp", "pp") mesh groups with it;
+- `new_group` / `pipeline_mesh` / `parallel_groups` create the tied-weight and ("dp", "pp"[, "tp"]) mesh groups with it;
 - `Watchdog` (one per process, `arm_watchdog`) bounds every wait the pipeline makes: the schedule's sends and
   receives, the loss and batch broadcasts, the norm and tied-gradient all-reduces, the barriers around saves
   (`waiting(...)` around each). Past `ddp_timeout` with no progress it logs one error — the operation, the stage or
@@ -129,6 +129,18 @@ class DataParallel:
     pipelines: list[list[int]]  # global ranks of each replica's pipeline, stage-rank order
 
 
+@dataclass(frozen=True)
+class TensorParallel:
+    """The tensor-parallel ranks this rank shares each of its stages with (the innermost dimension of the mesh)."""
+
+    group: dist.ProcessGroup
+    mesh: Any  # the 1-D "tp" DeviceMesh transformers' TP styles shard over
+    size: int
+    rank: int
+    #: global ranks of every pipeline of the world (one per replica and TP rank), stage-rank order
+    pipelines: list[list[int]]
+
+
 def pipeline_groups(world: int, pp: int, mode: str, timeout_s: float) -> tuple[dist.ProcessGroup, DataParallel | None]:
     """This rank's pipeline group and, with several replicas, its data-parallel side, from a ("dp", "pp") mesh whose
     groups carry `timeout_s`."""
@@ -144,6 +156,41 @@ def pipeline_groups(world: int, pp: int, mode: str, timeout_s: float) -> tuple[d
         pipelines=mesh.mesh.tolist(),
     )
     return mesh.get_group("pp"), data_parallel
+
+
+def parallel_groups(
+    world: int, pp: int, tp: int, mode: str, timeout_s: float
+) -> tuple[dist.ProcessGroup, DataParallel | None, TensorParallel | None]:
+    """`pipeline_groups` with tensor parallelism: a ("dp", "pp", "tp") mesh, world = dp × pp × tp, TP innermost (the
+    TP ranks of a stage are neighbours: on GPUs, the same node). Returns this rank's pipeline group, its
+    data-parallel side (several replicas) and its tensor-parallel side (`tp` > 1)."""
+    if tp <= 1:
+        return (*pipeline_groups(world, pp, mode, timeout_s), None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dp = world // (pp * tp)
+    with _groups_created_with(timeout_s):
+        mesh = init_device_mesh(device_type, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
+    ranks = mesh.mesh
+    tensor_parallel = TensorParallel(
+        group=mesh.get_group("tp"),
+        mesh=mesh["tp"],
+        size=tp,
+        rank=mesh.get_local_rank("tp"),
+        pipelines=[ranks[d, :, t].tolist() for d in range(dp) for t in range(tp)],
+    )
+    data_parallel = None
+    if dp > 1:
+        data_parallel = DataParallel(
+            group=mesh.get_group("dp"),
+            mesh=mesh["dp"],
+            size=dp,
+            rank=mesh.get_local_rank("dp"),
+            mode=mode,
+            pipelines=tensor_parallel.pipelines,
+        )
+    return mesh.get_group("pp"), data_parallel, tensor_parallel
 
 
 def every_rank() -> str:

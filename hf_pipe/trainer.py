@@ -30,7 +30,7 @@ from .evaluation import gather_for_metrics, prediction_step
 from .frontends import frontend_name
 from .generation import PipelineGenerator
 from .integrations.peft import stage_model
-from .launch import WatchdogStep, every_rank, pipeline_groups, start, waiting
+from .launch import WatchdogStep, every_rank, parallel_groups, start, waiting
 from .loading import model_and_weights
 from .reporting import eval_steps_per_pipeline, model_card_per_pipeline, pool_metrics, sum_over_replicas
 from .seq2seq_split import dataset_lengths
@@ -92,7 +92,9 @@ class PipeTrainer(Trainer):
         if args.pipeline_cpu_affinity:  # before the engine, whose `measured` split times the pieces
             logger.info("rank %d bound to CPUs %s", args.process_index, bind_local_rank())
         pp = args.resolved_pipeline_size(world)
-        pp_group, self.data_parallel = pipeline_groups(world, pp, args.pipeline_data_parallel, args.ddp_timeout)
+        pp_group, self.data_parallel, self.tensor_parallel = parallel_groups(
+            world, pp, args.pipeline_tensor_parallel_size, args.pipeline_data_parallel, args.ddp_timeout
+        )
         self.engine = PipelineEngine(
             staged,
             schedule=args.pipeline_schedule,
@@ -106,6 +108,7 @@ class PipeTrainer(Trainer):
             weights=weights,
             sequence_lengths=dataset_lengths(kwargs.get("train_dataset")),
             task=args.pipeline_task,
+            tensor_parallel=self.tensor_parallel,
         )
         self.pipeline = PipelineModule(self.engine, staged.config, model)
         self.watchdog.stages = list(self.engine.stage_indices)
@@ -141,6 +144,12 @@ class PipeTrainer(Trainer):
     @property
     def _dp_rank(self) -> int:
         return self.data_parallel.rank if self.data_parallel else 0
+
+    @property
+    def _writes(self) -> bool:
+        """Whether this rank writes its stages' files: the first replica's, TP rank 0 (the others hold the same
+        weights, or took part in gathering them whole)."""
+        return self._dp_rank == 0 and (self.tensor_parallel is None or self.tensor_parallel.rank == 0)
 
     def train(self, *args: Any, **kwargs: Any):
         # before the first step, on every rank: a training set whose collator cannot give the loss its labels (a

@@ -93,6 +93,14 @@ class PipelineArguments:
             "choices": ["ddp", "fsdp"],
         },
     )
+    pipeline_tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Tensor-parallel ranks per pipeline stage (world size = pipeline_parallel_size × replicas × "
+            "this, TP ranks neighbours on the mesh): each stage's modules are sharded with the model's own "
+            "transformers TP plan (its config's base_model_tp_plan), restricted to the modules the stage holds."
+        },
+    )
     pipeline_trace_dir: str | None = field(
         default=None,
         metadata={
@@ -133,7 +141,12 @@ class PipelineArguments:
 
     # Settings derived from the launch: the world size is only known once the processes exist.
     def resolved_pipeline_size(self, world_size: int) -> int:
-        return self.pipeline_parallel_size or world_size
+        return self.pipeline_parallel_size or max(1, world_size // max(1, self.pipeline_tensor_parallel_size))
+
+    def resolved_replicas(self, world_size: int) -> int:
+        """Data-parallel replicas of the pipeline: the world over pipeline × tensor-parallel ranks."""
+        ranks = self.resolved_pipeline_size(world_size) * max(1, self.pipeline_tensor_parallel_size)
+        return world_size // ranks if ranks > 0 and world_size % ranks == 0 else 1
 
     def resolved_stages_per_rank(self) -> int:
         if self.pipeline_schedule not in SCHEDULES:
@@ -158,7 +171,18 @@ class PipelineArguments:
         if self.pipeline_parallel_size is not None and self.pipeline_parallel_size < 1:
             problems.append(f"pipeline_parallel_size={self.pipeline_parallel_size} must be at least 1.")
             return problems
-        if world_size % pp:
+        tp = self.pipeline_tensor_parallel_size
+        if tp < 1:
+            problems.append(f"pipeline_tensor_parallel_size={tp} must be at least 1.")
+            return problems
+        if tp > 1:
+            if world_size % (pp * tp):
+                problems.append(
+                    f"pipeline_parallel_size={pp} × pipeline_tensor_parallel_size={tp} = {pp * tp} ranks per "
+                    f"pipeline replica does not divide the {world_size} launched processes; launch a multiple of "
+                    f"{pp * tp} processes, or pick sizes whose product divides {world_size}."
+                )
+        elif world_size % pp:
             problems.append(
                 f"pipeline_parallel_size={pp} does not divide the {world_size} launched processes; use one of "
                 f"{divisors(world_size)}, or launch a multiple of {pp} processes."
@@ -227,8 +251,7 @@ class PipeArgumentsMixin(PipelineArguments):
 
     def pipeline_problems(self, world_size: int, batch_size: int | None = None) -> list[str]:
         batch_size = batch_size or self.per_device_train_batch_size
-        pp = self.resolved_pipeline_size(world_size)
-        replicas = world_size // pp if pp > 0 and world_size % pp == 0 else 1
+        replicas = self.resolved_replicas(world_size)
         problems = super().pipeline_problems(world_size, batch_size) + training_args_problems(self, replicas)
         if self.pipeline_cpu_affinity:
             problems += affinity_problems(local_world()[1], allowed_cpus())

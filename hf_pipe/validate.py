@@ -7,6 +7,7 @@ from typing import Any
 from .families import task_of
 from .frontends import FRONTENDS
 from .schedule import check_schedule
+from .tensor_parallel import tensor_parallel_problems
 from .trainer_options import frontend_option_problems, label_names_problems, trainer_argument_problems
 
 
@@ -137,6 +138,13 @@ def trainer_problems(
             explicit_split=not isinstance(args.pipeline_split, str),
             frontend=frontend,
             data_parallel=args.pipeline_data_parallel if world > pp else None,
+        )
+        + tensor_parallel_problems(
+            staged.config,
+            args.pipeline_tensor_parallel_size,
+            frontend=frontend,
+            data_parallel=args.pipeline_data_parallel if args.resolved_replicas(world) > 1 else None,
+            peft=staged is not model,
         )
         + (FRONTENDS[frontend](staged.config).trainer_problems(args, staged) if frontend in FRONTENDS else [])
         + frontend_option_problems(args, frontend)

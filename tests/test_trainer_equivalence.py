@@ -30,6 +30,7 @@ TASKS = {
     "llama": "causal_lm",
     "bert-cls": "seq_cls",
     "llama-tied": "causal_lm",
+    "qwen3": "causal_lm",
     "gpt_neox": "causal_lm",
     "llama-cls": "seq_cls",
     "llama-rm": "seq_cls",

@@ -12,7 +12,7 @@ and gives torch's pipeline stages for a batch shape. The engine only runs what i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,10 @@ class LocalStages:
     tied: list[tuple[list[str], list[int]]]
     #: the model's parameters and buffers these stages hold (real, on the device; every other one is on meta)
     keep: set[str]
+    #: with tensor parallelism: the parameters (model names) whose gradients are summed over the TP ranks once per step, and those
+    #: read from the checkpoint as this rank's slices only
+    tp_summed: list[str] = field(default_factory=list)
+    tp_sliced: list[str] = field(default_factory=list)
 
 
 class Frontend:

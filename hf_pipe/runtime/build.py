@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import PipelineConfigError, raise_on_every_rank
 from ..frontends import Frontend, LocalStages
 from ..split import SplitPlan
+from ..tensor_parallel import shard_stages, sliced_source
 from ..weights import meta_names
 
 
@@ -21,13 +22,21 @@ def build_stages(
     stage_indices: list[int],
     device: torch.device,
     weights: Any,
+    tp: Any = None,
 ) -> LocalStages:
     """This rank's stages through the frontend, their tensors real on the device; a problem on any rank (a
-    checkpoint that does not fit, a weight left on meta) is one error on every rank, before any step."""
+    checkpoint that does not fit, a weight left on meta) is one error on every rank, before any step. With `tp`
+    (`launch.TensorParallel`) the stages are sharded with the model's TP plan, a local checkpoint's sharded tensors
+    read as this rank's slices only (`tensor_parallel.py`)."""
     problems: list[str] = []
     local = None
+    sliced = sliced_source(weights, model) if tp is not None else None
     try:
-        local = frontend.build(model, plan, stage_indices, device, weights)
+        local = frontend.build(model, plan, stage_indices, device, sliced or weights)
+        if local is not None and tp is not None:
+            # the modules sharded in place (the stages hold them), then the TP slices read on their own
+            local.tp_summed = shard_stages(model, local.keep, tp)
+            local.tp_sliced = sliced.load_slices(model, device) if sliced is not None else []
     except PipelineConfigError as err:
         problems = err.problems
     if local is not None and (left := meta_names(model, local.keep)):
@@ -39,10 +48,13 @@ def build_stages(
     return local
 
 
-def wrap_data_parallel(module: nn.Module, dp: Any, frontend: Frontend, device: torch.device) -> nn.Module:
+def wrap_data_parallel(
+    module: nn.Module, dp: Any, frontend: Frontend, device: torch.device, tensor_parallel: bool = False
+) -> nn.Module:
     """DDP or FSDP2 over the data-parallel replicas `dp` of this stage; torch's stages drive both (no_sync,
-    reshard). Without replicas, or for traced stages (the engine averages their gradients), the module itself."""
-    if dp is None or dp.size <= 1 or not frontend.wraps_data_parallel:
+    reshard). Without replicas, for traced stages, or for tensor-parallel ones (DDP takes no DTensor parameters), the
+    module itself: the engine averages their gradients over the replicas once per step."""
+    if dp is None or dp.size <= 1 or not frontend.wraps_data_parallel or tensor_parallel:
         return module
     if dp.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard

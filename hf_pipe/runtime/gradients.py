@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..launch import new_group, timeout_s, waiting
+from ..tensor_parallel import counted_square
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -28,8 +29,11 @@ class Gradients:
 
     def __init__(self, engine: Any, tied: list[tuple[list[str], list[int]]]):
         self.engine = engine  # its parameters and placement (stage_to_rank, group, pp_rank, dp, device)
-        #: traced stages with replicas: gradients averaged over the replicas here (DDP would do it for modules)
-        self.average_replicas = engine._replicated and not engine.frontend.wraps_data_parallel
+        #: traced or tensor-parallel stages with replicas: gradients averaged over the replicas here (DDP would do it
+        #: for modules; it takes no DTensor parameters)
+        self.average_replicas = engine._replicated and (
+            not engine.frontend.wraps_data_parallel or engine.tp is not None
+        )
         #: (local parameter, group of its owner ranks, whether this rank counts it in the norm)
         self.tied: list[tuple[nn.Parameter, dist.ProcessGroup | None, bool]] = []
         #: (FQNs, group, global ranks), for errors
@@ -39,11 +43,12 @@ class Gradients:
     def _setup_tied(self, local: dict[str, nn.Parameter], groups: list[tuple[list[str], list[int]]]) -> None:
         engine = self.engine
         # every replica's pipeline, as global ranks (one pipeline when there is no data parallelism)
-        pipelines = (
-            engine.dp.pipelines
-            if engine.dp
-            else [[dist.get_global_rank(engine.group, r) for r in range(engine.pp_size)]]
-        )
+        if engine.tp is not None:
+            pipelines = engine.tp.pipelines
+        elif engine.dp:
+            pipelines = engine.dp.pipelines
+        else:
+            pipelines = [[dist.get_global_rank(engine.group, r) for r in range(engine.pp_size)]]
         for fqns, stages in groups:
             ranks = sorted({engine.stage_to_rank[s] for s in stages})
             if len(ranks) < 2 or not engine._trainable(fqns):
@@ -70,7 +75,7 @@ class Gradients:
     def _reduce(self) -> None:
         if self.average_replicas:
             dp = self.engine.dp
-            grads = [p.grad for p in self.engine.parameters() if p.grad is not None]
+            grads = [local_tensor(p.grad) for p in self.engine.parameters() if p.grad is not None]
             if grads:
                 flat = torch._utils._flatten_dense_tensors(grads).div_(dp.size)
                 dist.all_reduce(flat, group=dp.group)
@@ -81,11 +86,18 @@ class Gradients:
                 param.grad = torch.zeros_like(param)
             # under FSDP2 each copy is sharded alike over the replicas: the local shards line up
             dist.all_reduce(local_tensor(param.grad), group=pg)
+        tp = self.engine.tp
+        for param in self.engine.tp_summed:  # each TP rank's gradient covers its own heads: summed once per step
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=tp.group)
 
     def norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients over all stages, each tied weight counted once."""
         engine = self.engine
         counted_elsewhere = {id(p) for p, _, counts in self.tied if not counts}
+        if engine.tp is not None:
+            return self._norm_tensor_parallel(counted_elsewhere)
         grads = [
             local_tensor(p.grad)
             for p in self.engine.parameters()
@@ -100,12 +112,26 @@ class Gradients:
             dist.all_reduce(squares, group=engine.group)
         return squares.sqrt()
 
+    def _norm_tensor_parallel(self, counted_elsewhere: set[int]) -> torch.Tensor:
+        """The global norm over stages holding DTensor (sharded over TP) and plain gradients, every element counted
+        once: torch's foreach norm refuses lists mixing the two, and a replicated gradient summed over the TP ranks
+        would count `tp` times."""
+        engine = self.engine
+        squares = torch.zeros((), device=engine.device)
+        for p in engine.parameters():
+            if p.grad is not None and id(p) not in counted_elsewhere:
+                squares += counted_square(p.grad, engine.tp)
+        with waiting("the gradient-norm all-reduce", engine.pipeline_ranks):
+            dist.all_reduce(squares, group=engine.tp.group)
+            dist.all_reduce(squares, group=engine.group)
+        return squares.sqrt()
+
     def clip(self, max_norm: float) -> torch.Tensor:
         """Clip all gradients by the global norm, as `torch.nn.utils.clip_grad_norm_` does on one device."""
         norm = self.norm()
         if max_norm and max_norm > 0:
             params = [p for p in self.engine.parameters() if p.grad is not None]
-            if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2: scale each local shard
+            if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2, TP: scale each local shard
                 coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
                 for p in params:
                     local_tensor(p.grad).mul_(coef.to(p.grad.dtype))
