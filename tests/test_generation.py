@@ -21,7 +21,9 @@ DECODING = [
     dict(max_new_tokens=5, num_beams=2, do_sample=True, num_return_sequences=2),
 ]
 #: an EOS the tiny model's greedy search reaches on two rows of the last group (which then ends early)
-EOS = {"llama": 35, "gpt2": 82}
+EOS = {"llama": 35, "gpt2": 82, "t5": 94, "bart": 13}
+#: encoder-decoders: weights drawn wide enough that greedy search follows the source rather than repeating one token
+SEQ2SEQ_INIT = {"t5": dict(initializer_factor=4.0), "bart": dict(init_std=0.3)}
 
 
 def prompts(rows: int = 6, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,16 +37,28 @@ def prompts(rows: int = 6, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+def sources(rows: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded sources of uneven lengths, as an encoder-decoder generates from."""
+    from tests._models import seq2seq_batch
+
+    batch = seq2seq_batch(rows, 9, 5, 2)
+    return batch["input_ids"], batch["attention_mask"]
+
+
 def _model(name: str):
-    model = tiny_model(name).eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = EOS[name]
+    model = tiny_model(name, **SEQ2SEQ_INIT.get(name, {})).eval()
+    config = model.generation_config
+    if name in SEQ2SEQ_INIT:  # every step a new token (tiny random models repeat one), no forced EOS at the end
+        config.no_repeat_ngram_size, config.forced_eos_token_id = 1, None
+    else:
+        config.pad_token_id = PAD
+    config.eos_token_id = EOS[name]
     return model
 
 
 def _generate(generate, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every decoding case's sequences and the generator's next draws after it (same seed before each case)."""
-    ids, mask = prompts()
+    ids, mask = sources() if name in SEQ2SEQ_INIT else prompts()
     out = []
     for settings in DECODING:
         torch.manual_seed(11)
@@ -57,16 +71,18 @@ def _reference(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return _generate(_model(name).generate, name)
 
 
-def _ranks(cases: list[tuple[str, str, int | None]]) -> dict:
+def _ranks(cases: list[tuple]) -> dict:
+    """(model, schedule, groups[, split]) each: the pipeline's generations, on every rank."""
     from hf_pipe.engine import PipelineEngine
     from hf_pipe.generation import PipelineGenerator
 
     out = {}
-    for name, schedule, groups in cases:
+    for name, schedule, groups, *split in cases:
         model = _model(name)
-        engine = PipelineEngine(model, schedule=schedule, device="cpu")
+        engine = PipelineEngine(model, schedule=schedule, split=split[0] if split else "auto", device="cpu")
         generator = PipelineGenerator(engine, model, groups=groups)
-        out[(name, schedule, groups)] = {"tokens": _generate(generator.generate, name), "last": engine.has_last}
+        key = (name, schedule, groups, *map(str, split))
+        out[key] = {"tokens": _generate(generator.generate, name), "last": engine.has_last}
     return out
 
 
@@ -82,15 +98,21 @@ def _check(results: list[dict], references: dict) -> None:
 
 
 def test_two_ranks_match_generate():
-    cases = [("llama", "1f1b", None), ("llama", "1f1b", 1), ("gpt2", "1f1b", None), ("llama", "interleaved1f1b", 3)]
+    """Decoders; and encoder-decoders with the encoder cut (T5 [0, 3]), whole on one rank and the decoder cut (BART
+    [0, 5]), and interleaved (4 stages: a stage of encoder blocks only, one of decoder blocks only, on each rank)."""
+    cases = [("llama", "1f1b", None), ("llama", "1f1b", 1), ("gpt2", "1f1b", None), ("llama", "interleaved1f1b", 3),
+             ("t5", "1f1b", None, [0, 3]), ("t5", "1f1b", 1), ("bart", "1f1b", None, [0, 5]),
+             ("bart", "interleaved1f1b", 3)]  # fmt: skip
     results = run_distributed(_ranks, 2, cases, fork=True, timeout=420)
-    _check(results, {name: _reference(name) for name in ("llama", "gpt2")})
+    _check(results, {name: _reference(name) for name in ("llama", "gpt2", "t5", "bart")})
 
 
 def test_four_ranks_match_generate():
-    cases = [("llama", "1f1b", None), ("gpt2", "1f1b", 2)]
+    """Decoders; T5 cut inside both stacks (a stage holding the end of the encoder and decoder block 0), BART with
+    one group."""
+    cases = [("llama", "1f1b", None), ("gpt2", "1f1b", 2), ("t5", "1f1b", None, [0, 2, 5, 6]), ("bart", "1f1b", 1)]
     results = run_distributed(_ranks, 4, cases, fork=True, timeout=420)
-    _check(results, {name: _reference(name) for name in ("llama", "gpt2")})
+    _check(results, {name: _reference(name) for name in ("llama", "gpt2", "t5", "bart")})
 
 
 def _refusals() -> list[str]:

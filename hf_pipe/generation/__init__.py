@@ -27,6 +27,7 @@ from ..errors import raise_if_any
 from ..launch import timeout_s, twin_group
 from .pipeline import DecodeLoop
 from .problems import call_problems, decoding_problems, generator_problems, input_problems
+from .seq2seq import Seq2SeqDecodeLoop, source_index
 
 __all__ = ["PipelineGenerator"]
 
@@ -50,6 +51,8 @@ class PipelineGenerator:
         self.engine, self.model = engine, model
         self.groups = groups or engine.num_stages
         self.back = twin_group(engine.group, timeout_s())
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._source: tuple[torch.Tensor, torch.Tensor | None] | None = None  # an encoder-decoder's, per call
         self.dtype = next(p.dtype for m in engine.modules for p in m.parameters() if p.is_floating_point())
 
     def generate(
@@ -62,8 +65,12 @@ class PipelineGenerator:
     ) -> torch.Tensor:
         """As `model.generate(inputs, generation_config, logits_processor, stopping_criteria, **kwargs)`: the sequences
         (prompt and new tokens) on every rank of the pipeline."""
-        raise_if_any(call_problems(kwargs))
+        raise_if_any(call_problems(kwargs, self.seq2seq))
         raise_if_any(input_problems(self.model, inputs if inputs is not None else kwargs.get("input_ids"), kwargs))
+        if self.seq2seq:  # the encoder runs on the stages: generate gets each source row's index in its place
+            inputs = inputs if inputs is not None else kwargs.pop("input_ids")
+            self._source = (inputs, kwargs.get("attention_mask"))
+            kwargs["encoder_outputs"] = source_index(inputs.shape[0], inputs.device)
         with torch.no_grad():
             return self.model.generate(
                 inputs,
@@ -84,5 +91,6 @@ class PipelineGenerator:
                 self.engine, model, generation_config, logits_processor, stopping_criteria, model_kwargs, groups
             )
         )
-        loop = DecodeLoop(self, model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+        args = (self, model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+        loop = Seq2SeqDecodeLoop(*args, source=self._source) if self.seq2seq else DecodeLoop(*args)
         return loop.run()
