@@ -107,6 +107,7 @@ def decoding_problems(engine: Any, model: Any, config: Any, processors: Any, sto
         problems.append(f"prefill_chunk_size={config.prefill_chunk_size}: the prompt is prefilled whole; unset it.")
     read = set(engine.frontend.adapter.batch_keys) | set(_LOOP_KEYS)
     read |= {"encoder_outputs"} if model.config.is_encoder_decoder else set()  # the loop reads it
+    read.add("labels")  # generate never passes them to the model (Seq2SeqTrainer hands generate its whole batch)
     if unread := sorted(k for k, v in model_kwargs.items() if v is not None and k not in read and k != "cache"):
         problems.append(
             f"generate() inputs {unread} are not read by the {model.config.model_type} stages "
