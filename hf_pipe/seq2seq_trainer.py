@@ -12,7 +12,7 @@ rank of the world reaches it) and kept for the trainer's life: the stages it run
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,24 @@ class PipeSeq2SeqTrainingArguments(PipeArgumentsMixin, ModelInitKwargs, Seq2SeqT
         >>> args = PipeSeq2SeqTrainingArguments(output_dir="out", predict_with_generate=True, generation_max_length=32,
         ...                                     pipeline_schedule="1f1b", pipeline_microbatches=4)
     """
+
+    pipeline_generation_groups: int | None = field(
+        default=None,
+        metadata={
+            "help": "Groups of rows in flight when generating through the pipeline (predict_with_generate): default "
+            "one per stage, so that every stage works at every moment of the decode; 1 for logits processors that "
+            "look across rows (encoder_repetition_penalty, a custom one), which then see the whole batch."
+        },
+    )
+
+    def pipeline_problems(self, world_size: int, batch_size: int | None = None) -> list[str]:
+        problems = super().pipeline_problems(world_size, batch_size)
+        if self.pipeline_generation_groups is not None and self.pipeline_generation_groups < 1:
+            problems.append(
+                f"pipeline_generation_groups={self.pipeline_generation_groups}: the groups of rows in flight must be "
+                "at least 1 (None: one per stage)."
+            )
+        return problems
 
 
 class PipeSeq2SeqTrainer(PipeTrainer, Seq2SeqTrainer):
@@ -85,7 +103,7 @@ class PipeSeq2SeqTrainer(PipeTrainer, Seq2SeqTrainer):
         """`Seq2SeqTrainer.prediction_step`'s generation, line by line, through the pipeline: the tokens (padded as it
         pads them) and the generation config's lengths, on every rank of the pipeline."""
         if self._generator is None:  # collective over the world: the first evaluation that generates builds it
-            self._generator = PipelineGenerator(self.engine, self.model)
+            self._generator = PipelineGenerator(self.engine, self.model, self.args.pipeline_generation_groups)
         # Priority (handled in generate): non-`None` gen_kwargs > model.generation_config > default GenerationConfig()
         if len(gen_kwargs) == 0 and hasattr(self, "_gen_kwargs"):
             gen_kwargs = self._gen_kwargs.copy()

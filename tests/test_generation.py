@@ -147,12 +147,20 @@ def _refusals() -> list[str]:
     messages.append(one.generate(ids, max_new_tokens=2, logits_processor=LogitsProcessorList([RowMixing()])))
     trace = tiny_model("llama")
     refused(lambda: PipelineGenerator(PipelineEngine(trace, frontend="trace", device="cpu"), trace))
+    # an encoder-decoder: its encoder runs on the stages; a processor reading every row's source needs one group
+    t5 = _model("t5")
+    t5_generator = PipelineGenerator(PipelineEngine(t5, device="cpu"), t5)
+    source, source_mask = sources()
+    refused(lambda: t5_generator.generate(source, encoder_outputs=(torch.zeros(6, 9, 64),), max_new_tokens=2))
+    refused(lambda: t5_generator.generate(source, encoder_repetition_penalty=1.5, max_new_tokens=2))
+    one = PipelineGenerator(t5_generator.engine, t5, groups=1)
+    messages.append(one.generate(source, attention_mask=source_mask, encoder_repetition_penalty=1.5, max_new_tokens=4))
     return messages
 
 
 def test_refusals_name_the_setting():
     messages = run_distributed(_refusals, 2, fork=True, timeout=240)[0]
-    dict_out, streamer, processor, contrastive, too_long, one_group, trace = messages
+    dict_out, streamer, processor, contrastive, too_long, one_group, trace, encoded, penalty, one_t5 = messages
     assert "return_dict_in_generate=True" in dict_out
     assert "streamer" in streamer
     assert "RowMixing" in processor and "groups=1" in processor
@@ -170,3 +178,9 @@ def test_refusals_name_the_setting():
     expected = model.generate(ids, max_new_tokens=2, logits_processor=LogitsProcessorList([RowMixing()]))
     assert torch.equal(one_group, expected)
     assert "'trace' frontend" in trace
+    assert "generate(encoder_outputs=...) is not supported" in encoded and "pass input_ids" in encoded
+    assert "EncoderRepetitionPenaltyLogitsProcessor" in penalty and "pipeline_generation_groups=1" in penalty
+    source, source_mask = sources()
+    t5 = _model("t5")
+    expected = t5.generate(source, attention_mask=source_mask, encoder_repetition_penalty=1.5, max_new_tokens=4)
+    assert torch.equal(one_t5, expected)

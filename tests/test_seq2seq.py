@@ -337,10 +337,10 @@ def test_plan_gives_every_stage_what_its_stack_needs():
     assert "decoder.relative_attention_bias" in str(plan) and "source 512 / target 512" in str(plan)
 
 
-def test_refusals_name_the_setting_and_the_fix():
+def test_refusals_name_the_setting_and_the_fix(tmp_path):
     import transformers
 
-    from hf_pipe import PipelineConfigError, plan_seq2seq
+    from hf_pipe import PipelineConfigError, PipeSeq2SeqTrainingArguments, plan_seq2seq
     from hf_pipe.validate import pipeline_problems
 
     def problems(config, **kw):
@@ -361,6 +361,8 @@ def test_refusals_name_the_setting_and_the_fix():
         plan_seq2seq(_t5_config(), 2, "measured")
     with pytest.raises(PipelineConfigError, match="a stage can begin mid-block"):
         plan_seq2seq(_t5_config(), 2, [0, 6.5])
+    with pytest.raises(PipelineConfigError, match="pipeline_generation_groups=0: the groups of rows in flight"):
+        PipeSeq2SeqTrainingArguments(output_dir=str(tmp_path), pipeline_generation_groups=0, use_cpu=True)
 
 
 def test_hf_pipe_plan_for_t5(capsys):
