@@ -9,6 +9,11 @@ config merged from the model's and the call's, special tokens, attention mask an
 typical, repetition penalty, bad words, min length, ...), beam search and beam sampling, `num_return_sequences`, EOS
 and pad handling, stopping when every sequence has ended. Anything else is refused by name (`problems.py`).
 
+Encoder-decoders (T5, BART: the `seq2seq` frontend's stages) generate from source ids: `generate` is handed each source
+row's index as `encoder_outputs` (nothing runs on the skeleton model) and expands it for beams as it would expand the
+encoder's output; the loop (`seq2seq.py`) runs the encoder on its stages once per group and keeps the encoder's output
+on every decoder stage, each with a self- and cross-attention cache of its own layers.
+
 Random draws happen on the last stage's rank, group after group within a step: on the CPU that is the same stream
 of numbers as one `torch.multinomial` over the whole batch, so a seeded run draws exactly the tokens `generate` on one
 process draws (finished groups keep taking their share while others decode, as finished rows do in `generate`). CUDA
@@ -71,15 +76,18 @@ class PipelineGenerator:
             inputs = inputs if inputs is not None else kwargs.pop("input_ids")
             self._source = (inputs, kwargs.get("attention_mask"))
             kwargs["encoder_outputs"] = source_index(inputs.shape[0], inputs.device)
-        with torch.no_grad():
-            return self.model.generate(
-                inputs,
-                generation_config=generation_config,
-                logits_processor=logits_processor,
-                stopping_criteria=stopping_criteria,
-                custom_generate=self._decode,
-                **kwargs,
-            )
+        try:
+            with torch.no_grad():
+                return self.model.generate(
+                    inputs,
+                    generation_config=generation_config,
+                    logits_processor=logits_processor,
+                    stopping_criteria=stopping_criteria,
+                    custom_generate=self._decode,
+                    **kwargs,
+                )
+        finally:
+            self._source = None
 
     def _decode(self, model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                 generation_config: Any, **model_kwargs: Any) -> torch.Tensor:  # fmt: skip

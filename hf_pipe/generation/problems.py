@@ -46,7 +46,8 @@ def generator_problems(engine: Any, model: Any, groups: int | None) -> list[str]
     problems = []
     if engine.frontend.name not in ("module", "seq2seq"):
         problems.append(
-            f"generation through the pipeline runs module-split stages (a family with an adapter); this pipeline's "
+            f"generation through the pipeline runs module-split stages (a family with an adapter, decoder-only or "
+            f"encoder-decoder); this pipeline's "
             f"stages are made by the {engine.frontend.name!r} frontend, whose stages cannot keep a KV cache per "
             "stage. Use pipeline_frontend='module' (or 'auto') with a family hf_pipe knows, or register an adapter "
             "(hf_pipe.register_family)."
