@@ -162,6 +162,12 @@ class PipelineArguments:
     def pipeline_problems(self, world_size: int, batch_size: int) -> list[str]:
         """Every problem with the pipeline settings that needs no model, each with its fix."""
         problems = []
+        groups = self.pipeline_generation_groups
+        if groups is not None and groups < 1:
+            problems.append(
+                f"pipeline_generation_groups={groups}: the groups of rows in flight must be at least 1 (None: one "
+                "per stage)."
+            )
         if isinstance(self.pipeline_split, str) and self.pipeline_split.lower() not in POLICIES:
             problems.append(
                 f"pipeline_split={self.pipeline_split!r} is not a split policy; valid options are {list(POLICIES)} "

@@ -21,7 +21,9 @@ DECODING = [
     dict(max_new_tokens=5, num_beams=2, do_sample=True, num_return_sequences=2),
 ]
 #: an EOS the tiny model's greedy search reaches on two rows of the last group (which then ends early)
-EOS = {"llama": 35, "gpt2": 82}
+EOS = {"llama": 35, "gpt2": 82, "t5": 94, "bart": 13}
+#: encoder-decoders: weights drawn wide enough that greedy search follows the source rather than repeating one token
+SEQ2SEQ_INIT = {"t5": dict(initializer_factor=4.0), "bart": dict(init_std=0.3)}
 
 
 def prompts(rows: int = 6, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,16 +37,28 @@ def prompts(rows: int = 6, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+def sources(rows: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded sources of uneven lengths, as an encoder-decoder generates from."""
+    from tests._models import seq2seq_batch
+
+    batch = seq2seq_batch(rows, 9, 5, 2)
+    return batch["input_ids"], batch["attention_mask"]
+
+
 def _model(name: str):
-    model = tiny_model(name).eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = EOS[name]
+    model = tiny_model(name, **SEQ2SEQ_INIT.get(name, {})).eval()
+    config = model.generation_config
+    if name in SEQ2SEQ_INIT:  # every step a new token (tiny random models repeat one), no forced EOS at the end
+        config.no_repeat_ngram_size, config.forced_eos_token_id = 1, None
+    else:
+        config.pad_token_id = PAD
+    config.eos_token_id = EOS[name]
     return model
 
 
 def _generate(generate, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every decoding case's sequences and the generator's next draws after it (same seed before each case)."""
-    ids, mask = prompts()
+    ids, mask = sources() if name in SEQ2SEQ_INIT else prompts()
     out = []
     for settings in DECODING:
         torch.manual_seed(11)
@@ -58,18 +72,17 @@ def _reference(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _ranks(cases: list[tuple]) -> dict:
+    """(model, schedule, groups[, split]) each: the pipeline's generations, on every rank."""
     from hf_pipe.engine import PipelineEngine
     from hf_pipe.generation import PipelineGenerator
 
     out = {}
-    for name, schedule, groups, *split in cases:  # split: where stages begin (1.5: block 1's MLP half)
+    for name, schedule, groups, *split in cases:
         model = _model(name)
-        engine = PipelineEngine(model, schedule=schedule, device="cpu", split=split[0] if split else "auto")
+        engine = PipelineEngine(model, schedule=schedule, split=split[0] if split else "auto", device="cpu")
         generator = PipelineGenerator(engine, model, groups=groups)
-        out[(name, schedule, groups, *split)] = {
-            "tokens": _generate(generator.generate, name),
-            "last": engine.has_last,
-        }
+        key = (name, schedule, groups, *map(str, split))
+        out[key] = {"tokens": _generate(generator.generate, name), "last": engine.has_last}
     return out
 
 
@@ -85,14 +98,14 @@ def _check(results: list[dict], references: dict) -> None:
 
 
 def test_two_ranks_match_generate():
-    cases = [
-        ("llama", "1f1b", None),
-        ("llama", "1f1b", 1, (0, 1.5)),
-        ("gpt2", "1f1b", None),
-        ("llama", "interleaved1f1b", 3),
-    ]
+    """Decoders (a Llama stage beginning mid-block: [0, 1.5]); and encoder-decoders with the encoder cut (T5 [0, 3]),
+    whole on one rank and the decoder cut (BART [0, 5]), and interleaved (4 stages: a stage of encoder blocks only,
+    one of decoder blocks only, on each rank)."""
+    cases = [("llama", "1f1b", None), ("llama", "1f1b", 1, [0, 1.5]), ("gpt2", "1f1b", None),
+             ("llama", "interleaved1f1b", 3), ("t5", "1f1b", None, [0, 3]), ("t5", "1f1b", 1),
+             ("bart", "1f1b", None, [0, 5]), ("bart", "interleaved1f1b", 3)]  # fmt: skip
     results = run_distributed(_ranks, 2, cases, fork=True, timeout=420)
-    _check(results, {name: _reference(name) for name in ("llama", "gpt2")})
+    _check(results, {name: _reference(name) for name in ("llama", "gpt2", "t5", "bart")})
 
 
 def _four_ranks(cases: list, path: str) -> dict:
@@ -112,7 +125,9 @@ def _four_ranks(cases: list, path: str) -> dict:
 
 
 def test_four_ranks_match_generate(tmp_path):
-    cases = [("llama", "1f1b", None), ("gpt2", "1f1b", 2)]
+    """Decoders; T5 cut inside both stacks (a stage holding the end of the encoder and decoder block 0), BART with
+    one group; two data-parallel pipelines of a Llama read by path."""
+    cases = [("llama", "1f1b", None), ("gpt2", "1f1b", 2), ("t5", "1f1b", None, [0, 2, 5, 6]), ("bart", "1f1b", 1)]
     model = _model("llama")
     model.save_pretrained(tmp_path)
     results = run_distributed(_four_ranks, 4, cases, str(tmp_path), fork=True, timeout=420)
@@ -121,7 +136,7 @@ def test_four_ranks_match_generate(tmp_path):
         replica = rank // 2
         expected = model.generate(ids[replica::2], attention_mask=mask[replica::2], max_new_tokens=5)
         assert torch.equal(result.pop("replica"), expected), rank
-    _check(results, {name: _reference(name) for name in ("llama", "gpt2")})
+    _check(results, {name: _reference(name) for name in ("llama", "gpt2", "t5", "bart")})
 
 
 def _trainer_and_path(path: str, output_dir: str) -> dict:
@@ -187,12 +202,20 @@ def _refusals() -> list[str]:
     messages.append(one.generate(ids, max_new_tokens=2, logits_processor=LogitsProcessorList([RowMixing()])))
     trace = tiny_model("llama")
     refused(lambda: PipelineGenerator(PipelineEngine(trace, frontend="trace", device="cpu"), trace))
+    # an encoder-decoder: its encoder runs on the stages; a processor reading every row's source needs one group
+    t5 = _model("t5")
+    t5_generator = PipelineGenerator(PipelineEngine(t5, device="cpu"), t5)
+    source, source_mask = sources()
+    refused(lambda: t5_generator.generate(source, encoder_outputs=(torch.zeros(6, 9, 64),), max_new_tokens=2))
+    refused(lambda: t5_generator.generate(source, encoder_repetition_penalty=1.5, max_new_tokens=2))
+    one = PipelineGenerator(t5_generator.engine, t5, groups=1)
+    messages.append(one.generate(source, attention_mask=source_mask, encoder_repetition_penalty=1.5, max_new_tokens=4))
     return messages
 
 
 def test_refusals_name_the_setting():
     messages = run_distributed(_refusals, 2, fork=True, timeout=240)[0]
-    dict_out, streamer, processor, contrastive, too_long, one_group, trace = messages
+    dict_out, streamer, processor, contrastive, too_long, one_group, trace, encoded, penalty, one_t5 = messages
     assert "return_dict_in_generate=True" in dict_out
     assert "streamer" in streamer
     assert "RowMixing" in processor and "groups=1" in processor
@@ -210,3 +233,9 @@ def test_refusals_name_the_setting():
     expected = model.generate(ids, max_new_tokens=2, logits_processor=LogitsProcessorList([RowMixing()]))
     assert torch.equal(one_group, expected)
     assert "'trace' frontend" in trace
+    assert "generate(encoder_outputs=...) is not supported" in encoded and "pass input_ids" in encoded
+    assert "EncoderRepetitionPenaltyLogitsProcessor" in penalty and "pipeline_generation_groups=1" in penalty
+    source, source_mask = sources()
+    t5 = _model("t5")
+    expected = t5.generate(source, attention_mask=source_mask, encoder_repetition_penalty=1.5, max_new_tokens=4)
+    assert torch.equal(one_t5, expected)

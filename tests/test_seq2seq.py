@@ -36,6 +36,87 @@ def _exact_tokens(pred):
     return {"token_match": float((tokens == labels[:, : tokens.shape[1]])[known].mean())}
 
 
+def _generated_tokens(pred):
+    """A causal LM's metric on what it generated: the mean token id, and how many rows end in EOS."""
+    tokens, _ = pred
+    return {
+        "mean_token": float(tokens.astype("float64").mean()),
+        "eos_rows": float((tokens == CAUSAL_EOS).any(1).sum()),
+    }
+
+
+#: an EOS token the tiny Llama generates early in some rows
+CAUSAL_EOS = 78
+
+
+def _causal_generation_run(root: str, pipeline: dict | None) -> dict:
+    """Seq2SeqTrainer with a causal LM (it generates from the batch's input_ids, right-padded here as the collator
+    pads them) or PipeSeq2SeqTrainer: evaluate greedy, predict with beams."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from hf_pipe import PipeSeq2SeqTrainer, PipeSeq2SeqTrainingArguments
+    from tests._data import PadCollator, lm_dataset
+    from tests._models import tiny_model
+    from tests.test_trainer_equivalence import _common_args
+
+    model = tiny_model("llama").eval()
+    model.config.pad_token_id = model.generation_config.pad_token_id = 0  # Seq2SeqTrainer pads the tokens with it
+    model.generation_config.eos_token_id = CAUSAL_EOS
+    args = _common_args(root, predict_with_generate=True, generation_num_beams=2)
+    if pipeline is None:
+        cls, args = Seq2SeqTrainer, Seq2SeqTrainingArguments(**args)
+    else:
+        cls, args = PipeSeq2SeqTrainer, PipeSeq2SeqTrainingArguments(**args, **pipeline)
+    data = lm_dataset(13, seed=5, max_len=12)
+    trainer = cls(model=model, args=args, eval_dataset=data, data_collator=PadCollator("causal_lm"),
+                  compute_metrics=_generated_tokens)  # fmt: skip
+    evaluation = trainer.evaluate(max_new_tokens=6, num_beams=1)  # the gen_kwargs of the call: greedy
+    prediction = trainer.predict(data, max_new_tokens=4)  # generation_num_beams=2: beam search
+    return {"eval": evaluation, "tokens": prediction.predictions, "labels": prediction.label_ids,
+            "metrics": prediction.metrics}  # fmt: skip
+
+
+def _generation_memory() -> dict:
+    """Anonymous memory a generating evaluation adds to each rank (peak RssAnon, sampled every 2 ms), for a T5 of
+    120 MiB. Large blocks are given back to the system when freed (a fixed mmap threshold), so that memory freed
+    before (the weights of other ranks' stages) cannot hide what the evaluation takes."""
+    import ctypes
+    import threading
+    import time
+
+    from hf_pipe import PipeSeq2SeqTrainer, PipeSeq2SeqTrainingArguments
+    from tests._data import PadCollator, seq2seq_dataset
+    from tests._models import tiny_model
+    from tests.test_big_models import _rss_anon
+    from tests.test_trainer_equivalence import _common_args
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    model = tiny_model("t5", d_model=512, d_kv=64, d_ff=2048, num_heads=8, vocab_size=4096).eval()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    args = _common_args("/tmp/hf_pipe-unused", predict_with_generate=True, generation_max_length=8,
+                        per_device_eval_batch_size=4)  # fmt: skip
+    trainer = PipeSeq2SeqTrainer(
+        model=model,
+        args=PipeSeq2SeqTrainingArguments(**args, pipeline_microbatches=2),
+        eval_dataset=seq2seq_dataset(8, seed=5),
+        data_collator=PadCollator("seq2seq_lm"),
+        compute_metrics=_exact_tokens,
+    )
+    baseline, peak, done = _rss_anon(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    metrics = trainer.evaluate()
+    done.set()
+    sampler.join()
+    return {"model": model_bytes, "growth": max(peak[0], _rss_anon()) - baseline, "metrics": metrics}
+
+
 def _generation_run(root: str, pipeline: dict | None) -> dict:
     """Seq2SeqTrainer (pipeline None) or PipeSeq2SeqTrainer with predict_with_generate: evaluate and predict."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
@@ -91,6 +172,7 @@ ENGINE_CASES = {
 def _references(names: tuple[str, ...], root: str) -> dict[str, dict]:
     out = {name: run_trainer(name, os.path.join(root, name, "ref"), None, {}) for name in names}
     out["generate"] = _generation_run(os.path.join(root, "generate"), None)
+    out["generate-causal"] = _causal_generation_run(os.path.join(root, "generate-causal"), None)
     return out
 
 
@@ -105,6 +187,8 @@ def _two_rank_runs(root: str) -> dict:
 
     out = _pipelines(TRAINED, root, TWO_RANKS)
     out["generate"] = _generation_run(os.path.join(root, "generate"), GENERATE)
+    out["generate-causal"] = _causal_generation_run(os.path.join(root, "generate-causal"), GENERATE)
+    out["memory"] = _generation_memory()
     out["engine"] = {name: _pipeline_worker(name, cases, 0, 4, "seq2seq") for name, cases in ENGINE_CASES.items()}
     # every batch key reaches a stage or is refused: the decoder's inputs and mask are consumed, others are not
     engine = PipelineEngine(tiny_model("t5"), microbatches=4, device="cpu")
@@ -157,6 +241,33 @@ def test_generation_matches_seq2seq_trainer(references, two_ranks):
         assert (tokens == ref_tokens).all() and label_ids is None and names == ref_names, (names, ref_names)
         assert not any("loss" in name for name in names)
     print(ref["eval"], ref["tokens"][:2])
+
+
+def test_causal_lm_generation_matches_seq2seq_trainer(references, two_ranks):
+    """PipeSeq2SeqTrainer with a causal LM (Llama) against Seq2SeqTrainer: generated from the batch's input_ids,
+    greedy in evaluate (gen_kwargs of the call), beam search in predict (generation_num_beams), the same tokens,
+    labels padded alike, the same metrics on them."""
+    ref = references[1]["generate-causal"]
+    assert ref["eval"]["eval_eos_rows"] > 0  # some rows end early: their padding is compared too
+    for rank in two_ranks[1]:
+        mine = rank["generate-causal"]
+        assert mine["tokens"].shape == ref["tokens"].shape and (mine["tokens"] == ref["tokens"]).all()
+        assert (mine["labels"] == ref["labels"]).all()
+        for key in ("eval_mean_token", "eval_eos_rows"):
+            assert mine["eval"][key] == ref["eval"][key], key
+        assert mine["metrics"]["test_mean_token"] == ref["metrics"]["test_mean_token"]
+        assert abs(mine["eval"]["eval_loss"] - ref["eval"]["eval_loss"]) < 2e-5 * ref["eval"]["eval_loss"]
+    print(ref["eval"], ref["tokens"][:2])
+
+
+def test_generating_evaluation_holds_no_whole_model(two_ranks):
+    """No rank grows by anything near the model during a generating evaluation (each runs only its stages); the
+    assembled model this replaced made the first rank grow by 531 MiB (rank 1: 175 MiB) on the same 120 MiB T5."""
+    memory = [rank["memory"] for rank in two_ranks[1]]
+    model = memory[0]["model"]
+    print(f"model {model / 2**20:.0f} MiB; growth per rank MiB:", [round(m["growth"] / 2**20, 1) for m in memory])
+    assert all(m["growth"] < model / 8 for m in memory)
+    assert memory[0]["metrics"]["eval_token_match"] == memory[1]["metrics"]["eval_token_match"]
 
 
 def test_engine_every_family_and_schedule_kind(two_ranks):
@@ -226,10 +337,10 @@ def test_plan_gives_every_stage_what_its_stack_needs():
     assert "decoder.relative_attention_bias" in str(plan) and "source 512 / target 512" in str(plan)
 
 
-def test_refusals_name_the_setting_and_the_fix():
+def test_refusals_name_the_setting_and_the_fix(tmp_path):
     import transformers
 
-    from hf_pipe import PipelineConfigError, plan_seq2seq
+    from hf_pipe import PipelineConfigError, PipeSeq2SeqTrainingArguments, plan_seq2seq
     from hf_pipe.validate import pipeline_problems
 
     def problems(config, **kw):
@@ -250,6 +361,8 @@ def test_refusals_name_the_setting_and_the_fix():
         plan_seq2seq(_t5_config(), 2, "measured")
     with pytest.raises(PipelineConfigError, match="a stage can begin mid-block"):
         plan_seq2seq(_t5_config(), 2, [0, 6.5])
+    with pytest.raises(PipelineConfigError, match="pipeline_generation_groups=0: the groups of rows in flight"):
+        PipeSeq2SeqTrainingArguments(output_dir=str(tmp_path), pipeline_generation_groups=0, use_cpu=True)
 
 
 def test_hf_pipe_plan_for_t5(capsys):

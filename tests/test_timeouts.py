@@ -151,3 +151,25 @@ def test_a_rank_that_cannot_write_its_part_fails_the_save_everywhere(tmp_path):
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"failed save at step 4, resumed from checkpoint-2: worst final-weight difference {worst}")
     assert worst == 0.0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("model, fail", [("llama", "kill_in_generation"), ("t5", "stop_in_generation")])
+def test_a_rank_lost_mid_generation_ends_the_others_with_one_clear_error(tmp_path, model, fail):
+    """Generation through the pipeline (3 groups in flight): rank 1 killed, or stopped, after its 5th group step;
+    rank 0, waiting on it for hidden states or a decision, ends with one error naming the generation and the peer:
+    at once when the peer is gone (PipelineTimeoutError), within ddp_timeout when it is stopped."""
+    args = ["--generate", "--fail", fail, "--fail_rank", "1", "--fail_step", "5", "--ddp_timeout", str(TIMEOUT_S),
+            "--model", model]  # fmt: skip
+    codes, texts, ended = _ranks(tmp_path, *args)
+    lost_at = _failed_at(tmp_path)
+    assert codes[1] == (-9 if fail.startswith("kill") else None), texts[1][-2000:]
+    assert codes[0] not in (None, 0), texts[0][-3000:]
+    seconds = ended[0] - lost_at
+    errors = _error_lines(texts[0])
+    print(f"{model} {fail}: rank 0 exited with status {codes[0]} {seconds:.1f}s after rank 1 was lost:\n{errors[0]}")
+    assert seconds < TIMEOUT_S + 10, texts[0][-3000:]
+    assert len({e.split("Error: ", 1)[-1] for e in errors}) == 1, errors
+    assert "generation through the stages" in errors[0] and "rank 1" in errors[0], errors
+    assert ("lost a peer" if fail.startswith("kill") else "timed out") in errors[0], errors
+    assert not any(line.startswith("sequences:") for line in texts[0].splitlines())  # no rank finished

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from .base import NO_CACHE
+from .base import CACHE, CACHE_KEYWORD
 from .seq2seq import Dims, Seq2SeqAdapter, layer_dropped
 
 
@@ -67,32 +67,37 @@ class BartAdapter(Seq2SeqAdapter):
     def encoder_end(self, stack, parts, hidden):
         return parts["enc_layer_norm"](hidden) if self.final_layer_norm else hidden
 
-    def decoder_embed(self, stack, parts, decoder_input_ids, training):
+    def decoder_embed(self, stack, parts, decoder_input_ids, training, past=0):
         embeds = parts["dec_embed_tokens"](decoder_input_ids)
-        position_ids = torch.arange(decoder_input_ids.shape[1], device=embeds.device)
-        hidden = embeds + parts["dec_embed_positions"](decoder_input_ids, 0, position_ids=position_ids)
+        position_ids = torch.arange(decoder_input_ids.shape[1], device=embeds.device) + past
+        hidden = embeds + parts["dec_embed_positions"](decoder_input_ids, past, position_ids=position_ids)
         hidden = parts["dec_layernorm_embedding"](hidden)
         return F.dropout(hidden, p=stack.dropout, training=training)
 
     def decoder_context(self, stack, parts, hidden, encoder_output, batch):
         config = stack.config
+        cache = batch.get(CACHE)  # generation: the stage's EncoderDecoderCache
+        own = cache.self_attention_cache if cache is not None else None
+        past = own.get_seq_length() if own is not None else 0
         mask = batch.get("decoder_attention_mask")
-        if mask is None:  # as BartDecoder: every position attends (causally)
-            mask = torch.ones(hidden.shape[:2], device=hidden.device)
-        causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, **NO_CACHE)
+        if mask is None:  # as BartDecoder: every position attends (causally), the cached ones too
+            mask = torch.ones(hidden.shape[0], past + hidden.shape[1], device=hidden.device)
+        causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, **{CACHE_KEYWORD: own})
         cross = create_bidirectional_mask(
             config=config,
             inputs_embeds=hidden,
             attention_mask=batch.get("attention_mask"),
             encoder_hidden_states=encoder_output,
         )
-        return causal, cross
+        return causal, cross, cache
 
     def decoder_layer(self, stack, block, hidden, encoder_output, context):
-        causal, cross = context
+        causal, cross, cache = context
         if layer_dropped(stack, block.training):
             return hidden
-        out = block(hidden, causal, encoder_output, encoder_attention_mask=cross, **NO_CACHE, use_cache=False)
+        out = block(
+            hidden, causal, encoder_output, encoder_attention_mask=cross, **{CACHE_KEYWORD: cache}, use_cache=False
+        )
         return out[0] if isinstance(out, tuple) else out
 
     def seq2seq_head(self, model_config, stack, parts, hidden, buffers):

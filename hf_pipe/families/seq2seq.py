@@ -139,13 +139,22 @@ class Seq2SeqAdapter(FamilyAdapter):
         raise NotImplementedError
 
     def decoder_embed(
-        self, stack: nn.Module, parts: Mapping[str, nn.Module], decoder_input_ids: torch.Tensor, training: bool
+        self,
+        stack: nn.Module,
+        parts: Mapping[str, nn.Module],
+        decoder_input_ids: torch.Tensor,
+        training: bool,
+        past: int = 0,
     ) -> torch.Tensor:
+        """The decoder's input embeddings; `past`: tokens the stage's KV cache holds already (generation), where
+        learned positions start."""
         raise NotImplementedError
 
     def decoder_context(
         self, stack: nn.Module, parts: Mapping[str, nn.Module], hidden: torch.Tensor, encoder_output, batch
     ) -> Any:
+        """Masks and biases of the stage's decoder blocks; in generation `batch[CACHE]` is the stage's
+        `EncoderDecoderCache` (`generation/cache.py`), which the context carries to the blocks."""
         raise NotImplementedError
 
     def decoder_layer(

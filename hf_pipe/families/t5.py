@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from .base import NO_CACHE
+from .base import CACHE, CACHE_KEYWORD, NO_CACHE
 from .seq2seq import Dims, Seq2SeqAdapter
 
 _BIAS = "layer.0.SelfAttention.relative_attention_bias"
@@ -64,13 +64,18 @@ class T5Adapter(Seq2SeqAdapter):
     def encoder_end(self, stack, parts, hidden):
         return parts["enc_final_dropout"](parts["enc_final_layer_norm"](hidden))
 
-    def decoder_embed(self, stack, parts, decoder_input_ids, training):
+    def decoder_embed(self, stack, parts, decoder_input_ids, training, past=0):
         return parts["dec_dropout"](parts["dec_embed_tokens"](decoder_input_ids))
 
     def decoder_context(self, stack, parts, hidden, encoder_output, batch):
         config = stack.config
+        cache = batch.get(CACHE)  # generation: the stage's EncoderDecoderCache
+        own = cache.self_attention_cache if cache is not None else None
         mask = create_causal_mask(
-            config=config, inputs_embeds=hidden, attention_mask=batch.get("decoder_attention_mask"), **NO_CACHE
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=batch.get("decoder_attention_mask"),
+            **{CACHE_KEYWORD: own},
         )
         cross_mask = create_bidirectional_mask(
             config=config,
@@ -78,12 +83,19 @@ class T5Adapter(Seq2SeqAdapter):
             attention_mask=batch.get("attention_mask"),
             encoder_hidden_states=encoder_output,
         )
-        return mask, self._bias(stack, hidden, hidden.shape[1]), cross_mask
+        length = hidden.shape[1]
+        if own is None:
+            bias = self._bias(stack, hidden, length)
+        else:  # as block 0 computes it with a cache: the new queries against every key seen so far
+            past = own.get_seq_length()
+            attention = stack.block[0].layer[0].SelfAttention
+            bias = attention.compute_bias(length, past + length, device=hidden.device, past_seen_tokens=past)
+        return mask, bias, cross_mask, cache
 
     def decoder_layer(self, stack, block, hidden, encoder_output, context):
-        mask, bias, cross_mask = context
+        mask, bias, cross_mask, cache = context
         # cross-attention bias None: each block makes the zeros block 0 would have handed on
-        return block(hidden, mask, bias, encoder_output, cross_mask, None, **NO_CACHE)[0]
+        return block(hidden, mask, bias, encoder_output, cross_mask, None, **{CACHE_KEYWORD: cache})[0]
 
     def seq2seq_head(self, model_config, stack, parts, hidden, buffers):
         hidden = parts["dec_final_dropout"](parts["dec_final_layer_norm"](hidden))

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import PipelineConfigError
 from ..families import SEQ2SEQ_LM, get_family, task_of
+from ..families.base import CACHE
 from ..families.seq2seq import Seq2SeqAdapter
 from ..seq2seq_split import Seq2SeqSplitPlan, plan_seq2seq, seq2seq_adapter, stage_roles
 from ..split_backward import stage_backward_input
@@ -119,18 +120,41 @@ class Seq2SeqStage(nn.Module):
         #: set by the torch stage running this module: whether it runs for evaluation (None: by the grad mode)
         self.evaluation_outputs: bool | None = None
 
+    def encode(self, x: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The stage's encoder blocks over the source (its ids on the first stage): the encoder's hidden states, or
+        its output (final norm applied) on the stage that ends the encoder."""
+        adapter, parts = self.adapter, self.parts
+        hidden = adapter.encoder_embed(self.encoder, parts, x, self.training) if self.is_first else x
+        context = adapter.encoder_context(self.encoder, parts, hidden, batch)
+        for block in self.encoder_blocks:
+            hidden = adapter.encoder_layer(self.encoder, block, hidden, context)
+        return adapter.encoder_end(self.encoder, parts, hidden) if self.ends_encoder else hidden
+
+    def decode(self, x: torch.Tensor, encoder_output: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Generation: the stage's decoder blocks with its KV cache (`batch[CACHE]`, an `EncoderDecoderCache`) over
+        the new target tokens (their ids on the stage with decoder block 0): hidden states, or on the last stage the
+        last position's logits (HF's `logits_to_keep=1`)."""
+        adapter, parts = self.adapter, self.parts
+        if self.starts_decoder:
+            past = batch[CACHE].get_seq_length()
+            hidden = adapter.decoder_embed(self.decoder, parts, x, self.training, past)
+        else:
+            hidden = x
+        context = adapter.decoder_context(self.decoder, parts, hidden, encoder_output, batch)
+        for block in self.decoder_blocks:
+            hidden = adapter.decoder_layer(self.decoder, block, hidden, encoder_output, context)
+        if not self.is_last:
+            return hidden
+        buffers = {name: getattr(self, name.replace(".", "_")) for name in self.buffer_names}
+        return adapter.seq2seq_head(self.model_config, self.decoder, parts, hidden[:, -1:], buffers)
+
     def forward(self, *inputs: torch.Tensor, **batch: Any):
         adapter, parts = self.adapter, self.parts
         if self.encoder_ids:
-            hidden = inputs[0]
-            if self.is_first:  # the source ids
-                hidden = adapter.encoder_embed(self.encoder, parts, hidden, self.training)
-            context = adapter.encoder_context(self.encoder, parts, hidden, batch)
-            for block in self.encoder_blocks:
-                hidden = adapter.encoder_layer(self.encoder, block, hidden, context)
+            hidden = self.encode(inputs[0], batch)
             if not self.ends_encoder:
                 return _fresh(hidden, inputs)
-            encoder_output = adapter.encoder_end(self.encoder, parts, hidden)
+            encoder_output = hidden
             if not self.decoder_ids:
                 return _fresh(encoder_output, inputs)
         elif self.starts_decoder:

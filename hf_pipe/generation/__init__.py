@@ -9,6 +9,11 @@ config merged from the model's and the call's, special tokens, attention mask an
 typical, repetition penalty, bad words, min length, ...), beam search and beam sampling, `num_return_sequences`, EOS
 and pad handling, stopping when every sequence has ended. Anything else is refused by name (`problems.py`).
 
+Encoder-decoders (T5, BART: the `seq2seq` frontend's stages) generate from source ids: `generate` is handed each source
+row's index as `encoder_outputs` (nothing runs on the skeleton model) and expands it for beams as it would expand the
+encoder's output; the loop (`seq2seq.py`) runs the encoder on its stages once per group and keeps the encoder's output
+on every decoder stage, each with a self- and cross-attention cache of its own layers.
+
 Random draws happen on the last stage's rank, group after group within a step: on the CPU that is the same stream
 of numbers as one `torch.multinomial` over the whole batch, so a seeded run draws exactly the tokens `generate` on one
 process draws (finished groups keep taking their share while others decode, as finished rows do in `generate`). CUDA
@@ -28,6 +33,7 @@ from ..errors import PipelineConfigError, raise_if_any
 from ..launch import timeout_s, twin_group
 from .pipeline import DecodeLoop
 from .problems import call_problems, decoding_problems, generator_problems, input_problems
+from .seq2seq import Seq2SeqDecodeLoop, source_index
 
 __all__ = ["PipelineGenerator"]
 
@@ -51,6 +57,8 @@ class PipelineGenerator:
         self.engine, self.model = engine, model
         self.groups = groups or engine.num_stages
         self.back = twin_group(engine.group, timeout_s())
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._source: tuple[torch.Tensor, torch.Tensor | None] | None = None  # an encoder-decoder's, per call
         self.dtype = next(p.dtype for m in engine.modules for p in m.parameters() if p.is_floating_point())
 
     @classmethod
@@ -106,17 +114,24 @@ class PipelineGenerator:
     ) -> torch.Tensor:
         """As `model.generate(inputs, generation_config, logits_processor, stopping_criteria, **kwargs)`: the sequences
         (prompt and new tokens) on every rank of the pipeline."""
-        raise_if_any(call_problems(kwargs))
+        raise_if_any(call_problems(kwargs, self.seq2seq))
         raise_if_any(input_problems(self.model, inputs if inputs is not None else kwargs.get("input_ids"), kwargs))
-        with torch.no_grad():
-            return self.model.generate(
-                inputs,
-                generation_config=generation_config,
-                logits_processor=logits_processor,
-                stopping_criteria=stopping_criteria,
-                custom_generate=self._decode,
-                **kwargs,
-            )
+        if self.seq2seq:  # the encoder runs on the stages: generate gets each source row's index in its place
+            inputs = inputs if inputs is not None else kwargs.pop("input_ids")
+            self._source = (inputs, kwargs.get("attention_mask"))
+            kwargs["encoder_outputs"] = source_index(inputs.shape[0], inputs.device)
+        try:
+            with torch.no_grad():
+                return self.model.generate(
+                    inputs,
+                    generation_config=generation_config,
+                    logits_processor=logits_processor,
+                    stopping_criteria=stopping_criteria,
+                    custom_generate=self._decode,
+                    **kwargs,
+                )
+        finally:
+            self._source = None
 
     def _decode(self, model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                 generation_config: Any, **model_kwargs: Any) -> torch.Tensor:  # fmt: skip
@@ -128,5 +143,6 @@ class PipelineGenerator:
                 self.engine, model, generation_config, logits_processor, stopping_criteria, model_kwargs, groups
             )
         )
-        loop = DecodeLoop(self, model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+        args = (self, model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+        loop = Seq2SeqDecodeLoop(*args, source=self._source) if self.seq2seq else DecodeLoop(*args)
         return loop.run()

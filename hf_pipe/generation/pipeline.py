@@ -51,6 +51,11 @@ class Group:
     caches: dict[int, StageCache] = field(default_factory=dict)
     choice: Sampling | BeamSearch | None = None
     done: bool = False
+    #: encoder-decoders: the group's source rows (each example once), each row's source in them, and on each
+    #: decoder stage the encoder's output for the group's rows (`seq2seq.py`)
+    sources: slice | None = None
+    expand: torch.Tensor | None = None
+    encoded: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def row_groups(rows: int, groups: int, unit: int) -> list[slice]:
@@ -98,11 +103,15 @@ class DecodeLoop:
         self.groups = []
         for rows in row_groups(total, generator.groups, beams):
             group = Group(rows, input_ids[rows], slice_rows(model_kwargs, rows, total))
-            group.caches = {s.index: StageCache(model.config, attention_layers(s)) for s in self.stages}
+            group.caches = {s.index: cache for s in self.stages if (cache := self.new_cache(s)) is not None}
             if self.has_last:
                 group.choice = choice(input_ids[rows], processors, stopping, config, model)
             self.groups.append(group)
         self.sends: list[Any] = []
+
+    def new_cache(self, stage: Any) -> Any:
+        """A stage's KV cache for one group (None: the stage keeps none)."""
+        return StageCache(self.model.config, attention_layers(stage))
 
     def stage_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the stages read from HF's model inputs for a step."""

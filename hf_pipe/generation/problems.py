@@ -18,6 +18,12 @@ _CALL_REFUSED = {
     "cache": "each stage keeps its own KV cache; a cache built for the whole model cannot be split",
     "past_key_values": "each stage keeps its own KV cache; a cache built for the whole model cannot be split",
 }
+#: an encoder-decoder's arguments the pipeline cannot honour: its encoder runs on the stages, from the source ids
+_SEQ2SEQ_REFUSED = {
+    "encoder_outputs": "the encoder runs on the pipeline's stages, from the source ids (pass input_ids)",
+    "inputs_embeds": "the first stage embeds the source ids (pass input_ids)",
+    "decoder_inputs_embeds": "the decoder's stage embeds the target ids (pass decoder_input_ids)",
+}
 _MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
 _OUTPUTS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states")
 #: logits processors that treat each row on its own, so that a group of rows gets what the whole batch would
@@ -38,14 +44,15 @@ _LOOP_KEYS = ("use_cache", "logits_to_keep", "attention_mask", "position_ids")
 def generator_problems(engine: Any, model: Any, groups: int | None) -> list[str]:
     """A pipeline that cannot generate."""
     problems = []
-    if engine.frontend.name != "module":
+    if engine.frontend.name not in ("module", "seq2seq"):
         problems.append(
-            f"generation through the pipeline runs module-split stages (a family with an adapter); this pipeline's "
+            f"generation through the pipeline runs module-split stages (a family with an adapter, decoder-only or "
+            f"encoder-decoder); this pipeline's "
             f"stages are made by the {engine.frontend.name!r} frontend, whose stages cannot keep a KV cache per "
             "stage. Use pipeline_frontend='module' (or 'auto') with a family hf_pipe knows, or register an adapter "
             "(hf_pipe.register_family)."
         )
-    elif engine.plan.task != CAUSAL_LM:
+    elif engine.frontend.name == "module" and engine.plan.task != CAUSAL_LM:
         problems.append(
             f"generation needs a language-model head; {type(model).__name__} has the {engine.plan.task} head. "
             "Build the pipeline from a ...ForCausalLM / ...LMHeadModel."
@@ -61,11 +68,12 @@ def generator_problems(engine: Any, model: Any, groups: int | None) -> list[str]
     return problems
 
 
-def call_problems(kwargs: dict[str, Any]) -> list[str]:
+def call_problems(kwargs: dict[str, Any], seq2seq: bool = False) -> list[str]:
     """`generate` arguments the pipeline's loop cannot honour."""
+    refused = {**_CALL_REFUSED, **(_SEQ2SEQ_REFUSED if seq2seq else {})}
     return [
         f"generate({name}=...) is not supported through the pipeline: {why}. Leave it out."
-        for name, why in _CALL_REFUSED.items()
+        for name, why in refused.items()
         if kwargs.get(name) is not None
     ]
 
@@ -105,6 +113,8 @@ def decoding_problems(engine: Any, model: Any, config: Any, processors: Any, sto
     if getattr(config, "prefill_chunk_size", None) is not None:
         problems.append(f"prefill_chunk_size={config.prefill_chunk_size}: the prompt is prefilled whole; unset it.")
     read = set(engine.frontend.adapter.batch_keys) | set(_LOOP_KEYS)
+    read |= {"encoder_outputs"} if model.config.is_encoder_decoder else set()  # the loop reads it
+    read.add("labels")  # generate never passes them to the model (Seq2SeqTrainer hands generate its whole batch)
     if unread := sorted(k for k, v in model_kwargs.items() if v is not None and k not in read and k != "cache"):
         problems.append(
             f"generate() inputs {unread} are not read by the {model.config.model_type} stages "

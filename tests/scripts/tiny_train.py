@@ -1,7 +1,8 @@
 """A tiny PipeTrainer run for the launcher tests, with optional fault injection (test code, not library code).
 
-torchrun --nproc_per_node 2 tests/scripts/tiny_train.py OUTPUT_DIR [--fail raise|kill|stop|stop_in_step|stop_before_tied|kill_in_save|stop_in_save|enospc_in_save]
-    [--fail_rank R] [--fail_step S] [--resume] [--ddp_timeout SECONDS] [--model gpt2|llama]
+torchrun --nproc_per_node 2 tests/scripts/tiny_train.py OUTPUT_DIR [--fail raise|kill|stop|stop_in_step|stop_before_tied|kill_in_save|stop_in_save|enospc_in_save|...]
+    [--fail_rank R] [--fail_step S] [--resume] [--ddp_timeout SECONDS] [--model gpt2|llama|t5] [--generate]
+    [--fail kill_in_generation|stop_in_generation]
 """
 
 from __future__ import annotations
@@ -61,13 +62,16 @@ def main() -> None:
             "kill_in_save",
             "stop_in_save",
             "enospc_in_save",
+            "kill_in_generation",
+            "stop_in_generation",
         ],
     )
     parser.add_argument("--fail_rank", type=int, default=1)
     parser.add_argument("--fail_step", type=int, default=3)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--ddp_timeout", type=int, default=60)
-    parser.add_argument("--model", default="gpt2", help="a tests._models name: gpt2 (tied), llama (untied)")
+    parser.add_argument("--model", default="gpt2", help="a tests._models name: gpt2 (tied), llama (untied), t5")
+    parser.add_argument("--generate", action="store_true", help="generate through the pipeline instead of training")
     opts = parser.parse_args()
     args = PipeTrainingArguments(
         output_dir=opts.output_dir,
@@ -121,14 +125,34 @@ def main() -> None:
             return original_reduce(self)
 
         PipelineEngine.reduce_tied_gradients = stopping_reduce
+    if failing and opts.fail.endswith("_in_generation"):  # killed or stopped after its stages ran a group's step
+        from hf_pipe.generation import pipeline
+
+        original_progress, runs = pipeline.progress, []
+
+        def failing_progress():
+            runs.append(1)
+            if len(runs) == opts.fail_step:
+                _mark_and_fail(opts.output_dir, opts.fail.split("_")[0])
+            original_progress()
+
+        pipeline.progress = failing_progress
     callbacks = [FailAt(opts.output_dir, opts.fail, opts.fail_rank, opts.fail_step)] if opts.fail else None
     trainer = PipeTrainer(
         model=tiny_model(opts.model),
         args=args,
         train_dataset=lm_dataset(48, seed=0),
-        data_collator=PadCollator("causal_lm"),
+        data_collator=PadCollator("seq2seq_lm" if opts.model == "t5" else "causal_lm"),
         callbacks=callbacks,
     )
+    if opts.generate:  # 6 rows, 3 groups in flight, 16 new tokens each
+        from hf_pipe.generation import PipelineGenerator
+
+        generator = PipelineGenerator(trainer.engine, trainer.model, groups=3)
+        batch = PadCollator("causal_lm")(lm_dataset(6, seed=1))
+        kwargs = dict(max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
+        print("sequences:", generator.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs))
+        return
     trainer.train(resume_from_checkpoint=True if opts.resume else None)
     trainer.save_model(os.path.join(opts.output_dir, "final"))
 
