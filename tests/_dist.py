@@ -45,14 +45,17 @@ def free_port() -> int:
 
 
 def run_distributed(
-    fn: Callable, world_size: int, *args: Any, timeout: float = 240.0, launcher_env: bool = False, fork: bool = False
+    fn: Callable, world_size: int, *args: Any, timeout: float = 240.0, launcher_env: bool = False, fork: bool = True
 ) -> list[Any]:
     """`fn(*args)` on every rank; returns the per-rank results, or fails with every failing rank's traceback.
 
     A hang (a rank waiting on a peer forever) fails after `timeout` seconds instead of blocking the suite.
     With `launcher_env`, ranks get torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and no process
-    group, so the code under test sets it up as it would under a real launcher. With `fork`, ranks are forked from
-    this process, which has imported torch and transformers already (seconds saved per rank on 2 cores).
+    group, so the code under test sets it up as it would under a real launcher. Ranks are forked from this process,
+    which has imported torch, transformers, TRL and hf_pipe already: a spawned rank imports them again, about 8 s of
+    CPU (a minute of wall time on a busy 2-core machine), more than most tiny runs take. `fork=False` spawns fresh
+    interpreters instead, for what a forked rank would inherit wrongly (the parent's heap, under a start-up memory
+    measurement; DDP's reducer once crashed in forked ranks of the PP x DP prediction test).
     """
     port = free_port() if launcher_env else None
     ctx = mp.get_context("fork" if fork else "spawn")

@@ -226,7 +226,10 @@ def test_startup_memory_is_one_ranks_share(tmp_path):
     del model
     bound = 1.6 * model_bytes / 4 + 64 * 2**20
     peaks = {
-        form: run_distributed(_startup_peak, 4, str(tmp_path / "llama"), form, launcher_env=True, timeout=300)
+        # spawned ranks: a forked one inherits this process's heap, whose free pages its allocations may reuse unseen
+        form: run_distributed(
+            _startup_peak, 4, str(tmp_path / "llama"), form, launcher_env=True, timeout=300, fork=False
+        )
         for form in ("path", "scratch-meta", "whole", "scratch-whole")
     }
     print(f"model {model_bytes / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB; start-up MiB per rank:",

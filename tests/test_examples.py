@@ -28,8 +28,8 @@ def test_bert_example_learns_the_bundled_labels(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     out = _run(
-        ["examples/bert/train.py", "--output_dir", str(tmp_path), "--num_train_epochs", "4",
-         "--per_device_train_batch_size", "16", "--learning_rate", "2e-4", "--report_to", "none"],
+        ["examples/bert/train.py", "--output_dir", str(tmp_path), "--num_train_epochs", "2",
+         "--per_device_train_batch_size", "16", "--learning_rate", "4e-4", "--report_to", "none"],
         timeout=380,
     )  # fmt: skip
     before, after = map(float, re.search(r"eval accuracy ([\d.]+) -> ([\d.]+)", out).groups())

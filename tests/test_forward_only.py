@@ -66,7 +66,7 @@ def _reference(name: str, seed: int) -> dict:
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_forward_only_pass_equals_one_process(name):
-    ranks = run_distributed(_worker, 2, name, fork=True)
+    ranks = run_distributed(_worker, 2, name)
     ref, other = _reference(name, 0), _reference(name, 1)
     for c, case in enumerate(CASES):
         holders = [r[c] for r in ranks if r[c]["logits"] is not None]

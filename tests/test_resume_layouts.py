@@ -72,18 +72,16 @@ def test_trainer_checkpoint_resumes_under_pipetrainer_and_back(tmp_path):
     from hf_pipe.optimizer_state import write_trainer_optimizer
 
     trainer_run = tmp_path / "trainer"
-    (ref,) = run_distributed(_run, 1, str(trainer_run), None, launcher_env=True, fork=True)
+    (ref,) = run_distributed(_run, 1, str(trainer_run), None, launcher_env=True)
     # Trainer's checkpoint-2 (optimizer.pt, scheduler.pt, one model.safetensors) resumed on 2 pipeline ranks
     start = _copy(trainer_run / "checkpoint-2", tmp_path / "from-trainer")
-    pipe = run_distributed(
-        _run, 2, str(tmp_path / "pipe"), {"pipeline_schedule": "1f1b"}, start, launcher_env=True, fork=True
-    )[0]
+    pipe = run_distributed(_run, 2, str(tmp_path / "pipe"), {"pipeline_schedule": "1f1b"}, start, launcher_env=True)[0]
     trainer_to_pipe = _diff(trainer_run / "final", tmp_path / "pipe" / "final")
     losses = max(abs(a - b) / abs(b) for a, b in zip(pipe["losses"][2:], ref["losses"][2:]))
     # the PipeTrainer run's own checkpoint-4, converted once, resumed under plain Trainer
     back = _copy(tmp_path / "pipe" / "checkpoint-4", tmp_path / "from-pipe")
     write_trainer_optimizer(back)
-    run_distributed(_run, 1, str(tmp_path / "back"), None, back, launcher_env=True, fork=True)
+    run_distributed(_run, 1, str(tmp_path / "back"), None, back, launcher_env=True)
     pipe_to_trainer = _diff(trainer_run / "final", tmp_path / "back" / "final")
     moved = _diff(trainer_run / "checkpoint-2", trainer_run / "final")
     print(
@@ -116,9 +114,9 @@ def _layouts(root: str) -> dict:
 
 
 def test_resume_on_other_layouts_reaches_the_uninterrupted_weights(tmp_path):
-    run_distributed(_run, 2, str(tmp_path / "pp2"), {"pipeline_schedule": "1f1b"}, launcher_env=True, fork=True)
-    (out, *_) = run_distributed(_layouts, 4, str(tmp_path), launcher_env=True, fork=True)
-    run_distributed(_two_ranks, 2, str(tmp_path), launcher_env=True, fork=True)
+    run_distributed(_run, 2, str(tmp_path / "pp2"), {"pipeline_schedule": "1f1b"}, launcher_env=True)
+    (out, *_) = run_distributed(_layouts, 4, str(tmp_path), launcher_env=True)
+    run_distributed(_two_ranks, 2, str(tmp_path), launcher_env=True)
     final = tmp_path / "pp2" / "final"
     four, fsdp, other, old = (_diff(final, tmp_path / n / "final") for n in ("pp4", "fsdp", "inter", "from-old"))
     print(

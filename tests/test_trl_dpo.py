@@ -170,14 +170,43 @@ def _checkpoints(root: str) -> None:
     )
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("group", list(GROUPS))
-def test_pipe_dpo_matches_dpo_trainer(tmp_path, group):
-    cases, root = GROUPS[group], str(tmp_path)
+def _world(group: str) -> int:
+    return 4 if group == "replicas" else 2
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("dpo"))
     _checkpoints(root)
-    world = 4 if group == "replicas" else 2
-    ref = run_distributed(_runs, 1, cases, str(tmp_path / "ref"), False, root, launcher_env=True, timeout=400)[0]
-    mine = run_distributed(_runs, world, cases, str(tmp_path / "pp"), True, root, launcher_env=True, timeout=600)
+    return root
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints) -> dict:
+    """DPOTrainer on one process, every case in one forked process: each group's checks read their cases here."""
+    out = os.path.join(checkpoints, "ref")
+    return run_distributed(_runs, 1, list(CASES), out, False, checkpoints, launcher_env=True, timeout=900)[0]
+
+
+@pytest.fixture(scope="module")
+def pipelines(checkpoints):
+    """PipeDPOTrainer's runs on `world` ranks, made on first use: every 2-rank group's cases in one group of ranks."""
+    made: dict[int, list[dict]] = {}
+
+    def on(world: int) -> list[dict]:
+        if world not in made:
+            cases = [case for group, cases in GROUPS.items() for case in cases if _world(group) == world]
+            out = os.path.join(checkpoints, f"pp{world}")
+            made[world] = run_distributed(_runs, world, cases, out, True, checkpoints, launcher_env=True, timeout=900)
+        return made[world]
+
+    return on
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_pipe_dpo_matches_dpo_trainer(references, pipelines, group):
+    cases, ref, mine = GROUPS[group], references, pipelines(_world(group))
     for case in cases:
         theirs, errs = ref[case], dict.fromkeys((*LOGGED, "eval", "weights"), 0.0)
         assert len(theirs["logs"]) >= 3, case

@@ -159,19 +159,40 @@ def _runs(cases: list[str], out: str, pipeline: bool, root: str) -> dict:
     return {case: _run(case, os.path.join(out, case), pipeline, root) for case in cases}
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("group", list(GROUPS))
-def test_pipe_kto_matches_kto_trainer(tmp_path, group):
-    cases, root = GROUPS[group], str(tmp_path)
+def _replicas(group: str) -> int:
+    """KTOTrainer runs on as many processes as the pipeline has replicas."""
+    return 2 if group == "replicas" else 1
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """KTOTrainer's and PipeKTOTrainer's runs for `dp` replicas, made on first use: every group with as many replicas
+    in one reference process group and one group of pipeline ranks."""
+    root = str(tmp_path_factory.mktemp("kto"))
     tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(os.path.join(root, "llama"))
     tiny_model("llama", seed=1, pad_token_id=0, eos_token_id=1).save_pretrained(os.path.join(root, "other"))
-    launch = {"launcher_env": True, "fork": True}
-    dp = 2 if group == "replicas" else 1  # KTOTrainer on as many processes as the pipeline has replicas
-    for case in (c for c in cases if CASES[c].get("on_disk")):
-        for run in ("ref", "pp"):
-            _datasets(case, str(tmp_path / run / case), save=True)
-    ref = run_distributed(_runs, dp, cases, str(tmp_path / "ref"), False, root, timeout=400, **launch)[0]
-    mine = run_distributed(_runs, 2 * dp, cases, str(tmp_path / "pp"), True, root, timeout=600, **launch)
+    made: dict[int, tuple[dict, list[dict]]] = {}
+
+    def for_replicas(dp: int) -> tuple[dict, list[dict]]:
+        if dp not in made:
+            cases = [case for group, cases in GROUPS.items() for case in cases if _replicas(group) == dp]
+            ref_out, pp_out = os.path.join(root, f"ref{dp}"), os.path.join(root, f"pp{dp}")
+            for case in (c for c in cases if CASES[c].get("on_disk")):
+                for out in (ref_out, pp_out):
+                    _datasets(case, os.path.join(out, case), save=True)
+            launch = {"launcher_env": True, "timeout": 900}
+            ref = run_distributed(_runs, dp, cases, ref_out, False, root, **launch)[0]
+            made[dp] = ref, run_distributed(_runs, 2 * dp, cases, pp_out, True, root, **launch)
+        return made[dp]
+
+    return for_replicas
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_pipe_kto_matches_kto_trainer(runs, group):
+    cases, dp = GROUPS[group], _replicas(group)
+    ref, mine = runs(dp)
     for case in cases:
         theirs, errs = ref[case], dict.fromkeys((*LOGGED, "eval", "weights"), 0.0)
         assert len(theirs["logs"]) >= 4, case

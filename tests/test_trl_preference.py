@@ -123,7 +123,7 @@ def _compare(trainer: str, cases: dict, tmp_path) -> None:
     checkpoint = str(tmp_path / "llama")
     tiny_model("llama", pad_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
     names = list(cases)
-    launch = {"launcher_env": True, "fork": True}
+    launch = {"launcher_env": True}
     ref = run_distributed(_runs, 1, trainer, names, str(tmp_path / "ref"), False, checkpoint, **launch)[0]
     mine = run_distributed(_runs, 2, trainer, names, str(tmp_path / "pp"), True, checkpoint, **launch)
     for case in names:

@@ -69,8 +69,8 @@ def _two_ranks(cases: list[tuple], root: str) -> dict:
 
 
 def test_unseeded_build_trains_rank_0s_model(tmp_path):
-    refs = run_distributed(_many_references, 1, CASES_2, str(tmp_path), {}, launcher_env=True, fork=True)[0]
-    per_rank = run_distributed(_two_ranks, 2, CASES_2, str(tmp_path), launcher_env=True, fork=True, timeout=400)
+    refs = run_distributed(_many_references, 1, CASES_2, str(tmp_path), {}, launcher_env=True)[0]
+    per_rank = run_distributed(_two_ranks, 2, CASES_2, str(tmp_path), launcher_env=True, timeout=400)
     worst = {}
     for c, ((name, pipelines, setup), ref) in enumerate(zip(CASES_2, refs)):
         runs = [rank["runs"][c] for rank in per_rank]
@@ -94,8 +94,6 @@ def test_unseeded_build_pipeline_by_data_parallel(tmp_path):
     """pp 2 × dp 2: DDP would start each stage's replicas from the first of them, not from global rank 0, FSDP2 would
     shard each rank's own weights, traced stages have no DDP wrapper; every stage and replica starts from rank 0's. The reference is Trainer +
     DDP on 2 processes, themselves built from their own seeds (DDP broadcasts its rank 0's weights)."""
-    ref = run_distributed(
-        run_trainer, 2, "gpt2", str(tmp_path / "ref"), None, {}, UNSEEDED, launcher_env=True, fork=True
-    )[0]
-    per_rank = run_distributed(_replicas, 4, str(tmp_path), launcher_env=True, fork=True, timeout=400)
+    ref = run_distributed(run_trainer, 2, "gpt2", str(tmp_path / "ref"), None, {}, UNSEEDED, launcher_env=True)[0]
+    per_rank = run_distributed(_replicas, 4, str(tmp_path), launcher_env=True, timeout=400)
     print(check_runs("gpt2", tmp_path, 4, DATA_PARALLEL, ref, per_rank, setup=UNSEEDED))
