@@ -22,7 +22,9 @@ from .base import (
 from .bert import BertAdapter
 from .gpt2 import Gpt2Adapter
 from .llama import LlamaAdapter
+from .llava import LlavaAdapter
 from .t5 import T5Adapter
+from .vision import VisionLanguageAdapter
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
 
@@ -50,6 +52,11 @@ def get_family(model_type: str) -> FamilyAdapter | None:
     return _FAMILIES.get(model_type)
 
 
+def vision_language_families() -> list[str]:
+    """Every `model_type` of a vision-language model hf_pipe can split (vision tower on the first stage), sorted."""
+    return sorted(t for t, adapter in _FAMILIES.items() if isinstance(adapter, VisionLanguageAdapter))
+
+
 def registered_families() -> list[str]:
     """Every `model_type` hf_pipe can split with the module-split frontend, sorted."""
     return sorted(_FAMILIES)
@@ -66,6 +73,8 @@ register_family("mt5", T5Adapter())
 register_family("bart", BartAdapter())
 register_family("plbart", BartAdapter())
 register_family("mbart", BartAdapter(final_layer_norm=True))
+# Vision-language models: the vision tower on the first stage, the language model's blocks split (`vision.py`).
+register_family("llava", LlavaAdapter())
 
 __all__ = [
     "CAUSAL_LM",
@@ -81,5 +90,6 @@ __all__ = [
     "get_family",
     "register_family",
     "registered_families",
+    "vision_language_families",
     "task_of",
 ]
