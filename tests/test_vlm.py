@@ -16,44 +16,85 @@ from tests.test_trainer_equivalence import _common_args, _rel
 TOL = 2e-4
 WEIGHT_TOL = 5e-4
 VOCAB = 97
-IMAGE_TOKEN = 96
-IMAGE = 8  # pixels a side: 4 patches of 4x4, so 4 image tokens per image
+IMAGE_TOKEN, VIDEO_TOKEN = 96, 95
+IMAGE = 8  # Llava: pixels a side, 4 patches of 4x4, so 4 image tokens per image
+#: Qwen2-VL: each image's grid (t, h, w) in patches of 2x2 pixels, 2 frames; tokens per image t·h·w / 4
+QWEN_GRIDS = ((1, 2, 4), (1, 4, 4))
+PATCH = 3 * 2 * 2 * 2  # channels · temporal patch · patch²
 
 
-def tiny_llava(seed: int = 0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def tiny_vlm(family: str, seed: int = 0):
+    import transformers
 
-    vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE,
-        patch_size=4, projection_dim=16,
-    )  # fmt: skip
-    text = LlamaConfig(
+    text = dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
     )  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
+    if family == "llava":
+        vision = transformers.CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE,
+            patch_size=4, projection_dim=16,
+        )  # fmt: skip
+        config = transformers.LlavaConfig(
+            vision_config=vision, text_config=transformers.LlamaConfig(**text), image_token_id=IMAGE_TOKEN,
+            vision_feature_layer=-2,
+        )  # fmt: skip
+        cls = transformers.LlavaForConditionalGeneration
+    else:
+        vision = dict(depth=2, num_heads=2, patch_size=2, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+        if family == "qwen2_vl":
+            vision.update(embed_dim=16, hidden_size=32, mlp_ratio=2)
+            config_cls, cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        else:  # qwen2_5_vl: windowed attention in all but one vision block
+            vision.update(
+                hidden_size=16, out_hidden_size=32, intermediate_size=32, window_size=8, fullatt_block_indexes=[1]
+            )
+            config_cls, cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}  # head_dim 8
+        config = config_cls(
+            vision_config=vision, text_config={**text, "rope_parameters": rope}, image_token_id=IMAGE_TOKEN,
+            video_token_id=VIDEO_TOKEN, vision_start_token_id=93, vision_end_token_id=92, tie_word_embeddings=False,
+        )  # fmt: skip
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config)
+    return cls(config)
 
 
-def image_rows(n: int, seed: int, tokens_per_image: int = 4) -> list[dict]:
-    """Rows of text with 0, 1 or 2 images (their tokens where the processor puts them), of varied lengths."""
+def image_rows(family: str, n: int, seed: int) -> list[dict]:
+    """Rows of text with 0, 1 or 2 images (their tokens where the processor puts them), of varied lengths; for
+    Qwen2-VL images of two sizes, and a video in every fourth row."""
     g = torch.Generator().manual_seed(seed)
+
+    def words(lo: int, hi: int) -> list[int]:
+        return torch.randint(2, 92, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
     rows = []
     for i in range(n):
-        images = i % 3  # rows without images, with one, with two
-        ids = []
-        for _ in range(images):
-            ids += torch.randint(2, IMAGE_TOKEN, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
-            ids += [IMAGE_TOKEN] * tokens_per_image
-        ids += torch.randint(2, IMAGE_TOKEN, (int(torch.randint(3, 10, (1,), generator=g)),), generator=g).tolist()
-        rows.append({"input_ids": ids, "pixel_values": torch.randn(images, 3, IMAGE, IMAGE, generator=g)})
+        ids, items = [], []
+        for k in range(i % 3):  # rows without images, with one, with two
+            ids += words(1, 4)
+            if family == "llava":
+                ids += [IMAGE_TOKEN] * 4
+                items.append(("image", torch.randn(3, IMAGE, IMAGE, generator=g), None))
+            else:
+                grid = torch.tensor(QWEN_GRIDS[(i + k) % 2])
+                ids += [IMAGE_TOKEN] * int(grid.prod() // 4)
+                items.append(("image", torch.randn(int(grid.prod()), PATCH, generator=g), grid))
+        if family != "llava" and i % 4 == 3:
+            grid = torch.tensor(QWEN_GRIDS[0])
+            ids += words(1, 3) + [VIDEO_TOKEN] * int(grid.prod() // 4)
+            items.append(("video", torch.randn(int(grid.prod()), PATCH, generator=g), grid))
+        ids += words(3, 10)
+        rows.append({"input_ids": ids, "items": items})
     return rows
 
 
 class ImageCollator:
     """Right padding; labels -100 on padding and image tokens; the batch's images stacked in row order (none: no
-    pixel_values, as a processor gives a text-only batch)."""
+    pixel_values, as a processor gives a text-only batch); Qwen2-VL's grids and mm_token_type_ids as its processor
+    gives them."""
+
+    def __init__(self, family: str):
+        self.family = family
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
@@ -62,28 +103,39 @@ class ImageCollator:
         for r, f in enumerate(features):
             ids[r, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
             mask[r, : len(f["input_ids"])] = 1
-        labels = ids.masked_fill((mask == 0) | (ids == IMAGE_TOKEN), -100)
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        images = [f["pixel_values"] for f in features if len(f["pixel_values"])]
-        if images:
-            batch["pixel_values"] = torch.cat(images)
+        media = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill((mask == 0) | media, -100)}
+        if self.family != "llava":
+            batch["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+        for kind, pixels, grids in (
+            ("image", "pixel_values", "image_grid_thw"),
+            ("video", "pixel_values_videos", "video_grid_thw"),
+        ):
+            items = [item for f in features for item in f["items"] if item[0] == kind]
+            if items:
+                batch[pixels] = (
+                    torch.stack([x for _, x, _ in items])
+                    if self.family == "llava"
+                    else torch.cat([x for _, x, _ in items])
+                )
+                if self.family != "llava":
+                    batch[grids] = torch.stack([grid for _, _, grid in items])
         return batch
 
 
-def _train(model_path: str, output_dir: str, pipeline: dict | None, extra: dict) -> dict:
+def _train(family: str, model_path: str, output_dir: str, pipeline: dict | None, extra: dict) -> dict:
     from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments
 
     from hf_pipe import PipeTrainer, PipeTrainingArguments
 
     settings = _common_args(output_dir, remove_unused_columns=False, **extra)
+    data = dict(train_dataset=image_rows(family, 30, 0), eval_dataset=image_rows(family, 11, 5),
+                data_collator=ImageCollator(family))  # fmt: skip
     if pipeline is None:
         model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
-        trainer = Trainer(model=model, args=TrainingArguments(**settings), train_dataset=image_rows(30, 0),
-                          eval_dataset=image_rows(11, 5), data_collator=ImageCollator())  # fmt: skip
+        trainer = Trainer(model=model, args=TrainingArguments(**settings), **data)
     else:
-        args = PipeTrainingArguments(**settings, **pipeline)
-        trainer = PipeTrainer(model=model_path, args=args, train_dataset=image_rows(30, 0),
-                              eval_dataset=image_rows(11, 5), data_collator=ImageCollator())  # fmt: skip
+        trainer = PipeTrainer(model=model_path, args=PipeTrainingArguments(**settings, **pipeline), **data)
     held = None
     if pipeline is not None:  # what this rank read: the tensors its stages hold for real
         held = sorted({n.split(".")[1] for n, p in trainer.engine.named_parameters() if n.startswith("model.")})
@@ -94,16 +146,23 @@ def _train(model_path: str, output_dir: str, pipeline: dict | None, extra: dict)
     return {"logs": logs, "eval_loss": after["eval_loss"], "held": held}
 
 
-def _runs(model_path: str, root: str, cases: dict, world: int) -> dict:
-    return {name: _train(model_path, os.path.join(root, name), *case) for name, case in cases.items()}
+def _runs(root: str, cases: dict) -> dict:
+    return {
+        name: _train(family, os.path.join(root, family), os.path.join(root, name), pipeline, extra)
+        for name, (family, pipeline, extra) in cases.items()
+    }
 
 
 ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}
-LLAVA_CASES = {
-    "1f1b": ({"pipeline_schedule": "1f1b", "pipeline_microbatches": 2}, ACCUMULATE),
+ONE_F_ONE_B = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 2}
+CASES = {
+    "llava": ("llava", ONE_F_ONE_B, ACCUMULATE),
     # 4 stages on 2 ranks: a stage of one block each, the vision tower alone with block 0 on stage 0
-    "interleaved": ({"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4}, ACCUMULATE),
+    "llava-4-stages": ("llava", {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4}, ACCUMULATE),
+    "qwen2_vl": ("qwen2_vl", ONE_F_ONE_B, ACCUMULATE),
+    "qwen2_5_vl": ("qwen2_5_vl", {**ONE_F_ONE_B, "pipeline_split": [0, 1]}, ACCUMULATE),
 }
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
 
 
 def _weights(path: str) -> dict[str, torch.Tensor]:
@@ -112,33 +171,33 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).state_dict()
 
 
-def test_llava_matches_trainer(tmp_path):
-    """Llava read per stage from a path, 2 ranks (2 and 4 stages), rows with 0-2 images, gradient accumulation: step
-    losses and grad norms, eval loss, and the saved weights (loaded by AutoModelForImageTextToText) as Trainer's."""
-    path = str(tmp_path / "llava")
-    tiny_llava().save_pretrained(path)
-    ref = run_distributed(_runs, 1, path, str(tmp_path / "ref"), {"ref": (None, ACCUMULATE)}, 1,
-                          launcher_env=True, fork=True)[0]["ref"]  # fmt: skip
-    mine = run_distributed(_runs, 2, path, str(tmp_path / "pp"), LLAVA_CASES, 2, launcher_env=True, fork=True,
-                           timeout=400)  # fmt: skip
-    expected = _weights(str(tmp_path / "ref" / "ref" / "final"))
-    for name in LLAVA_CASES:
-        run = mine[0][name]
-        assert [e["step"] for e in run["logs"]] == [e["step"] for e in ref["logs"]] and len(ref["logs"]) >= 3
+def test_vision_language_models_match_trainer(tmp_path):
+    """Llava, Qwen2-VL and Qwen2.5-VL read per stage from a path on 2 ranks (Llava also as 4 stages), rows with 0-2
+    images (two sizes for Qwen2-VL, videos too), gradient accumulation: step losses and grad norms, eval loss, and the
+    saved weights (loaded by AutoModelForImageTextToText) as Trainer's on one process; the vision tower is read by the
+    first stage's rank only."""
+    for family in FAMILIES:
+        tiny_vlm(family).save_pretrained(str(tmp_path / family))
+    references = {family: (family, None, ACCUMULATE) for family in FAMILIES}
+    ref = run_distributed(_runs, 1, str(tmp_path), {f"ref-{k}": v for k, v in references.items()}, launcher_env=True,
+                          fork=True, timeout=400)[0]  # fmt: skip
+    mine = run_distributed(_runs, 2, str(tmp_path), CASES, launcher_env=True, fork=True, timeout=600)
+    for name, (family, _, _) in CASES.items():
+        run, theirs = mine[0][name], ref[f"ref-{family}"]
+        assert [e["step"] for e in run["logs"]] == [e["step"] for e in theirs["logs"]] and len(theirs["logs"]) >= 3
         errs = {
-            "loss": max(_rel(a["loss"], b["loss"]) for a, b in zip(run["logs"], ref["logs"])),
-            "grad_norm": max(_rel(a["grad_norm"], b["grad_norm"]) for a, b in zip(run["logs"], ref["logs"])),
-            "eval_loss": _rel(run["eval_loss"], ref["eval_loss"]),
+            "loss": max(_rel(a["loss"], b["loss"]) for a, b in zip(run["logs"], theirs["logs"])),
+            "grad_norm": max(_rel(a["grad_norm"], b["grad_norm"]) for a, b in zip(run["logs"], theirs["logs"])),
+            "eval_loss": _rel(run["eval_loss"], theirs["eval_loss"]),
         }
-        saved = _weights(str(tmp_path / "pp" / name / "final"))
+        saved, expected = _weights(str(tmp_path / name / "final")), _weights(str(tmp_path / f"ref-{family}" / "final"))
         assert saved.keys() == expected.keys()
         errs["weights"] = max((saved[k] - expected[k]).abs().max().item() for k in expected)
         print(name, errs)
         assert max(errs["loss"], errs["grad_norm"], errs["eval_loss"]) < TOL and errs["weights"] < WEIGHT_TOL, errs
-    # the vision tower and projector are read and held by the rank of the first stage only
-    assert mine[0]["1f1b"]["held"] == ["language_model", "multi_modal_projector", "vision_tower"]
-    assert mine[1]["1f1b"]["held"] == ["language_model"]
-    assert "vision_tower" in mine[0]["interleaved"]["held"] and "vision_tower" not in mine[1]["interleaved"]["held"]
+        # the vision tower and projector are read and held by the rank of the first stage only
+        vision = {"vision_tower", "multi_modal_projector"} if family == "llava" else {"visual"}
+        assert vision <= set(mine[0][name]["held"]) and not vision & set(mine[1][name]["held"]), name
 
 
 def test_vision_tower_cost_moves_the_split():
@@ -185,7 +244,7 @@ def test_unadapted_vision_language_models_are_refused_by_name():
         config, pp_size=2, stages_per_rank=1, explicit_split=False, data_parallel=None
     )
     assert traced and "DynamicCache" in traced[0], traced
-    bad = tiny_llava().config
+    bad = tiny_vlm("llava").config
     bad.vision_config.model_type = "pixtral"
     assert (
         "pixtral"

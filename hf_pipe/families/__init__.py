@@ -23,6 +23,7 @@ from .bert import BertAdapter
 from .gpt2 import Gpt2Adapter
 from .llama import LlamaAdapter
 from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2VLAdapter
 from .t5 import T5Adapter
 from .vision import VisionLanguageAdapter
 
@@ -75,6 +76,13 @@ register_family("plbart", BartAdapter())
 register_family("mbart", BartAdapter(final_layer_norm=True))
 # Vision-language models: the vision tower on the first stage, the language model's blocks split (`vision.py`).
 register_family("llava", LlavaAdapter())
+register_family(
+    "qwen2_vl", Qwen2VLAdapter("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel", "Qwen2-VL")
+)
+register_family(
+    "qwen2_5_vl",
+    Qwen2VLAdapter("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel", "Qwen2.5-VL"),
+)
 
 __all__ = [
     "CAUSAL_LM",
