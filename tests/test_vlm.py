@@ -260,3 +260,88 @@ def test_unadapted_vision_language_models_are_refused_by_name():
     ids[1, :3] = IMAGE_TOKEN  # 7 image tokens for 2 images of 4 tokens: HF refuses it too
     with pytest.raises(PipelineConfigError, match="do not divide into whole images"):
         adapter.stage_inputs(bad, "causal_lm", {"input_ids": ids, "pixel_values": torch.zeros(2, 3, 8, 8)})
+
+
+# -- TRL's SFT with images in the conversation ---------------------------------------------------------------------
+def tiny_llava_processor():
+    """A LlavaProcessor over a word-level tokenizer (`<image>` is token IMAGE_TOKEN) and 8-pixel CLIP images."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[EOS]": 1, "user:": 2, "assistant:": 3, **{f"w{i}": i for i in range(4, IMAGE_TOKEN)}}
+    tokenizer = Tokenizer(WordLevel({**vocab, "<image>": IMAGE_TOKEN}, unk_token="[PAD]"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", eos_token="[EOS]",
+                                        extra_special_tokens={"image_token": "<image>"})  # fmt: skip
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }} {% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}"
+        "{% endfor %}{% endif %}[EOS] {% endfor %}"
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, chat_template=template,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
+
+
+def image_chats(n: int, seed: int):
+    """A tiny image-chat set as TRL takes it: `messages` and `images` (PIL), 0, 1 or 2 images per conversation."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(4, IMAGE_TOKEN, int(rng.integers(lo, hi))))
+
+    rows = []
+    for i in range(n):
+        images = [Image.fromarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in range(i % 3)]
+        # TRL puts each image at the start of the first user turn (prepare_multimodal_messages)
+        rows.append({"messages": [{"role": "user", "content": words(1, 5)}, {"role": "assistant", "content": words(2, 8)}],
+                     "images": images})  # fmt: skip
+    return datasets.Dataset.from_list(rows)
+
+
+def _sft(path: str, output_dir: str, pipeline: dict | None) -> dict:
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_pipe.trl import PipeSFTConfig, PipeSFTTrainer
+
+    settings = dict(
+        output_dir=output_dir, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-2,
+        gradient_accumulation_steps=2, num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[],
+        seed=3, max_length=None, disable_tqdm=True, use_cpu=True, gradient_checkpointing=False, bf16=False,
+    )  # fmt: skip
+    config = SFTConfig(**settings) if pipeline is None else PipeSFTConfig(**settings, **pipeline)
+    trainer = (SFTTrainer if pipeline is None else PipeSFTTrainer)(
+        model=path, args=config, train_dataset=image_chats(24, 0), eval_dataset=image_chats(8, 5),
+        processing_class=tiny_llava_processor(),
+    )  # fmt: skip
+    trainer.train()
+    evaluation = trainer.evaluate()
+    trainer.save_model(os.path.join(output_dir, "final"))
+    logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
+    return {"logs": logs, "eval": evaluation}
+
+
+SFT_LOGGED = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
+
+
+def test_pipe_sft_with_images_matches_sft_trainer(tmp_path):
+    """PipeSFTTrainer with TRL's vision collator (images in the conversation, the processor's chat template) on 2
+    ranks against SFTTrainer on one process: SFT's logged metrics, eval metrics and the saved weights."""
+    path = str(tmp_path / "llava")
+    tiny_vlm("llava").save_pretrained(path)
+    ref = run_distributed(_sft, 1, path, str(tmp_path / "ref"), None, launcher_env=True, fork=True)[0]
+    mine = run_distributed(_sft, 2, path, str(tmp_path / "pp"), ONE_F_ONE_B, launcher_env=True, fork=True)[0]
+    assert [e["step"] for e in mine["logs"]] == [e["step"] for e in ref["logs"]] and len(ref["logs"]) >= 3
+    errs = {k: max(_rel(a[k], b[k]) for a, b in zip(mine["logs"], ref["logs"])) for k in SFT_LOGGED}
+    errs["eval"] = max(_rel(mine["eval"][k], ref["eval"][k]) for k in ("eval_loss", "eval_entropy",
+                                                                      "eval_mean_token_accuracy"))  # fmt: skip
+    saved, expected = _weights(str(tmp_path / "pp" / "final")), _weights(str(tmp_path / "ref" / "final"))
+    errs["weights"] = max((saved[k] - expected[k]).abs().max().item() for k in expected)
+    print(errs)
+    assert max(errs[k] for k in (*SFT_LOGGED, "eval")) < TOL and errs["weights"] < WEIGHT_TOL, errs
