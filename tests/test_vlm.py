@@ -128,22 +128,32 @@ def _train(family: str, model_path: str, output_dir: str, pipeline: dict | None,
 
     from hf_pipe import PipeTrainer, PipeTrainingArguments
 
+    extra = dict(extra)
+    lora = extra.pop("lora", None)
     settings = _common_args(output_dir, remove_unused_columns=False, **extra)
     data = dict(train_dataset=image_rows(family, 30, 0), eval_dataset=image_rows(family, 11, 5),
                 data_collator=ImageCollator(family))  # fmt: skip
-    if pipeline is None:
+    model = model_path
+    if pipeline is None or lora is not None:
         model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+    if lora is not None:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **lora))
+    if pipeline is None:
         trainer = Trainer(model=model, args=TrainingArguments(**settings), **data)
     else:
-        trainer = PipeTrainer(model=model_path, args=PipeTrainingArguments(**settings, **pipeline), **data)
+        trainer = PipeTrainer(model=model, args=PipeTrainingArguments(**settings, **pipeline), **data)
     held = None
     if pipeline is not None:  # what this rank read: the tensors its stages hold for real
-        held = sorted({n.split(".")[1] for n, p in trainer.engine.named_parameters() if n.startswith("model.")})
+        names = [n.removeprefix("base_model.model.") for n, _ in trainer.engine.named_parameters()]
+        held = sorted({n.split(".")[1] for n in names if n.startswith("model.")})
+    trainable = sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)
     trainer.train()
     after = trainer.evaluate()
     trainer.save_model(os.path.join(output_dir, "final"))
     logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
-    return {"logs": logs, "eval_loss": after["eval_loss"], "held": held}
+    return {"logs": logs, "eval_loss": after["eval_loss"], "held": held, "trainable": trainable}
 
 
 def _runs(root: str, cases: dict) -> dict:
@@ -154,6 +164,8 @@ def _runs(root: str, cases: dict) -> dict:
 
 
 ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}
+LANGUAGE_LORA = {"target_modules": r".*language_model.*\.(q_proj|v_proj|up_proj)"}
+VISION_LORA = {"target_modules": ["q_proj", "v_proj", "linear_1"]}
 ONE_F_ONE_B = {"pipeline_schedule": "1f1b", "pipeline_microbatches": 2}
 CASES = {
     "llava": ("llava", ONE_F_ONE_B, ACCUMULATE),
@@ -161,6 +173,9 @@ CASES = {
     "llava-4-stages": ("llava", {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4}, ACCUMULATE),
     "qwen2_vl": ("qwen2_vl", ONE_F_ONE_B, ACCUMULATE),
     "qwen2_5_vl": ("qwen2_5_vl", {**ONE_F_ONE_B, "pipeline_split": [0, 1]}, ACCUMULATE),
+    # LoRA on the language model only, and on the vision tower and projector too (CLIP's q/v and the projector)
+    "llava-lora": ("llava", ONE_F_ONE_B, {**ACCUMULATE, "lora": LANGUAGE_LORA}),
+    "llava-lora-vision": ("llava", ONE_F_ONE_B, {**ACCUMULATE, "lora": VISION_LORA}),
 }
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
 
@@ -171,6 +186,12 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).state_dict()
 
 
+def _adapter(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
 def test_vision_language_models_match_trainer(tmp_path):
     """Llava, Qwen2-VL and Qwen2.5-VL read per stage from a path on 2 ranks (Llava also as 4 stages), rows with 0-2
     images (two sizes for Qwen2-VL, videos too), gradient accumulation: step losses and grad norms, eval loss, and the
@@ -179,18 +200,22 @@ def test_vision_language_models_match_trainer(tmp_path):
     for family in FAMILIES:
         tiny_vlm(family).save_pretrained(str(tmp_path / family))
     references = {family: (family, None, ACCUMULATE) for family in FAMILIES}
+    references |= {name: ("llava", None, extra) for name, (_, _, extra) in CASES.items() if "lora" in extra}
     ref = run_distributed(_runs, 1, str(tmp_path), {f"ref-{k}": v for k, v in references.items()}, launcher_env=True,
                           fork=True, timeout=400)[0]  # fmt: skip
     mine = run_distributed(_runs, 2, str(tmp_path), CASES, launcher_env=True, fork=True, timeout=600)
-    for name, (family, _, _) in CASES.items():
-        run, theirs = mine[0][name], ref[f"ref-{family}"]
+    for name, (family, _, extra) in CASES.items():
+        reference = f"ref-{name}" if "lora" in extra else f"ref-{family}"
+        run, theirs = mine[0][name], ref[reference]
+        assert run["trainable"] == theirs["trainable"], name
         assert [e["step"] for e in run["logs"]] == [e["step"] for e in theirs["logs"]] and len(theirs["logs"]) >= 3
         errs = {
             "loss": max(_rel(a["loss"], b["loss"]) for a, b in zip(run["logs"], theirs["logs"])),
             "grad_norm": max(_rel(a["grad_norm"], b["grad_norm"]) for a, b in zip(run["logs"], theirs["logs"])),
             "eval_loss": _rel(run["eval_loss"], theirs["eval_loss"]),
         }
-        saved, expected = _weights(str(tmp_path / name / "final")), _weights(str(tmp_path / f"ref-{family}" / "final"))
+        load = _adapter if "lora" in extra else _weights
+        saved, expected = load(str(tmp_path / name / "final")), load(str(tmp_path / reference / "final"))
         assert saved.keys() == expected.keys()
         errs["weights"] = max((saved[k] - expected[k]).abs().max().item() for k in expected)
         print(name, errs)
