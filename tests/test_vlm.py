@@ -1,7 +1,8 @@
-"""Vision-language models under the pipeline against Trainer on one process: a tiny Llava (CLIP tower, projector,
-Llama) read from a path per stage, rows with 0, 1 and 2 images, gradient accumulation, 2 ranks and 4 stages; the
-saved checkpoint loads with AutoModelForImageTextToText; the vision tower is read by the first stage only; families
-without an adapter are refused by name."""
+"""Vision-language models under the pipeline against Trainer (and SFTTrainer) on one process, tiny configs, fp32:
+Llava, Qwen2-VL, Qwen2.5-VL, Gemma 3, Idefics3 and SmolVLM read per stage from a path, rows with 0, 1 and 2 images
+(of two sizes where the family allows), gradient accumulation, 2 and 4 stages, LoRA; the saved checkpoint loads
+with AutoModelForImageTextToText; the vision tower is read by the first stage's rank only; the split counts the
+tower; families without an adapter and batches the stages cannot run are refused by name."""
 
 from __future__ import annotations
 
@@ -30,7 +31,31 @@ def tiny_vlm(family: str, seed: int = 0):
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
     )  # fmt: skip
-    if family == "llava":
+    if family == "gemma3":  # local (sliding window 4) and global layers; 4 pooled tokens per image
+        text = transformers.Gemma3TextConfig(
+            **text, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2
+        )
+        vision = transformers.SiglipVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE,
+            patch_size=2,
+        )  # fmt: skip
+        config = transformers.Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_id=IMAGE_TOKEN,
+            boi_token_index=94, eoi_token_index=93,
+        )  # fmt: skip
+        cls = transformers.Gemma3ForConditionalGeneration
+    elif family in ("idefics3", "smolvlm"):  # 16 patches, pixel-shuffled by 2: 4 tokens per image
+        prefix = "Idefics3" if family == "idefics3" else "SmolVLM"
+        vision = getattr(transformers, f"{prefix}VisionConfig")(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE,
+            patch_size=2,
+        )  # fmt: skip
+        config = getattr(transformers, f"{prefix}Config")(
+            text_config=transformers.LlamaConfig(**text), vision_config=vision, scale_factor=2,
+            image_token_id=IMAGE_TOKEN, tie_word_embeddings=False,
+        )  # fmt: skip
+        cls = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    elif family == "llava":
         vision = transformers.CLIPVisionConfig(
             hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE,
             patch_size=4, projection_dim=16,
@@ -72,14 +97,17 @@ def image_rows(family: str, n: int, seed: int) -> list[dict]:
         ids, items = [], []
         for k in range(i % 3):  # rows without images, with one, with two
             ids += words(1, 4)
-            if family == "llava":
+            if family in ("llava", "gemma3"):
                 ids += [IMAGE_TOKEN] * 4
                 items.append(("image", torch.randn(3, IMAGE, IMAGE, generator=g), None))
+            elif family in ("idefics3", "smolvlm"):  # images of two sizes: 8x8, and 6x8 padded to 8x8
+                ids += [IMAGE_TOKEN] * 4
+                items.append(("image", torch.randn(3, IMAGE - 2 * ((i + k) % 2), IMAGE, generator=g), None))
             else:
                 grid = torch.tensor(QWEN_GRIDS[(i + k) % 2])
                 ids += [IMAGE_TOKEN] * int(grid.prod() // 4)
                 items.append(("image", torch.randn(int(grid.prod()), PATCH, generator=g), grid))
-        if family != "llava" and i % 4 == 3:
+        if family.startswith("qwen") and i % 4 == 3:
             grid = torch.tensor(QWEN_GRIDS[0])
             ids += words(1, 3) + [VIDEO_TOKEN] * int(grid.prod() // 4)
             items.append(("video", torch.randn(int(grid.prod()), PATCH, generator=g), grid))
@@ -105,8 +133,20 @@ class ImageCollator:
             mask[r, : len(f["input_ids"])] = 1
         media = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill((mask == 0) | media, -100)}
-        if self.family != "llava":
+        if self.family.startswith("qwen"):
             batch["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+        if self.family == "gemma3":
+            batch["token_type_ids"] = (ids == IMAGE_TOKEN).long()
+        if self.family in ("idefics3", "smolvlm"):  # images laid out along the rows, zero images as padding
+            most = max(len(f["items"]) for f in features)
+            if most:
+                batch["pixel_values"] = torch.zeros(len(features), most, 3, IMAGE, IMAGE)
+                batch["pixel_attention_mask"] = torch.zeros(len(features), most, IMAGE, IMAGE, dtype=torch.bool)
+                for r, f in enumerate(features):
+                    for k, (_, x, _) in enumerate(f["items"]):
+                        batch["pixel_values"][r, k, :, : x.shape[1]] = x
+                        batch["pixel_attention_mask"][r, k, : x.shape[1]] = True
+            return batch
         for kind, pixels, grids in (
             ("image", "pixel_values", "image_grid_thw"),
             ("video", "pixel_values_videos", "video_grid_thw"),
@@ -115,10 +155,10 @@ class ImageCollator:
             if items:
                 batch[pixels] = (
                     torch.stack([x for _, x, _ in items])
-                    if self.family == "llava"
+                    if not self.family.startswith("qwen")
                     else torch.cat([x for _, x, _ in items])
                 )
-                if self.family != "llava":
+                if self.family.startswith("qwen"):
                     batch[grids] = torch.stack([grid for _, _, grid in items])
         return batch
 
@@ -173,11 +213,24 @@ CASES = {
     "llava-4-stages": ("llava", {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4}, ACCUMULATE),
     "qwen2_vl": ("qwen2_vl", ONE_F_ONE_B, ACCUMULATE),
     "qwen2_5_vl": ("qwen2_5_vl", {**ONE_F_ONE_B, "pipeline_split": [0, 1]}, ACCUMULATE),
+    "gemma3": ("gemma3", ONE_F_ONE_B, ACCUMULATE),
+    "idefics3": ("idefics3", ONE_F_ONE_B, ACCUMULATE),
+    "smolvlm": ("smolvlm", ONE_F_ONE_B, ACCUMULATE),
     # LoRA on the language model only, and on the vision tower and projector too (CLIP's q/v and the projector)
     "llava-lora": ("llava", ONE_F_ONE_B, {**ACCUMULATE, "lora": LANGUAGE_LORA}),
     "llava-lora-vision": ("llava", ONE_F_ONE_B, {**ACCUMULATE, "lora": VISION_LORA}),
 }
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
+
+
+VISION_MODULES = {
+    "llava": {"vision_tower", "multi_modal_projector"},
+    "gemma3": {"vision_tower", "multi_modal_projector"},
+    "qwen2_vl": {"visual"},
+    "qwen2_5_vl": {"visual"},
+    "idefics3": {"vision_model", "connector"},
+    "smolvlm": {"vision_model", "connector"},
+}
 
 
 def _weights(path: str) -> dict[str, torch.Tensor]:
@@ -192,19 +245,20 @@ def _adapter(path: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
-def test_vision_language_models_match_trainer(tmp_path):
-    """Llava, Qwen2-VL and Qwen2.5-VL read per stage from a path on 2 ranks (Llava also as 4 stages), rows with 0-2
-    images (two sizes for Qwen2-VL, videos too), gradient accumulation: step losses and grad norms, eval loss, and the
-    saved weights (loaded by AutoModelForImageTextToText) as Trainer's on one process; the vision tower is read by the
-    first stage's rank only."""
-    for family in FAMILIES:
+def _check_against_trainer(tmp_path, cases: dict) -> None:
+    """`cases` on 2 ranks, each model read per stage from a path, against Trainer on one process: step losses and
+    grad norms, eval loss, the saved weights (loaded by AutoModelForImageTextToText, or PEFT's adapter file); the
+    vision tower is read and held by the first stage's rank only."""
+    families = sorted({family for family, _, _ in cases.values()})
+    for family in families:
         tiny_vlm(family).save_pretrained(str(tmp_path / family))
-    references = {family: (family, None, ACCUMULATE) for family in FAMILIES}
-    references |= {name: ("llava", None, extra) for name, (_, _, extra) in CASES.items() if "lora" in extra}
-    ref = run_distributed(_runs, 1, str(tmp_path), {f"ref-{k}": v for k, v in references.items()}, launcher_env=True,
-                          fork=True, timeout=400)[0]  # fmt: skip
-    mine = run_distributed(_runs, 2, str(tmp_path), CASES, launcher_env=True, fork=True, timeout=600)
-    for name, (family, _, extra) in CASES.items():
+    references = {f"ref-{family}": (family, None, ACCUMULATE) for family in families}
+    references |= {
+        f"ref-{name}": (family, None, extra) for name, (family, _, extra) in cases.items() if "lora" in extra
+    }
+    ref = run_distributed(_runs, 1, str(tmp_path), references, launcher_env=True, fork=True, timeout=400)[0]
+    mine = run_distributed(_runs, 2, str(tmp_path), cases, launcher_env=True, fork=True, timeout=600)
+    for name, (family, _, extra) in cases.items():
         reference = f"ref-{name}" if "lora" in extra else f"ref-{family}"
         run, theirs = mine[0][name], ref[reference]
         assert run["trainable"] == theirs["trainable"], name
@@ -220,9 +274,21 @@ def test_vision_language_models_match_trainer(tmp_path):
         errs["weights"] = max((saved[k] - expected[k]).abs().max().item() for k in expected)
         print(name, errs)
         assert max(errs["loss"], errs["grad_norm"], errs["eval_loss"]) < TOL and errs["weights"] < WEIGHT_TOL, errs
-        # the vision tower and projector are read and held by the rank of the first stage only
-        vision = {"vision_tower", "multi_modal_projector"} if family == "llava" else {"visual"}
+        vision = VISION_MODULES[family]
         assert vision <= set(mine[0][name]["held"]) and not vision & set(mine[1][name]["held"]), name
+
+
+def test_llava_matches_trainer(tmp_path):
+    """Llava on 2 ranks as 2 and as 4 stages, and with LoRA on its language model, or on its vision tower and
+    projector too; rows with 0, 1 and 2 images, gradient accumulation."""
+    _check_against_trainer(tmp_path, {k: v for k, v in CASES.items() if k.startswith("llava")})
+
+
+def test_qwen_gemma_idefics_match_trainer(tmp_path):
+    """Qwen2-VL and Qwen2.5-VL (images of two sizes, videos, 3-D positions), Gemma 3 (image tokens attending both
+    ways, sliding-window layers), Idefics3 and SmolVLM (images of two sizes, padded) on 2 ranks; rows with 0, 1 and 2
+    images, gradient accumulation."""
+    _check_against_trainer(tmp_path, {k: v for k, v in CASES.items() if not k.startswith("llava")})
 
 
 def test_vision_tower_cost_moves_the_split():

@@ -20,7 +20,9 @@ from .base import (
     task_of,
 )
 from .bert import BertAdapter
+from .gemma3 import Gemma3Adapter
 from .gpt2 import Gpt2Adapter
+from .idefics3 import Idefics3Adapter
 from .llama import LlamaAdapter
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
@@ -76,6 +78,11 @@ register_family("plbart", BartAdapter())
 register_family("mbart", BartAdapter(final_layer_norm=True))
 # Vision-language models: the vision tower on the first stage, the language model's blocks split (`vision.py`).
 register_family("llava", LlavaAdapter())
+register_family("gemma3", Gemma3Adapter())
+register_family(
+    "idefics3", Idefics3Adapter("transformers.models.idefics3.modeling_idefics3", "Idefics3Model", "Idefics3")
+)
+register_family("smolvlm", Idefics3Adapter("transformers.models.smolvlm.modeling_smolvlm", "SmolVLMModel", "SmolVLM"))
 register_family(
     "qwen2_vl", Qwen2VLAdapter("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel", "Qwen2-VL")
 )
