@@ -335,6 +335,12 @@ def test_unadapted_vision_language_models_are_refused_by_name():
         config, pp_size=2, stages_per_rank=1, explicit_split=False, data_parallel=None
     )
     assert traced and "DynamicCache" in traced[0], traced
+    llava = tiny_vlm("llava").config
+    # replicas of the pipeline: DDP stalls on a vision tower a microbatch without images leaves unused
+    replicas = select_frontend("module", llava).problems(
+        llava, pp_size=2, stages_per_rank=1, explicit_split=False, data_parallel="ddp"
+    )
+    assert len(replicas) == 1 and "pipeline_data_parallel='ddp'" in replicas[0], replicas
     bad = tiny_vlm("llava").config
     bad.vision_config.model_type = "pixtral"
     assert (

@@ -129,6 +129,9 @@ class FamilyAdapter:
     packed_sequences: bool = False
     #: the frontend (`frontends.FRONTENDS`) whose stages run this family: "module", or "seq2seq" (encoder-decoders)
     frontend: str = "module"
+    #: the first stage runs some of its modules only for microbatches that carry their input (a vision tower, for
+    #: rows with images): DDP over pipeline replicas then stalls on the parameters left unused (see `frontends/module`)
+    first_stage_may_skip: bool = False
 
     def num_layers(self, config: Any) -> int:
         return config.num_hidden_layers

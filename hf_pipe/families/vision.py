@@ -44,8 +44,8 @@ def unadapted_vision_language(model_type: str, vlm_types: Sequence[str], fronten
         return f"model_type={model_type!r} is a vision-language model without a family adapter; {fix}."
     return (
         f"pipeline_frontend='trace' (or 'auto') with the vision-language model_type={model_type!r}: its forward "
-        "cannot be traced into stages (torch.export fails on the DynamicCache it returns, and the image features "
-        f"are merged with data-dependent shapes); {fix}."
+        "cannot be traced into stages (torch.export fails on the DynamicCache it returns: 'Found DynamicCache in "
+        f"output, which is not a known type'); {fix}."
     )
 
 
@@ -104,6 +104,7 @@ class VisionLanguageAdapter(FamilyAdapter):
     refused_keys: Mapping[str, str] = {}
     #: HF's name of the family, for messages
     family: str = ""
+    first_stage_may_skip = True  # the vision tower, in a microbatch without images
 
     def __init__(self) -> None:
         self.text = LlamaAdapter()

@@ -63,6 +63,15 @@ class ModuleFrontend(Frontend):
                 f"{self.adapter.frontend!r}."
             ]
         family = self.adapter.config_problems(config)
+        if data_parallel is not None and self.adapter.first_stage_may_skip:
+            family.append(
+                f"pipeline_data_parallel={data_parallel!r} (replicas of the pipeline) with the vision-language "
+                f"model_type={config.model_type!r}: its first stage runs the vision tower only for microbatches with "
+                "images, and DDP under the pipeline schedules fails on the parameters a microbatch left unused "
+                "(measured: 'Expected to have finished reduction' without find_unused_parameters, a hang with it; "
+                "FSDP2 is not supported for these stages either); run one pipeline (world size = "
+                "pipeline_parallel_size)."
+            )
         num_stages = pp_size * stages_per_rank
         num_layers = self.adapter.num_layers(config)
         if num_stages <= num_layers:
