@@ -119,7 +119,8 @@ class ModuleFrontend(Frontend):
         costs = measure_costs(
             model, adapter, task, model.config, microbatch=microbatch, seq_len=seq_len, device=context.device
         )
-        times = torch.tensor([costs.embeddings, costs.layer, costs.head, costs.first_half], device=context.device)
+        times = [costs.embeddings, costs.layer, costs.head, costs.first_half, costs.vision]
+        times = torch.tensor(times, device=context.device)
         dist.all_reduce(times)
         times /= dist.get_world_size()
         return FlopsPerToken(*times.tolist())
