@@ -307,6 +307,8 @@ def test_vision_tower_cost_moves_the_split():
     stage fewer language blocks than a text model of the same language model, and `hf-pipe plan` shows it."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+    from hf_pipe.families import get_family
+    from hf_pipe.measure import measure_costs
     from hf_pipe.split import plan_split
 
     text = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=32, num_attention_heads=16)
@@ -317,6 +319,11 @@ def test_vision_tower_cost_moves_the_split():
     assert len(vlm_plan.stages[0].layers) < len(text_plan.stages[0].layers), (vlm_plan, text_plan)
     assert {"vision_tower", "multi_modal_projector"} <= set(vlm_plan.extra_modules(vlm_plan.stages[0]))
     assert vlm_plan.imbalance < 1.1, vlm_plan  # the tower is worth about 3 language blocks here
+    # the measured split times the text pieces and counts the tower at a block's measured time per FLOP
+    model = tiny_vlm("llava")
+    costs = measure_costs(model, get_family("llava"), "causal_lm", model.config, microbatch=2, seq_len=16,
+                          device=torch.device("cpu"))  # fmt: skip
+    assert 0 < costs.vision < costs.embeddings
     explicit = plan_split(config, 4, [0, 2, 8, 12], seq_len=1024)  # by hand
     assert explicit.layer_starts == [0, 2, 8, 12] and explicit.policy == "explicit"
 
