@@ -5,6 +5,7 @@ from torch.distributed.pipelining import SplitPoint
 from .engine import PipelineEngine
 from .errors import PipelineConfigError
 from .families import FamilyAdapter, register_family, registered_families
+from .generation import PipelineGenerator
 from .launch import PipelineTimeoutError
 from .optimizer_state import write_trainer_optimizer
 from .schedule import SCHEDULES, schedule_class
@@ -31,6 +32,7 @@ __all__ = [
     "PipeTrainingArguments",
     "PipelineArguments",
     "PipelineEngine",
+    "PipelineGenerator",
     "PipelineModule",
     "Seq2SeqSplitPlan",
     "PipelineSaveError",

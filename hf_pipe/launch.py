@@ -78,6 +78,22 @@ def new_group(ranks: list[int], timeout_s: float | None) -> dist.ProcessGroup:
     return dist.new_group(ranks, timeout=timedelta(seconds=timeout_s) if timeout_s else None)
 
 
+def twin_group(group: dist.ProcessGroup, timeout_s: float | None) -> dist.ProcessGroup:
+    """A second process group over the same ranks as `group` (a pipeline's), for messages that must not queue behind
+    the first group's. Collective over the world: every replica's pipeline gets its twin."""
+    if group is dist.group.WORLD:
+        return new_group(list(range(dist.get_world_size())), timeout_s)
+    mine = dist.get_process_group_ranks(group)
+    everyone: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    twin = None
+    for ranks in sorted({tuple(r) for r in everyone}):
+        created = new_group(list(ranks), timeout_s)
+        if list(ranks) == mine:
+            twin = created
+    return twin
+
+
 @contextlib.contextmanager
 def _groups_created_with(timeout_s: float | None) -> Iterator[None]:
     """Groups torch creates inside (init_device_mesh's, which takes no timeout) get `timeout_s`."""
@@ -149,6 +165,22 @@ def start(args: Any) -> Watchdog:
     atexit.unregister(_destroy_if_clean_exit)  # once per process, however many trainers are built
     atexit.register(_destroy_if_clean_exit)
     return arm_watchdog(args.ddp_timeout, dist.get_rank())
+
+
+def start_for_inference(timeout_s: float) -> None:
+    """The process group and watchdog of a script that only runs a pipeline (generation), under torchrun or
+    `accelerate launch` (NCCL on GPUs, each rank on its `LOCAL_RANK` device; gloo on CPUs), or one process alone."""
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        else:
+            _init_single_process_group()
+        atexit.unregister(_destroy_if_clean_exit)
+        atexit.register(_destroy_if_clean_exit)
+    arm_watchdog(timeout_s, dist.get_rank())
 
 
 def _init_single_process_group() -> None:

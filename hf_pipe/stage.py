@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .families import MULTIPLE_CHOICE, FamilyAdapter
-from .families.base import NUM_CHOICES, flatten_choices
+from .families.base import CACHE, NUM_CHOICES, flatten_choices
 from .split import SplitPlan, body_prefix
 
 
@@ -59,6 +59,8 @@ class StageModule(nn.Module):
             else:
                 hidden = self.adapter.layer(block, index, hidden, context)
         if self.is_last and self.task is not None:
+            if CACHE in batch:  # generation reads the last position's logits only (HF's `logits_to_keep=1`)
+                hidden = hidden[:, -1:]
             return self.adapter.head(self.parts, hidden, self.task, batch)
         # A fresh tensor, not a view: zero-bubble schedules detach stage outputs in place.
         return hidden if hidden._base is None else hidden.clone()

@@ -28,6 +28,7 @@ from .engine import PipelineEngine, PipelineModule
 from .errors import raise_if_any
 from .evaluation import gather_for_metrics, prediction_step
 from .frontends import frontend_name
+from .generation import PipelineGenerator
 from .integrations.peft import stage_model
 from .launch import WatchdogStep, every_rank, pipeline_groups, start, waiting
 from .loading import model_and_weights
@@ -110,6 +111,7 @@ class PipeTrainer(Trainer):
         self.watchdog.stages = list(self.engine.stage_indices)
         self._tied_reduced = False
         self._timeline_written = False
+        self._pipeline_generator: PipelineGenerator | None = None
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(WatchdogStep(self.watchdog))
         self._pipeline_metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
@@ -121,6 +123,16 @@ class PipeTrainer(Trainer):
             self.engine.stage_indices,
             self.engine.plan,
         )
+
+    @property
+    def generator(self) -> PipelineGenerator:
+        """Generation through this trainer's pipeline: `trainer.generator.generate(...)` takes `generate`'s arguments
+        and returns its sequences on every rank, no rank holding more than its stages (`hf_pipe.generation`). Built
+        at first use, which is collective over the world: reach it on every rank."""
+        if self._pipeline_generator is None:
+            groups = self.args.pipeline_generation_groups
+            self._pipeline_generator = PipelineGenerator(self.engine, self._stage_model, groups=groups)
+        return self._pipeline_generator
 
     @property
     def _dp_size(self) -> int:

@@ -101,6 +101,14 @@ class PipelineArguments:
         },
     )
     pipeline_trace_steps: int = field(default=2, metadata={"help": "Steps the timeline records."})
+    pipeline_generation_groups: int | None = field(
+        default=None,
+        metadata={
+            "help": "Generating through the pipeline (predict_with_generate, trainer.generator, TRL's online "
+            "trainers): how many groups of rows are in flight at once. Default: one per stage, so every stage has "
+            "work at every step of the decode; 1 for logits processors or stopping criteria that look across rows."
+        },
+    )
     pipeline_checkpoint: str | None = field(
         default=None,
         metadata={

@@ -113,6 +113,21 @@ def test_dpo_example_prefers_the_right_answers(tmp_path, smollm2):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "final"))
 
 
+@pytest.mark.timeout(400)
+def test_grpo_example_scores_its_completions(tmp_path, smollm2):
+    out = _run(
+        ["examples/llama/grpo.py", "--output_dir", str(tmp_path), "--model_name_or_path", smollm2, "--max_steps", "2",
+         "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "8",
+         "--pipeline_microbatches", "2", "--logging_steps", "1", "--learning_rate", "1e-3", "--report_to", "none",
+         "--bf16", "False"],
+        timeout=380,
+    )  # fmt: skip
+    result = re.search(r"GRPO mean reward, first 1 steps ([\d.]+) -> last 1 steps ([\d.]+) \(2 steps\)", out)
+    assert result is not None, out[-2000:]
+    assert all(0.0 <= float(r) <= 1.0 for r in result.groups()), out[-2000:]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "final"))
+
+
 @pytest.mark.timeout(300)
 def test_t5_example_trains_and_generates_from_its_checkpoint(tmp_path):
     from transformers import AutoModelForSeq2SeqLM

@@ -1,5 +1,6 @@
 """Every pipeline config keeps the defaults of the config it wraps: `PipeSFTConfig` TRL's `SFTConfig` defaults (learning
-rate, bf16, logging steps, gradient checkpointing, ...), `PipeRewardConfig` `RewardConfig`'s, `PipeORPOConfig` and
+rate, bf16, logging steps, gradient checkpointing, ...), `PipeRewardConfig` `RewardConfig`'s, `PipeGRPOConfig`
+`GRPOConfig`'s (its generation batch sized as GRPOConfig sizes it on one process), `PipeORPOConfig` and
 `PipeCPOConfig` those of TRL's experimental `ORPOConfig` and `CPOConfig`, and the Trainer configs theirs — as declared fields, and as values after `__post_init__` from the command line. No process group: nothing
 here is launched (WORLD_SIZE unset)."""
 
@@ -15,15 +16,16 @@ from hf_pipe.training_args import PipelineArguments
 
 pytest.importorskip("trl")
 
-from trl import RewardConfig, SFTConfig  # noqa: E402
+from trl import GRPOConfig, RewardConfig, SFTConfig  # noqa: E402
 from trl.experimental.cpo import CPOConfig  # noqa: E402
 from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
-from hf_pipe.trl import PipeCPOConfig, PipeORPOConfig, PipeRewardConfig, PipeSFTConfig  # noqa: E402
+from hf_pipe.trl import PipeCPOConfig, PipeGRPOConfig, PipeORPOConfig, PipeRewardConfig, PipeSFTConfig  # noqa: E402
 
 PAIRS = [
     (PipeSFTConfig, SFTConfig),
     (PipeRewardConfig, RewardConfig),
+    (PipeGRPOConfig, GRPOConfig),
     (PipeORPOConfig, ORPOConfig),
     (PipeCPOConfig, CPOConfig),
     (PipeSeq2SeqTrainingArguments, Seq2SeqTrainingArguments),

@@ -216,13 +216,26 @@ def _cache_keyword() -> str:
     return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
-#: "no KV cache" for transformers' mask functions, whose keyword is `cache` from 5.20 on, `past_key_values` before
-NO_CACHE: dict[str, None] = {_cache_keyword(): None}
+#: the keyword of a KV cache in transformers' mask functions and layers: `cache` from 5.20 on, `past_key_values` before
+CACHE_KEYWORD = _cache_keyword()
+#: "no KV cache" for transformers' mask functions
+NO_CACHE: dict[str, None] = {CACHE_KEYWORD: None}
+#: the batch key under which generation (`generation/`) hands a stage its KV cache; never in a training batch
+CACHE = "hf_pipe_kv_cache"
+
+
+def kv_cache(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage's KV cache as transformers' mask functions take it (`NO_CACHE` in training)."""
+    return {CACHE_KEYWORD: batch.get(CACHE)}
 
 
 def attention_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The batch's attention keyword arguments, which HF passes from the model's forward down to each attention."""
-    return {k: batch[k] for k in ATTENTION_KWARGS if batch.get(k) is not None}
+    """The batch's attention keyword arguments, which HF passes from the model's forward down to each attention; in
+    generation, the stage's KV cache."""
+    kwargs = {k: batch[k] for k in ATTENTION_KWARGS if batch.get(k) is not None}
+    if batch.get(CACHE) is not None:
+        kwargs[CACHE_KEYWORD] = batch[CACHE]
+    return kwargs
 
 
 def attention_flops(hidden_size: int, seq_len: int) -> float:

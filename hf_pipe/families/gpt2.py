@@ -7,7 +7,6 @@ from transformers.masking_utils import create_causal_mask
 from .base import (
     ATTENTION_KWARGS,
     CAUSAL_LM,
-    NO_CACHE,
     QUESTION_ANSWERING,
     SEQ_CLS,
     TOKEN_CLS,
@@ -16,6 +15,7 @@ from .base import (
     attention_flops,
     attention_kwargs,
     head_flops,
+    kv_cache,
     pool_last_token,
     positions,
     softmax_loss_flops,
@@ -59,7 +59,7 @@ class Gpt2Adapter(FamilyAdapter):
             config=config,
             inputs_embeds=hidden,
             attention_mask=batch.get("attention_mask"),
-            **NO_CACHE,
+            **kv_cache(batch),
             position_ids=position_ids,
         )
         return mask, position_ids, attention_kwargs(batch)

@@ -12,11 +12,13 @@ its stages' weights from the checkpoint (`_model.py`).
     trainer = PipeSFTTrainer(model="path/to/model", args=PipeSFTConfig(output_dir="out", packing=True),
                              train_dataset=dataset, peft_config=LoraConfig(...))
 
-`PipeDPOTrainer` with `PipeDPOConfig` (`dpo.py`) also runs DPO's reference model: a second, frozen set of stages
-with the policy's split (or, with PEFT, the adapters off), a forward-only pass before each step; `PipeKTOTrainer`
-with `PipeKTOConfig` (`kto.py`) runs KTO's the same way, with its KL term from forward-only passes before the step. A further trainer is
-one file here (its config and trainer), re-exported below; `_preference.py` holds what preference trainers share,
-`_paired.py` what TRL's older paired trainers (ORPO, CPO) share.
+`PipeDPOTrainer` with `PipeDPOConfig` (`dpo.py`) also runs DPO's reference model: a second, frozen set of stages with
+the policy's split (or, with PEFT, the adapters off), a forward-only pass before each step; `PipeKTOTrainer` with
+`PipeKTOConfig` (`kto.py`) runs KTO's the same way, with its KL term from forward-only passes before the step.
+`PipeGRPOTrainer` with `PipeGRPOConfig` (`grpo.py`) runs GRPO: completions generated through the pipeline
+(`hf_pipe.generation`), old and reference log-probabilities by forward-only passes, the loss per microbatch on the last
+stage. A further trainer is one file here (its config and trainer), re-exported below; `_preference.py` holds what
+preference trainers share, `_paired.py` what TRL's older paired trainers (ORPO, CPO) share.
 """
 
 try:
@@ -25,6 +27,7 @@ except ImportError as err:  # pragma: no cover - the extra is missing
     raise ImportError("hf_pipe.trl needs TRL: pip install 'hf_pipe[trl]' (trl 1.16.x)") from err
 
 from .dpo import PipeDPOConfig, PipeDPOTrainer
+from .grpo import PipeGRPOConfig, PipeGRPOTrainer
 from .kto import PipeKTOConfig, PipeKTOTrainer
 from .reward import PipeRewardConfig, PipeRewardTrainer
 from .sft import PipeSFTConfig, PipeSFTTrainer
@@ -34,6 +37,8 @@ __all__ = [
     "PipeCPOTrainer",
     "PipeDPOConfig",
     "PipeDPOTrainer",
+    "PipeGRPOConfig",
+    "PipeGRPOTrainer",
     "PipeKTOConfig",
     "PipeKTOTrainer",
     "PipeORPOConfig",

@@ -36,7 +36,7 @@ def reference_init(trainer: Any, args: Any, trl_module: Any = None) -> Iterator[
     import trl.trainer.dpo_trainer
 
     dpo_module = trl_module or trl.trainer.dpo_trainer
-    originals = dpo_module.create_model_from_path, dpo_module.hash_module
+    originals = dpo_module.create_model_from_path, getattr(dpo_module, "hash_module", None)
 
     def reference_skeleton(path: str, **kwargs: Any) -> Any:
         model = skeleton(path, kwargs)
@@ -45,11 +45,14 @@ def reference_init(trainer: Any, args: Any, trl_module: Any = None) -> Iterator[
         return model
 
     dpo_module.create_model_from_path = reference_skeleton
-    dpo_module.hash_module = lambda module: whole_model_hash(module, trainer.engine)
+    if originals[1] is not None:  # a trainer that caches reference log-probabilities (GRPO's has no such cache)
+        dpo_module.hash_module = lambda module: whole_model_hash(module, trainer.engine)
     try:
         yield
     finally:
-        dpo_module.create_model_from_path, dpo_module.hash_module = originals
+        dpo_module.create_model_from_path = originals[0]
+        if originals[1] is not None:
+            dpo_module.hash_module = originals[1]
 
 
 def whole_model_hash(module: torch.nn.Module, engine: Any) -> str:
