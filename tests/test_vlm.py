@@ -338,43 +338,45 @@ def test_plan_cli_shows_the_vision_tower(capsys):
 
 
 def test_unadapted_vision_language_models_are_refused_by_name():
-    """A VLM family without an adapter, and a Llava input the adapter does not run, are refused before any step."""
+    """Before any step: a VLM family without an adapter (on either frontend), a Llava with a tower the adapter does
+    not run, replicas of a VLM pipeline, generation through it, and a batch whose image tokens and images disagree."""
+    from types import SimpleNamespace
+
     from transformers import AutoConfig
 
     from hf_pipe.errors import PipelineConfigError
-    from hf_pipe.frontends import select_frontend
-
-    config = AutoConfig.for_model("paligemma")
-    problems = select_frontend("module", config).problems(
-        config, pp_size=2, stages_per_rank=1, explicit_split=False, data_parallel=None
-    )
-    assert problems and "vision-language" in problems[0] and "llava" in problems[0], problems
-    traced = select_frontend("trace", config).problems(
-        config, pp_size=2, stages_per_rank=1, explicit_split=False, data_parallel=None
-    )
-    assert traced and "DynamicCache" in traced[0], traced
-    llava = tiny_vlm("llava").config
-    # replicas of the pipeline: DDP stalls on a vision tower a microbatch without images leaves unused
-    replicas = select_frontend("module", llava).problems(
-        llava, pp_size=2, stages_per_rank=1, explicit_split=False, data_parallel="ddp"
-    )
-    assert len(replicas) == 1 and "pipeline_data_parallel='ddp'" in replicas[0], replicas
-    bad = tiny_vlm("llava").config
-    bad.vision_config.model_type = "pixtral"
-    assert (
-        "pixtral"
-        in select_frontend("module", bad).problems(
-            bad, pp_size=2, stages_per_rank=1, explicit_split=False, data_parallel=None
-        )[0]
-    )
     from hf_pipe.families import get_family
+    from hf_pipe.frontends import select_frontend
+    from hf_pipe.generation.problems import generator_problems
 
-    adapter = get_family("llava")
+    def problems(frontend: str, config, data_parallel: str | None = None) -> list[str]:
+        return select_frontend(frontend, config).problems(
+            config, pp_size=2, stages_per_rank=1, explicit_split=False, data_parallel=data_parallel
+        )
+
+    paligemma = AutoConfig.for_model("paligemma")
+    assert "vision-language" in problems("module", paligemma)[0] and "llava" in problems("module", paligemma)[0]
+    assert "DynamicCache" in problems("trace", paligemma)[0]
+    llava = tiny_vlm("llava")
+    # replicas of the pipeline: DDP fails on a vision tower that a microbatch without images leaves unused
+    replicas = problems("module", llava.config, "ddp")
+    assert len(replicas) == 1 and "pipeline_data_parallel='ddp'" in replicas[0], replicas
+    # generation through the pipeline (GRPO's rollouts) does not carry images
+    engine = SimpleNamespace(
+        frontend=SimpleNamespace(name="module", adapter=get_family("llava")), plan=SimpleNamespace(task="causal_lm"),
+        dp=None,
+    )  # fmt: skip
+    assert "vision-language" in generator_problems(engine, llava, None)[0]
+    pixtral = tiny_vlm("llava").config
+    pixtral.vision_config.model_type = "pixtral"
+    assert "pixtral" in problems("module", pixtral)[0]
     ids = torch.full((2, 6), 3)
     ids[0, :4] = IMAGE_TOKEN
     ids[1, :3] = IMAGE_TOKEN  # 7 image tokens for 2 images of 4 tokens: HF refuses it too
     with pytest.raises(PipelineConfigError, match="do not divide into whole images"):
-        adapter.stage_inputs(bad, "causal_lm", {"input_ids": ids, "pixel_values": torch.zeros(2, 3, 8, 8)})
+        get_family("llava").stage_inputs(
+            llava.config, "causal_lm", {"input_ids": ids, "pixel_values": torch.zeros(2, 3, 8, 8)}
+        )
 
 
 # -- TRL's SFT with images in the conversation ---------------------------------------------------------------------
