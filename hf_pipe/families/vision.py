@@ -100,8 +100,6 @@ class VisionLanguageAdapter(FamilyAdapter):
     halves = LlamaAdapter.halves
     #: batch keys with one entry per image (or per patch): laid out along the rows before the cut
     image_keys: tuple[str, ...] = ("pixel_values",)
-    #: batch keys of inputs this family's adapter does not run (video): refused by name
-    refused_keys: Mapping[str, str] = {}
     #: HF's name of the family, for messages
     family: str = ""
     first_stage_may_skip = True  # the vision tower, in a microbatch without images
@@ -121,9 +119,6 @@ class VisionLanguageAdapter(FamilyAdapter):
             f"language models ({', '.join(LLAMA_TEXT)}); train this one on one process, or register an adapter "
             "for it with hf_pipe.register_family."
         ]
-
-    def batch_problems(self, config: Any, batch: Mapping[str, Any]) -> list[str]:
-        return [f"batch key {key!r}: {why}" for key, why in self.refused_keys.items() if batch.get(key) is not None]
 
     def vision_flops_per_image(self, config: Any) -> float:
         raise NotImplementedError

@@ -143,7 +143,7 @@ class ModuleFrontend(Frontend):
         return LocalStages(modules=list(modules), tied=tied, keep=keep)
 
     def batch_keys(self, batch: Mapping[str, Any]) -> set[str]:
-        return set(self.adapter.batch_keys) | set(getattr(self.adapter, "refused_keys", {}))
+        return set(self.adapter.batch_keys)
 
     def batch_problems(self, batch: Mapping[str, Any]) -> list[str]:
         return self.adapter.batch_problems(self.config, batch)
