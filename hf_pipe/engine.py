@@ -284,6 +284,7 @@ class PipelineEngine:
             for key, value in batch.items()
             if key not in consumed and value is not None
         ]
+        problems += self.frontend.batch_problems(batch)
         if not training:  # evaluation and prediction take batches without labels, as Trainer does
             return problems
         if label_keys == ("labels",) and "labels" not in batch:

@@ -60,9 +60,17 @@ def _in_flight(schedule: str, stage: int, num_stages: int, microbatches: int) ->
     return min(microbatches, num_stages - stage)  # 1F1B family: warm-up depth
 
 
+def _text_config(config: Any) -> Any:
+    """The language model's config (a vision-language model's `text_config`): what its blocks and head are sized by."""
+    if getattr(config, "vision_config", None) is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
 def _activation_bytes_per_token_per_block(config: Any, dtype_bytes: int, seq_len: int, tp: int = 1) -> float:
     """Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes at 16 bits for one block, here per token and dtype;
     with tensor parallelism (no sequence parallelism) s·b·h·(10 + 24/t + 5·a·s/(h·t)) per TP rank."""
+    config = _text_config(config)
     h = getattr(config, "hidden_size", None) or config.n_embd
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     return h * (10 + 24 / tp + 5 * heads * seq_len / (h * tp)) * dtype_bytes / 2
@@ -75,6 +83,7 @@ def head_activation_bytes_per_token(plan: SplitPlan, config: Any, dtype_bytes: i
     a pooled classifier (BERT's sequence classification and multiple choice) keeps one hidden vector and its logits
     per sequence."""
     task = plan.task
+    config = _text_config(config)
     labels = getattr(config, "num_labels", 2)
     per_logit = dtype_bytes + 4
     adapter = get_family(plan.model_type)
@@ -199,6 +208,7 @@ def plan_summary(
         "seq_len": seq_len,
         "num_choices": num_choices if plan.task == MULTIPLE_CHOICE else None,
         "head_flops_per_token": _head_flops(plan, config, seq_len),
+        "vision_flops_per_token": _vision_flops(plan, config, seq_len),
         "layer_starts": plan.layer_starts,
         "max_over_mean_cost": plan.imbalance,
         "bubble_fraction": bubble_fraction(schedule, pp_size, stages_per_rank, microbatches),
@@ -228,6 +238,15 @@ def _head_flops(plan: SplitPlan, config: Any, seq_len: int) -> float | None:
     if adapter is None or plan.task not in adapter.heads:
         return None
     return adapter.flops_per_token(config, plan.task, seq_len).head
+
+
+def _vision_flops(plan: SplitPlan, config: Any, seq_len: int) -> float | None:
+    """A vision-language model's vision tower and projector, per text token as the split counts them on the first
+    stage (None for a text model)."""
+    adapter = get_family(plan.model_type)
+    if adapter is None or plan.task not in adapter.heads:
+        return None
+    return adapter.flops_per_token(config, plan.task, seq_len).vision or None
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -270,6 +289,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("head_flops_per_token") is not None:
         share = 100 * summary["head_flops_per_token"] / total_flops
         head += f", {summary['head_flops_per_token']:.3g} FLOPs per token ({share:.1f}% of the model's)"
+    if summary.get("vision_flops_per_token"):
+        from .families.vision import IMAGES_PER_SEQUENCE
+
+        vision = summary["vision_flops_per_token"]
+        head += (
+            f"\nvision tower and projector (stage 0): {vision * summary['seq_len'] / IMAGES_PER_SEQUENCE:.3g} FLOPs "
+            f"per image, counted as {IMAGES_PER_SEQUENCE} image per sequence: {vision:.3g} FLOPs per token "
+            f"({100 * vision / total_flops:.1f}% of the model's); move it with pipeline_split"
+        )
     if summary.get("num_choices"):
         head += f"; {summary['num_choices']} choices per example (--num_choices)"
     lines += [

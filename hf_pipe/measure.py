@@ -57,7 +57,8 @@ def measure_costs(
     copies = copy.deepcopy(nn.ModuleDict({**parts, "_block": block})).to(device).train()
     block = copies.pop("_block")
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(1, config.vocab_size, (microbatch, seq_len), generator=generator).to(device)
+    vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+    input_ids = torch.randint(1, vocab, (microbatch, seq_len), generator=generator).to(device)
     with torch.no_grad():
         hidden = adapter.embed(copies, input_ids, {})
         context = adapter.context(config, copies, hidden, {})
@@ -85,4 +86,9 @@ def measure_costs(
         second = _timed(lambda: adapter.half(block, 1, 0, leaf(), context), device)
     else:
         first, second = 0.0, _timed(lambda: adapter.layer(block, 0, leaf(), context), device)
-    return FlopsPerToken(embeddings=embeddings, layer=first + second, head=head, first_half=first)
+    # A vision tower is not timed (there are no images here): its FLOP estimate, at a block's measured time per FLOP.
+    flops = adapter.flops_per_token(config, task, seq_len)
+    vision = (first + second) * flops.vision / flops.layer if flops.vision else 0.0
+    return FlopsPerToken(
+        embeddings=embeddings + vision, layer=first + second, head=head, first_half=first, vision=vision
+    )

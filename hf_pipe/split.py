@@ -32,7 +32,7 @@ from .families import (
     registered_families,
     task_of,
 )
-from .families.base import TASK_CLASSES, is_bare_body
+from .families.base import TASK_CLASSES, is_bare_body, is_vision_language
 
 #: What `split` accepts: a policy name, the layer indices where stages begin, or SplitPoint marks by module FQN.
 SplitPolicy = str | Sequence[int] | Mapping[str, SplitPoint]
@@ -175,7 +175,7 @@ def _resolve_task(model_or_config: Any, config: Any, adapter: FamilyAdapter, tas
     if task is not None:
         return task
     if isinstance(model_or_config, nn.Module):
-        found = task_of(type(model_or_config).__name__)
+        found = task_of(type(model_or_config).__name__, config)
         if found is None and not is_bare_body(model_or_config):
             raise PipelineConfigError(
                 unsupported_head(type(model_or_config).__name__, config.model_type, list(adapter.heads))
@@ -183,11 +183,13 @@ def _resolve_task(model_or_config: Any, config: Any, adapter: FamilyAdapter, tas
         return found
     architectures = getattr(config, "architectures", None) or []
     for arch in architectures:
-        if task_of(arch) in adapter.heads:
-            return task_of(arch)
+        if task_of(arch, config) in adapter.heads:
+            return task_of(arch, config)
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    heads = [a for a in architectures if task_of(a) is None and a != MODEL_MAPPING_NAMES.get(config.model_type)]
+    heads = [
+        a for a in architectures if task_of(a, config) is None and a != MODEL_MAPPING_NAMES.get(config.model_type)
+    ]
     if heads:
         raise PipelineConfigError(unsupported_head(heads[0], config.model_type, list(adapter.heads)))
     return next(iter(adapter.heads))
@@ -208,7 +210,8 @@ _AUTO_CLASSES = {
 def meta_model(config: Any, task: str | None) -> nn.Module:
     import transformers
 
-    auto = getattr(transformers, _AUTO_CLASSES.get(task, "AutoModel"))
+    name = "AutoModelForImageTextToText" if task == CAUSAL_LM and is_vision_language(config) else None
+    auto = getattr(transformers, name or _AUTO_CLASSES.get(task, "AutoModel"))
     with torch.device("meta"):
         return auto.from_config(config)
 
@@ -421,7 +424,7 @@ def plan_split(
     is_model = isinstance(model_or_config, nn.Module)
     config = model_or_config.config if is_model else model_or_config
     adapter = resolve_family(config.model_type)
-    own = task_of(type(model_or_config).__name__) if is_model else None
+    own = task_of(type(model_or_config).__name__, config) if is_model else None
     if is_model and task is not None and task != own:
         raise PipelineConfigError(
             f"task={task!r} for {type(model_or_config).__name__}, whose class names {own or 'no head'}: the module "
@@ -505,7 +508,7 @@ def plan_blocks(
     """
     config = getattr(model, "config", None)
     adapter = get_family(getattr(config, "model_type", "")) if config is not None else None
-    own_task = task_of(type(model).__name__)
+    own_task = task_of(type(model).__name__, config)
     if adapter is not None and own_task in adapter.heads and task in (None, own_task):
         # a stage may begin at a block's second half: `trace.block_split_spec` marks its first module
         return plan_split(model, num_stages, split, task=task)

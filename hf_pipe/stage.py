@@ -51,7 +51,7 @@ class StageModule(nn.Module):
         if self.task == MULTIPLE_CHOICE:  # each (example, choice) is one sequence of the body, as HF flattens them
             batch = flatten_choices(batch, batch[NUM_CHOICES])
             x = x.flatten(0, 1) if self.is_first else x
-        hidden = self.adapter.embed(self.parts, x, batch) if self.is_first else x
+        hidden = self.adapter.embed_inputs(self.config, self.parts, x, batch) if self.is_first else x
         context = self.adapter.context(self.config, self.parts, hidden, batch)
         for index, block in zip(self.layer_ids, self.blocks):
             if isinstance(block, BlockHalf):

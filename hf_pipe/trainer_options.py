@@ -242,7 +242,7 @@ def label_names_problems(label_names: Any, model: Any, task: str | None = None) 
     from .families import task_of
     from .families.base import LABEL_KEYS
 
-    task = task or task_of(type(model).__name__)
+    task = task or task_of(type(model).__name__, getattr(model, "config", None))
     if label_names is None or task is None or sorted(label_names) == sorted(LABEL_KEYS[task]):
         return []
     return [

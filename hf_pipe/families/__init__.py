@@ -20,9 +20,14 @@ from .base import (
     task_of,
 )
 from .bert import BertAdapter
+from .gemma3 import Gemma3Adapter
 from .gpt2 import Gpt2Adapter
+from .idefics3 import Idefics3Adapter
 from .llama import LlamaAdapter
+from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2VLAdapter
 from .t5 import T5Adapter
+from .vision import VisionLanguageAdapter
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
 
@@ -50,6 +55,11 @@ def get_family(model_type: str) -> FamilyAdapter | None:
     return _FAMILIES.get(model_type)
 
 
+def vision_language_families() -> list[str]:
+    """Every `model_type` of a vision-language model hf_pipe can split (vision tower on the first stage), sorted."""
+    return sorted(t for t, adapter in _FAMILIES.items() if isinstance(adapter, VisionLanguageAdapter))
+
+
 def registered_families() -> list[str]:
     """Every `model_type` hf_pipe can split with the module-split frontend, sorted."""
     return sorted(_FAMILIES)
@@ -66,6 +76,20 @@ register_family("mt5", T5Adapter())
 register_family("bart", BartAdapter())
 register_family("plbart", BartAdapter())
 register_family("mbart", BartAdapter(final_layer_norm=True))
+# Vision-language models: the vision tower on the first stage, the language model's blocks split (`vision.py`).
+register_family("llava", LlavaAdapter())
+register_family("gemma3", Gemma3Adapter())
+register_family(
+    "idefics3", Idefics3Adapter("transformers.models.idefics3.modeling_idefics3", "Idefics3Model", "Idefics3")
+)
+register_family("smolvlm", Idefics3Adapter("transformers.models.smolvlm.modeling_smolvlm", "SmolVLMModel", "SmolVLM"))
+register_family(
+    "qwen2_vl", Qwen2VLAdapter("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel", "Qwen2-VL")
+)
+register_family(
+    "qwen2_5_vl",
+    Qwen2VLAdapter("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel", "Qwen2.5-VL"),
+)
 
 __all__ = [
     "CAUSAL_LM",
@@ -81,5 +105,6 @@ __all__ = [
     "get_family",
     "register_family",
     "registered_families",
+    "vision_language_families",
     "task_of",
 ]

@@ -65,10 +65,21 @@ def task_of(class_name: str, config: Any = None) -> str | None:
     language models of that name are decoders)."""
     if class_name.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
         return SEQ2SEQ_LM
+    if class_name.endswith("ForConditionalGeneration") and is_vision_language(config):
+        return CAUSAL_LM  # an image-text-to-text model: a causal LM over text whose embeddings take images
     for suffix, task in _TASK_SUFFIXES:
         if class_name.endswith(suffix):
             return task
     return None
+
+
+def is_vision_language(config: Any) -> bool:
+    """A vision-language decoder (Llava, Qwen2-VL, ...): a composite config with a vision tower and a text model."""
+    return (
+        config is not None
+        and getattr(config, "vision_config", None) is not None
+        and not getattr(config, "is_encoder_decoder", False)
+    )
 
 
 def is_bare_body(model: nn.Module) -> bool:
@@ -87,6 +98,9 @@ class FlopsPerToken:
     head: float
     #: the first half of a block (attention), for families that can end a stage mid-block; 0: cannot
     first_half: float = 0.0
+    #: of `embeddings`, what a vision-language model's vision tower and projector cost, per text token (their cost
+    #: per image spread over the tokens of a sequence, `families/vision.py`); 0 for text models
+    vision: float = 0.0
 
 
 class FamilyAdapter:
@@ -115,6 +129,9 @@ class FamilyAdapter:
     packed_sequences: bool = False
     #: the frontend (`frontends.FRONTENDS`) whose stages run this family: "module", or "seq2seq" (encoder-decoders)
     frontend: str = "module"
+    #: the first stage runs some of its modules only for microbatches that carry their input (a vision tower, for
+    #: rows with images): DDP over pipeline replicas then stalls on the parameters left unused (see `frontends/module`)
+    first_stage_may_skip: bool = False
 
     def num_layers(self, config: Any) -> int:
         return config.num_hidden_layers
@@ -122,7 +139,29 @@ class FamilyAdapter:
     def flops_per_token(self, config: Any, task: str | None, seq_len: int) -> FlopsPerToken:
         raise NotImplementedError
 
+    def config_problems(self, config: Any) -> list[str]:
+        """What in this model's config the adapter cannot run (a vision-language model's text or vision family),
+        each with its fix; checked before any step."""
+        return []
+
+    def batch_problems(self, config: Any, batch: Mapping[str, Any]) -> list[str]:
+        """What in a whole batch the adapter cannot run (inputs of a modality it does not handle), each with its fix;
+        checked on every rank before the batch's first microbatch runs."""
+        return []
+
+    def stage_inputs(self, config: Any, task: str | None, batch: dict[str, Any]) -> dict[str, Any]:
+        """The whole batch as it is cut into microbatches: by default with `head_inputs`' keys added. A vision-language
+        adapter also lays each row's images out along the rows here, so that a cut by rows gives each microbatch the
+        images of its own rows."""
+        return {**batch, **self.head_inputs(config, task, batch)}
+
     # Forward pieces. `parts` maps role -> module for this stage; `batch` holds this microbatch's extra inputs.
+    def embed_inputs(
+        self, config: Any, parts: Mapping[str, nn.Module], input_ids: torch.Tensor, batch: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The first stage's input embeddings; a vision-language adapter merges the image features in here."""
+        return self.embed(parts, input_ids, batch)
+
     def embed(self, parts: Mapping[str, nn.Module], input_ids: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 

@@ -86,6 +86,10 @@ class Frontend:
         """How to read `batch_keys`, for the error naming a key no stage consumes."""
         raise NotImplementedError
 
+    def batch_problems(self, batch: Mapping[str, Any]) -> list[str]:
+        """Inputs of a batch the stages cannot run (a modality the family's adapter does not handle), with the fix."""
+        return []
+
     def unlabelled_problems(self, batch: Mapping[str, Any]) -> list[str]:
         """What keeps a batch without labels from running forward only (evaluation, prediction), each with its fix."""
         return []

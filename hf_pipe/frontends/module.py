@@ -13,8 +13,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..families import CAUSAL_LM, FlopsPerToken, get_family, registered_families, task_of
-from ..families.base import LABEL_KEYS, is_bare_body
+from ..families import (
+    CAUSAL_LM,
+    FlopsPerToken,
+    get_family,
+    registered_families,
+    task_of,
+    vision_language_families,
+)
+from ..families.base import LABEL_KEYS, is_bare_body, is_vision_language
+from ..families.vision import unadapted_vision_language
 from ..grad_accumulation import InPlaceAccumulationMixin
 from ..measure import measure_costs
 from ..schedule import NoSelfSendMixin
@@ -38,6 +46,8 @@ class ModuleFrontend(Frontend):
         self.adapter = get_family(config.model_type) if config is not None else None
 
     def problems(self, config, *, pp_size, stages_per_rank, explicit_split, data_parallel):
+        if self.adapter is None and is_vision_language(config):
+            return [unadapted_vision_language(config.model_type, vision_language_families(), self.name)]
         if self.adapter is None:
             how = "an explicit pipeline_split still needs one to run stages" if explicit_split else "no split policy"
             return [
@@ -52,12 +62,22 @@ class ModuleFrontend(Frontend):
                 f"{self.adapter.frontend!r} frontend (an encoder-decoder); use pipeline_frontend='auto' or "
                 f"{self.adapter.frontend!r}."
             ]
+        family = self.adapter.config_problems(config)
+        if data_parallel is not None and self.adapter.first_stage_may_skip:
+            family.append(
+                f"pipeline_data_parallel={data_parallel!r} (replicas of the pipeline) with the vision-language "
+                f"model_type={config.model_type!r}: its first stage runs the vision tower only for microbatches with "
+                "images, and DDP under the pipeline schedules fails on the parameters a microbatch left unused "
+                "(measured: 'Expected to have finished reduction' without find_unused_parameters, a hang with it; "
+                "FSDP2 is not supported for these stages either); run one pipeline (world size = "
+                "pipeline_parallel_size)."
+            )
         num_stages = pp_size * stages_per_rank
         num_layers = self.adapter.num_layers(config)
         if num_stages <= num_layers:
-            return []
+            return family
         fits = [s for s in range(1, num_layers + 1) if s % stages_per_rank == 0]
-        return [
+        return family + [
             f"pipeline_parallel_size={pp_size} × pipeline_stages_per_rank={stages_per_rank} = {num_stages} stages, "
             f"but the model has {num_layers} blocks and every stage needs at least one: use at most {num_layers} "
             f"stages (pipeline_parallel_size ≤ {max(fits) // stages_per_rank if fits else 1} at "
@@ -68,7 +88,7 @@ class ModuleFrontend(Frontend):
         """A head the family's adapter cannot run (a custom head, another task named by pipeline_task)."""
         if self.adapter is None:
             return []  # reported by `problems`
-        name, task = type(model).__name__, task_of(type(model).__name__)
+        name, task = type(model).__name__, task_of(type(model).__name__, model.config)
         if args.pipeline_task is not None and args.pipeline_task != task:
             return [
                 f"pipeline_task={args.pipeline_task!r} for {name} with pipeline_frontend='module' (or 'auto' for a "
@@ -91,7 +111,7 @@ class ModuleFrontend(Frontend):
         positions, at most 512.
         """
         adapter = resolve_family(model.config.model_type)
-        task = task or task_of(type(model).__name__)
+        task = task or task_of(type(model).__name__, model.config)
         if task is None:
             return None
         seq_len = min(getattr(model.config, "max_position_embeddings", None) or 512, 512)
@@ -99,7 +119,8 @@ class ModuleFrontend(Frontend):
         costs = measure_costs(
             model, adapter, task, model.config, microbatch=microbatch, seq_len=seq_len, device=context.device
         )
-        times = torch.tensor([costs.embeddings, costs.layer, costs.head, costs.first_half], device=context.device)
+        times = [costs.embeddings, costs.layer, costs.head, costs.first_half, costs.vision]
+        times = torch.tensor(times, device=context.device)
         dist.all_reduce(times)
         times /= dist.get_world_size()
         return FlopsPerToken(*times.tolist())
@@ -124,13 +145,17 @@ class ModuleFrontend(Frontend):
     def batch_keys(self, batch: Mapping[str, Any]) -> set[str]:
         return set(self.adapter.batch_keys)
 
+    def batch_problems(self, batch: Mapping[str, Any]) -> list[str]:
+        return self.adapter.batch_problems(self.config, batch)
+
     def keys_note(self) -> str:
         keys = ", ".join(sorted({"input_ids", *LABEL_KEYS[self.task], *self.adapter.batch_keys}))
         return f"the {self.config.model_type} stages consume {keys}"
 
     def stage_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         # what the head needs from the whole batch (the last stage never sees the token ids), before any cut
-        return {**batch, **self.adapter.head_inputs(self.config, self.task, batch)}
+        # (a vision-language adapter also lays each row's images out along the rows, see `FamilyAdapter.stage_inputs`)
+        return self.adapter.stage_inputs(self.config, self.task, batch)
 
     def torch_stages(
         self,

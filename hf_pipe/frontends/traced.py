@@ -26,8 +26,10 @@ from ..families import (
     get_family,
     registered_families,
     task_of,
+    vision_language_families,
 )
-from ..families.base import ATTENTION_KWARGS, TASK_CLASSES, last_non_pad_token
+from ..families.base import ATTENTION_KWARGS, TASK_CLASSES, is_vision_language, last_non_pad_token
+from ..families.vision import unadapted_vision_language
 from ..split import plan_blocks, unsupported_head
 from ..stage import tied_groups
 from ..timeline import Timeline
@@ -42,6 +44,8 @@ class TraceFrontend(Frontend):
     shape_specialised = True
 
     def problems(self, config, *, pp_size, stages_per_rank, explicit_split, data_parallel):
+        if is_vision_language(config):
+            return [unadapted_vision_language(config.model_type, vision_language_families(), self.name)]
         if getattr(config, "is_encoder_decoder", False):
             seq2seq = [t for t in registered_families() if get_family(t).frontend == "seq2seq"]
             fix = (
@@ -65,7 +69,7 @@ class TraceFrontend(Frontend):
     def trainer_problems(self, args: Any, model: nn.Module) -> list[str]:
         """A model without a head hf_pipe has a loss for; Trainer options traced stages cannot honour."""
         problems = []
-        if (args.pipeline_task or task_of(type(model).__name__)) is None:
+        if (args.pipeline_task or task_of(type(model).__name__, getattr(model, "config", None))) is None:
             model_type = getattr(getattr(model, "config", None), "model_type", "")
             problems.append(unsupported_head(type(model).__name__, model_type, TASKS, frontend="trace"))
         if args.gradient_checkpointing:

@@ -57,6 +57,12 @@ def generator_problems(engine: Any, model: Any, groups: int | None) -> list[str]
             f"generation needs a language-model head; {type(model).__name__} has the {engine.plan.task} head. "
             "Build the pipeline from a ...ForCausalLM / ...LMHeadModel."
         )
+    elif engine.frontend.adapter.first_stage_may_skip:
+        problems.append(
+            f"generation through the pipeline with the vision-language {type(model).__name__}: the decoding loop "
+            "does not carry the images into the prefill (nor a model's 3-D positions into the decoding steps); "
+            "train it through the pipeline, and generate from the saved checkpoint on one process."
+        )
     if engine.dp is not None and engine.dp.size > 1 and engine.dp.mode == "fsdp":
         problems.append(
             "generation with pipeline_data_parallel='fsdp': each replica's stages gather their sharded weights from "

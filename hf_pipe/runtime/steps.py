@@ -82,7 +82,8 @@ class Steps:
         # With DDP or FSDP2 a new shape makes torch's shape inference talk to the replicas, so they must meet new
         # shapes at the same steps: pad to the longest sequence among them (masked, labels -100).
         length = self._longest_over_replicas(batch["input_ids"].shape[-1]) if dp else None
-        pad = getattr(engine.config, "pad_token_id", None)
+        text = engine.config.get_text_config() if hasattr(engine.config, "get_text_config") else engine.config
+        pad = getattr(text, "pad_token_id", None)  # a vision-language model's: its text model's
         return name, cut_rows(batch, count, shift, length, pad if isinstance(pad, int) else None), batch
 
     def _longest_over_replicas(self, length: int) -> int:
