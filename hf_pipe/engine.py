@@ -155,7 +155,7 @@ class PipelineEngine:
         self._runnable = [wrap_data_parallel(m, self.dp, self.frontend, self.device) for m in self.modules]
         # after wrapping: FSDP2 replaces each parameter by its sharded version
         self.gradients = Gradients(self, self.local.tied)
-        self.loss = PipelineLoss(self.plan.task, config)
+        self.loss = PipelineLoss(self.plan.task, config, router=self.frontend.router)
         #: what a user loss reported for the last step, as (reduction, total, count) per metric
         #: (`loss.reduce_metrics`), on every rank
         self.metrics: dict[str, tuple[str, float, float]] = {}

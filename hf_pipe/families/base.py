@@ -87,6 +87,12 @@ class FlopsPerToken:
     head: float
     #: the first half of a block (attention), for families that can end a stage mid-block; 0: cannot
     first_half: float = 0.0
+    #: each block's cost, where blocks differ (an MoE's dense layers); empty: every block costs `layer`
+    layers: tuple[float, ...] = ()
+
+    def layer_costs(self, num_layers: int) -> list[float]:
+        """The cost of each of `num_layers` blocks."""
+        return list(self.layers) if self.layers else [self.layer] * num_layers
 
 
 class FamilyAdapter:
