@@ -118,6 +118,42 @@ CASES = {
             max_position_embeddings=64,
         ),
     ),
+    # mixture of experts, the load-balancing loss on (weighted far above the families' defaults, so that a wrong
+    # aux term shows); dropout-free, no router jitter
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+            output_router_logits=True,
+            router_aux_loss_coef=0.5,
+        ),
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+            output_router_logits=True,
+            router_aux_loss_coef=0.5,
+        ),
+    ),
     # no family adapter: pipelined by the trace frontend only
     "gpt_neox": (
         transformers.GPTNeoXConfig,

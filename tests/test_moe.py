@@ -1,0 +1,146 @@
+"""Mixture-of-experts decoders (Qwen3-MoE, Mixtral) with HF's load-balancing loss on, against Trainer on one process.
+
+Semantics under test: the aux term is per microbatch, as Trainer computes it with gradient accumulation over the
+same microbatches (the reference: per_device_train_batch_size 2 × 4 accumulation steps against the pipeline's batch
+of 8 in 4 microbatches); with one microbatch it is Trainer's on the whole batch. Evaluation runs the whole batch (the
+microbatches' router statistics added first), as Trainer's evaluation does. The reference Trainer logs the
+`aux_loss` HF's forward reports, averaged over its forwards since the last log, as PipeTrainer logs it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import Trainer
+
+from hf_pipe import PipeTrainer
+from hf_pipe.families import get_family
+from hf_pipe.router_loss import RouterLoss, router_loss_of
+from hf_pipe.split import plan_split
+from tests._models import tiny_model
+from tests.test_trainer_equivalence import compare_many
+
+
+class AuxLoggingTrainer(Trainer):
+    """Trainer that also logs HF's `outputs.aux_loss` (the mean over its forwards since the last log)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        self.__dict__.setdefault("_aux", {}).setdefault(mode, []).append(float(outputs.aux_loss))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        mode = "train" if self.model.training else "eval"
+        values = self.__dict__.setdefault("_aux", {}).pop(mode, [])
+        if values:
+            logs[("eval_" if mode == "eval" else "") + "aux_loss"] = sum(values) / len(values)
+        super().log(logs, start_time)
+
+
+def _hf_aux(model, router_logits, mask):
+    module = __import__(type(model).__module__, fromlist=["load_balancing_loss_func"])
+    return module.load_balancing_loss_func(router_logits, model.num_experts, model.num_experts_per_tok, mask)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_stage_sums_give_hf_aux_loss(name):
+    """Partial sums added stage after stage (any cut of the layers) and microbatch after microbatch give HF's
+    `load_balancing_loss_func` of every layer's router logits, with and without an attention mask; gradients too."""
+    model = tiny_model(name)
+    router = router_loss_of(model)
+    assert router is not None and (router.num_experts, router.top_k, router.coef) == (4, 2, 0.5)
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(6 * 5, 4, generator=g, requires_grad=True) for _ in range(4)]
+    mask = torch.ones(6, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    for attention_mask in (None, mask):
+        expected = _hf_aux(model, tuple(logits), attention_mask)
+        (want,) = torch.autograd.grad(expected, logits[2])
+        for cut in (1, 2, 3):  # two stages: layers [0, cut) and [cut, 4)
+            sums = router.add_layers(router.zeros(torch.device("cpu")), logits[:cut], attention_mask)
+            sums = router.add_layers(sums, logits[cut:], attention_mask)
+            aux = router.aux(sums)
+            (got,) = torch.autograd.grad(aux, logits[2])
+            assert torch.equal(aux, expected) and torch.allclose(got, want, rtol=1e-6, atol=1e-9)
+        # microbatches of 2 rows: their sums added first give the whole batch's aux (evaluation)
+        rows = [slice(0, 2), slice(2, 4), slice(4, 6)]
+        per_mb = [
+            router.add_layers(
+                router.zeros(torch.device("cpu")),
+                [x.view(6, 5, 4)[r].reshape(-1, 4) for x in logits],
+                None if attention_mask is None else attention_mask[r],
+            )
+            for r in rows
+        ]
+        assert torch.allclose(router.aux(torch.cat(per_mb)), expected, rtol=1e-6)
+    # no router loss: output_router_logits off, or a head whose forward adds none
+    assert router_loss_of(tiny_model(name, output_router_logits=False)) is None
+    config = tiny_model(name).config
+    config.num_labels = 2
+    assert router_loss_of(getattr(transformers, type(model).__name__.replace("CausalLM", "SequenceClassification"))(
+        config)) is None  # fmt: skip
+    assert isinstance(router, RouterLoss)
+
+
+def test_cost_model_counts_active_experts():
+    """FLOPs per token count the top-k experts a token runs (and dense blocks at their own cost); parameters count
+    every expert."""
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=256, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=2,
+        mlp_only_layers=[0], max_position_embeddings=128,
+    )  # fmt: skip
+    flops = get_family("qwen3_moe").flops_per_token(config, "causal_lm", 128)
+    h = 64
+    attention = flops.first_half
+    sparse = 2 * h * 16 + 2 * (2 * 3 * h * 32)  # router + top-2 of 16 experts
+    dense = 2 * 3 * h * 256
+    assert flops.layers == (attention + dense, attention + sparse, attention + sparse, attention + sparse)
+    plan = plan_split(config, 2, "uniform")
+    all_experts = 16 * 3 * h * 32
+    layer_params = [sum(p.numel() for p in layer.parameters()) for layer in _meta(config).model.layers]
+    assert layer_params[1] > all_experts  # every expert's weights are the stage's parameters
+    assert plan.stages[1].flops_per_token < plan.stages[0].flops_per_token + 2 * h * 1000 * 2  # not all experts
+    # Qwen2-MoE's shared expert runs for every token
+    shared = transformers.Qwen2MoeConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=256, moe_intermediate_size=32,
+        shared_expert_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2,
+    )  # fmt: skip
+    cost = get_family("qwen2_moe").flops_per_token(shared, "causal_lm", 128)
+    assert cost.layers[0] - cost.first_half == 2 * h * 8 + 2 * (2 * 3 * h * 32) + 2 * 3 * h * 128 + 2 * h
+
+
+def _meta(config):
+    with torch.device("meta"):
+        return transformers.Qwen3MoeForCausalLM(config)
+
+
+_GA = {
+    "label": "vs GA",
+    "classes": (AuxLoggingTrainer, PipeTrainer),
+    "rows": (48, 16),
+    "args": {"per_device_eval_batch_size": 8},
+    "ref_args": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4},
+}
+_WHOLE = {"label": "vs whole batch", "classes": (AuxLoggingTrainer, PipeTrainer), "rows": (48, 16)}
+
+
+def test_moe_aux_loss_matches_trainer_on_every_schedule(tmp_path):
+    schedules = [
+        {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
+        {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4},
+        {"pipeline_schedule": "zbvzerobubble", "pipeline_microbatches": 4},
+    ]
+    cases = [
+        ("qwen3_moe", schedules, _GA),
+        ("mixtral", schedules, _GA),
+        ("qwen3_moe", [{"pipeline_schedule": "gpipe", "pipeline_microbatches": 1}], _WHOLE),
+    ]
+    worst = compare_many(cases, tmp_path, 2)
+    for label, errs in worst.items():
+        assert "aux_loss" in errs["metric_names"] and "eval_aux_loss" in errs["metric_names"], label
+    print(worst)
