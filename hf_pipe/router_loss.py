@@ -156,7 +156,8 @@ class RouterRecorder:
 
 def router_loss_problems(config: Any, frontend: str) -> list[str]:
     """An MoE model returning its router logits (`output_router_logits=True`), for a frontend that cannot carry its
-    load-balancing loss: the module frontend carries it for the families whose adapter says so (`MoeAdapter`)."""
+    load-balancing loss: the module frontend carries it for the families whose adapter says so (`MoeAdapter`), the
+    trace frontend for HF's MoE causal LMs (checked on the model class when it builds)."""
     from .families import get_family, registered_families
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -165,14 +166,14 @@ def router_loss_problems(config: Any, frontend: str) -> list[str]:
     model_type = getattr(config, "model_type", "?")
     adapter = get_family(model_type)
     carried = adapter is not None and getattr(adapter, "router_loss", False)
-    if carried and frontend == "module":
+    if (carried and frontend == "module") or frontend == "trace":
         return []
     coef = getattr(text, "router_aux_loss_coef", None)
     moe = [t for t in registered_families() if getattr(get_family(t), "router_loss", False)]
     fix = (
         "use pipeline_frontend='module' (or 'auto'), whose stages carry it"
         if carried
-        else f"the module frontend carries it for {', '.join(moe)}"
+        else f"the module frontend carries it for {', '.join(moe)}, the trace frontend for HF's MoE causal LMs"
     )
     return [
         f"output_router_logits=True ({model_type}, router_aux_loss_coef={coef}) with pipeline_frontend="

@@ -18,6 +18,7 @@ from hf_pipe import PipeTrainer
 from hf_pipe.families import get_family
 from hf_pipe.router_loss import RouterLoss, router_loss_of
 from hf_pipe.split import plan_split
+from tests._data import PadCollator
 from tests._models import tiny_model
 from tests.test_trainer_equivalence import compare_many
 
@@ -28,7 +29,7 @@ class AuxLoggingTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        self.__dict__.setdefault("_aux", {}).setdefault(mode, []).append(float(outputs.aux_loss))
+        self.__dict__.setdefault("_aux", {}).setdefault(mode, []).append(float(outputs.aux_loss.detach()))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
@@ -140,6 +141,33 @@ def test_moe_aux_loss_matches_trainer_on_every_schedule(tmp_path):
         ("mixtral", schedules, _GA),
         ("qwen3_moe", [{"pipeline_schedule": "gpipe", "pipeline_microbatches": 1}], _WHOLE),
     ]
+    worst = compare_many(cases, tmp_path, 2)
+    for label, errs in worst.items():
+        assert "aux_loss" in errs["metric_names"] and "eval_aux_loss" in errs["metric_names"], label
+    print(worst)
+
+
+class FixedLengthCollator(PadCollator):
+    """Rows padded to 20 tokens (masked, labels -100): one batch shape, so that traced stages are traced once."""
+
+    def __call__(self, features):
+        batch = super().__call__(features + [{"input_ids": [0] * 20}])
+        return {k: v[:-1] for k, v in batch.items()}
+
+
+def fixed_length(task):
+    return FixedLengthCollator(task)
+
+
+def test_moe_aux_loss_matches_trainer_traced(tmp_path):
+    """The trace frontend: the last traced stage returns every layer's router logits (threaded to it through the
+    stages), turned there into the same statistics. Batches of one length (traced once), padding masked."""
+    traced = [
+        {"pipeline_frontend": "trace", "pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
+        {"pipeline_frontend": "trace", "pipeline_schedule": "zbvzerobubble", "pipeline_microbatches": 4},
+    ]
+    setup = {**_GA, "collator": fixed_length, "rows": (32, 8)}
+    cases = [("qwen3_moe", traced[:1], setup), ("mixtral", traced[1:], setup)]
     worst = compare_many(cases, tmp_path, 2)
     for label, errs in worst.items():
         assert "aux_loss" in errs["metric_names"] and "eval_aux_loss" in errs["metric_names"], label
