@@ -172,3 +172,73 @@ def test_moe_aux_loss_matches_trainer_traced(tmp_path):
     for label, errs in worst.items():
         assert "aux_loss" in errs["metric_names"] and "eval_aux_loss" in errs["metric_names"], label
     print(worst)
+
+
+# -- TRL -------------------------------------------------------------------------------------------------------------
+def _sft_run(output_dir: str, pipeline: dict | None) -> dict:
+    import os
+
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_pipe.trl import PipeSFTConfig, PipeSFTTrainer
+    from tests.test_trl import _texts, _tokenizer
+
+    settings = dict(
+        output_dir=output_dir, per_device_eval_batch_size=8, learning_rate=1e-2, num_train_epochs=1, logging_steps=1,
+        save_strategy="no", report_to=[], seed=3, max_length=32, disable_tqdm=True, use_cpu=True,
+        gradient_checkpointing=False, bf16=False, router_aux_loss_coef=0.3,
+    )  # fmt: skip
+    if pipeline is None:  # SFT accumulating over the pipeline's microbatches
+        config = SFTConfig(**settings, per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    else:
+        config = PipeSFTConfig(**settings, per_device_train_batch_size=8, **pipeline)
+    # router logits off in the config: SFT turns them on for its non-zero coefficient
+    model = tiny_model("qwen3_moe", pad_token_id=0, eos_token_id=1, output_router_logits=False)
+    trainer = (SFTTrainer if pipeline is None else PipeSFTTrainer)(
+        model=model, args=config, train_dataset=_texts(32, 0), eval_dataset=_texts(8, 5),
+        processing_class=_tokenizer(),
+    )  # fmt: skip
+    trainer.train()
+    evaluation = trainer.evaluate()
+    trainer.save_model(os.path.join(output_dir, "final"))
+    source = trainer.engine if pipeline is not None else trainer.model
+    weights = {n: p.detach().clone() for n, p in source.named_parameters()}
+    logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
+    return {"logs": logs, "eval": evaluation, "weights": weights}
+
+
+def _sft_runs(root: str, pipelines: list[dict | None]) -> list[dict]:
+    import os
+
+    return [_sft_run(os.path.join(root, str(i)), p) for i, p in enumerate(pipelines)]
+
+
+@pytest.mark.timeout(400)
+def test_pipe_sft_moe_aux_loss_matches_sft_trainer(tmp_path):
+    """PipeSFTTrainer adds and logs SFT's aux loss (its coefficient, averaged over the accumulation steps, which are
+    the microbatches here); SFT's own reference accumulates over the same microbatches."""
+    from tests._dist import run_distributed
+    from tests.test_trainer_equivalence import _rel
+
+    pipelines = [
+        {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
+        {"pipeline_schedule": "interleaved1f1b", "pipeline_microbatches": 4},
+    ]
+    [ref] = run_distributed(_sft_runs, 1, str(tmp_path / "ref"), [None], launcher_env=True, timeout=300)[0]
+    mine = run_distributed(_sft_runs, 2, str(tmp_path / "pp"), pipelines, launcher_env=True, timeout=300)
+    assert len(ref["logs"]) == 4 and all(e["aux_loss"] > 1.0 for e in ref["logs"])
+    for i, pipeline in enumerate(pipelines):
+        errs = dict.fromkeys(("loss", "grad_norm", "aux_loss", "eval", "weights"), 0.0)
+        weights = {}
+        for rank in mine:
+            run = rank[i]
+            weights.update(run["weights"])
+            assert [e["step"] for e in run["logs"]] == [e["step"] for e in ref["logs"]]
+            for a, b in zip(run["logs"], ref["logs"]):
+                for key in ("loss", "grad_norm", "aux_loss"):
+                    errs[key] = max(errs[key], _rel(a[key], b[key]))
+            for key in ("eval_loss", "eval_aux_loss"):
+                errs["eval"] = max(errs["eval"], _rel(run["eval"][key], ref["eval"][key]))
+        errs["weights"] = max((weights[n] - ref["weights"][n]).abs().max().item() for n in weights)
+        print(pipeline["pipeline_schedule"], errs)
+        assert max(errs[k] for k in ("loss", "grad_norm", "aux_loss", "eval")) < 2e-4 and errs["weights"] < 5e-4, errs
