@@ -242,3 +242,71 @@ def test_pipe_sft_moe_aux_loss_matches_sft_trainer(tmp_path):
         errs["weights"] = max((weights[n] - ref["weights"][n]).abs().max().item() for n in weights)
         print(pipeline["pipeline_schedule"], errs)
         assert max(errs[k] for k in ("loss", "grad_norm", "aux_loss", "eval")) < 2e-4 and errs["weights"] < 5e-4, errs
+
+
+def _dpo_run(output_dir: str, pipeline: dict | None, checkpoint: str) -> dict:
+    import os
+
+    from trl import DPOConfig, DPOTrainer
+
+    from hf_pipe.trl import PipeDPOConfig, PipeDPOTrainer
+    from tests.test_trl import _tokenizer
+    from tests.test_trl_dpo import _preferences
+
+    settings = dict(
+        output_dir=output_dir, per_device_eval_batch_size=4, learning_rate=2e-3, num_train_epochs=1, logging_steps=1,
+        save_strategy="no", report_to=[], seed=3, max_length=24, disable_tqdm=True, use_cpu=True, bf16=False,
+        router_aux_loss_coef=0.3,
+    )  # fmt: skip
+    if pipeline is None:  # DPO accumulating over the pipeline's microbatches (2 pairs each)
+        config = DPOConfig(**settings, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    else:
+        config = PipeDPOConfig(**settings, per_device_train_batch_size=4, **pipeline)
+    trainer = (DPOTrainer if pipeline is None else PipeDPOTrainer)(
+        model=checkpoint, args=config, train_dataset=_preferences(12, 0), eval_dataset=_preferences(4, 5),
+        processing_class=_tokenizer(),
+    )  # fmt: skip
+    trainer.train()
+    evaluation = trainer.evaluate()
+    source = trainer.engine if pipeline is not None else trainer.model
+    weights = {n: p.detach().clone() for n, p in source.named_parameters()}
+    logs = [e for e in trainer.state.log_history if "loss" in e and "eval_loss" not in e]
+    return {"logs": logs, "eval": evaluation, "weights": weights, "dir": os.path.basename(output_dir)}
+
+
+def _dpo_runs(root: str, pipelines: list[dict | None], checkpoint: str) -> list[dict]:
+    import os
+
+    return [_dpo_run(os.path.join(root, str(i)), p, checkpoint) for i, p in enumerate(pipelines)]
+
+
+@pytest.mark.timeout(400)
+def test_pipe_dpo_moe_aux_loss_matches_dpo_trainer(tmp_path):
+    """PipeDPOTrainer adds and logs DPO's aux loss of the policy's forward (DPO's coefficient, divided by the
+    accumulation steps as Trainer divides DPO's loss; the frozen reference adds none); DPOTrainer's reference
+    accumulates over the same microbatches (pairs), the reference model read from the checkpoint."""
+    from tests._dist import run_distributed
+    from tests.test_trainer_equivalence import _rel
+
+    checkpoint = str(tmp_path / "moe")
+    tiny_model("qwen3_moe", pad_token_id=0, eos_token_id=1, output_router_logits=False).save_pretrained(checkpoint)
+    pipelines = [{"pipeline_schedule": "zbvzerobubble", "pipeline_microbatches": 2}]
+    [ref] = run_distributed(_dpo_runs, 1, str(tmp_path / "ref"), [None], checkpoint, launcher_env=True, timeout=300)[0]
+    mine = run_distributed(_dpo_runs, 2, str(tmp_path / "pp"), pipelines, checkpoint, launcher_env=True, timeout=300)
+    assert len(ref["logs"]) == 3 and all(e["aux_loss"] > 1.0 for e in ref["logs"])
+    errs = dict.fromkeys(("loss", "grad_norm", "aux_loss", "rewards/margins", "eval", "weights"), 0.0)
+    weights = {}
+    for rank in mine:
+        run = rank[0]
+        weights.update(run["weights"])
+        assert [e["step"] for e in run["logs"]] == [e["step"] for e in ref["logs"]]
+        for a, b in zip(run["logs"], ref["logs"]):
+            for key in ("loss", "grad_norm", "aux_loss"):
+                errs[key] = max(errs[key], _rel(a[key], b[key]))
+            errs["rewards/margins"] = max(errs["rewards/margins"], abs(a["rewards/margins"] - b["rewards/margins"]))
+        for key in ("eval_loss", "eval_aux_loss"):
+            errs["eval"] = max(errs["eval"], _rel(run["eval"][key], ref["eval"][key]))
+    errs["weights"] = max((weights[n] - ref["weights"][n]).abs().max().item() for n in weights)
+    print(errs)
+    assert max(errs[k] for k in ("loss", "grad_norm", "aux_loss", "rewards/margins", "eval")) < 2e-4, errs
+    assert errs["weights"] < 5e-4, errs

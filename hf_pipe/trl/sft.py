@@ -23,7 +23,7 @@ from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._metrics import count_train_tokens
-from ._model import model_for, path_given, replay_adapter_draws
+from ._model import model_for, path_given, replay_adapter_draws, route_router_logits
 
 
 @dataclass
@@ -43,21 +43,6 @@ def _sft_problems(args: PipeSFTConfig) -> list[str]:
     return problems
 
 
-def _route_as_sft(model: Any, args: PipeSFTConfig) -> None:
-    """SFT's switch of an MoE model's router logits, which it makes on the config after the model is set up: on
-    with a non-zero `router_aux_loss_coef` (the config's own when unset), off with zero. The stages are cut before
-    that, so they must see it first."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    text = config.get_text_config()
-    coef = args.router_aux_loss_coef
-    coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
-    if hasattr(text, "output_router_logits") and hasattr(text, "router_aux_loss_coef"):
-        text.output_router_logits = coef != 0.0
-        text.router_aux_loss_coef = coef
-
-
 class PipeSFTTrainer(SFTTrainer, PipeTrainer):
     """`trl.SFTTrainer` whose model runs as a pipeline over the launched ranks (see the module docstring).
 
@@ -72,7 +57,7 @@ class PipeSFTTrainer(SFTTrainer, PipeTrainer):
         self._total_train_tokens = 0
         with path_given(SFTTrainer, model):
             built = model_for(self, model, args)
-            _route_as_sft(built, args)  # before the stages are cut: SFT switches the router logits after
+            route_router_logits(built, args)  # before the stages are cut: SFT switches the router logits after
             super().__init__(built, args, *positional, **kwargs)  # not built whole
         replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws
         if (router := self.engine.loss.router) is not None:
