@@ -155,7 +155,9 @@ def main() -> None:
             last = results[-1]
             aux = f"{last['aux_loss']:.4f}" if last["aux_loss"] is not None else "-"
             peaks = ", ".join(f"{r['peak_rss_anon_mib']:.0f}" for r in results)
-            print(f"{name:<52} {last['step_s']:>7.3f} {last['tokens_per_s']:>7.0f} {last['loss']:>8.4f} {aux:>9}  {peaks}")
+            print(
+                f"{name:<52} {last['step_s']:>7.3f} {last['tokens_per_s']:>7.0f} {last['loss']:>8.4f} {aux:>9}  {peaks}"
+            )
 
 
 if __name__ == "__main__":

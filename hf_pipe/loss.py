@@ -169,7 +169,9 @@ class PipelineLoss:
         self.num_items_in_batch = num_items_in_batch
         self.metrics = []
         if self.router is not None:
-            self._step_aux_weight = self.router.weight / (len(microbatches) if self.router.mean_over_microbatches else 1)
+            self._step_aux_weight = self.router.weight / (
+                len(microbatches) if self.router.mean_over_microbatches else 1
+            )
         if self.task == QUESTION_ANSWERING:
             self._spans = self._span_counts(microbatches.inputs, microbatches.batch_shape[1])
         # torch hands each microbatch's target back to the loss, by which the microbatch is found

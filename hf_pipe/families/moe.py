@@ -58,9 +58,7 @@ class MoeAdapter(LlamaAdapter):
         sparse, dense = mlp_flops(config)
         layers = tuple(attention + (sparse if s else dense) for s in sparse_layers(config))
         head = head_flops(task, config, h, seq_len, lm=2.0 * h * v + softmax_loss_flops(v))
-        return FlopsPerToken(
-            embeddings=float(h), layer=max(layers), head=head, first_half=attention, layers=layers
-        )
+        return FlopsPerToken(embeddings=float(h), layer=max(layers), head=head, first_half=attention, layers=layers)
 
     def _layer_types(self, config):
         # Qwen2-MoE names each layer's attention; Mixtral and Qwen3-MoE slide every layer when `sliding_window` is
