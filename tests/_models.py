@@ -154,6 +154,43 @@ CASES = {
             router_aux_loss_coef=0.5,
         ),
     ),
+    # a shared expert behind its gate, dense MLPs in every other block (decoder_sparse_step=2)
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=2,
+            max_position_embeddings=64,
+            output_router_logits=True,
+            router_aux_loss_coef=0.5,
+        ),
+    ),
+    "olmoe": (
+        transformers.OlmoeConfig,
+        transformers.OlmoeForCausalLM,
+        dict(
+            hidden_size=32,
+            intermediate_size=24,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+            eos_token_id=1,
+            output_router_logits=True,
+            router_aux_loss_coef=0.5,
+        ),
+    ),
     # no family adapter: pipelined by the trace frontend only
     "gpt_neox": (
         transformers.GPTNeoXConfig,

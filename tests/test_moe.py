@@ -310,3 +310,64 @@ def test_pipe_dpo_moe_aux_loss_matches_dpo_trainer(tmp_path):
     print(errs)
     assert max(errs[k] for k in ("loss", "grad_norm", "aux_loss", "rewards/margins", "eval")) < 2e-4, errs
     assert errs["weights"] < 5e-4, errs
+
+
+# -- the other families, one step against HF's forward per microbatch -------------------------------------------------
+def _step_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (8, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    mask[5, 5:] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+def _hf_step(name: str, microbatches: int):
+    """HF's forward and backward per microbatch, its loss normalised by the batch's label tokens (Trainer with
+    gradient accumulation): the summed loss, the mean aux loss, the gradients."""
+    model, batch = tiny_model(name), _step_batch()
+    items = int((batch["labels"][:, 1:] != -100).sum())
+    total, aux = 0.0, 0.0
+    for i in range(microbatches):
+        out = model(**{k: v.chunk(microbatches)[i] for k, v in batch.items()}, num_items_in_batch=items)
+        out.loss.backward()
+        total, aux = total + out.loss.item(), aux + out.aux_loss.item() / microbatches
+    return total, aux, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _pipe_steps(names: list[str], schedules: list[str], microbatches: int):
+    from hf_pipe.engine import PipelineEngine
+
+    results = {}
+    for name in names:
+        for schedule in schedules:
+            engine = PipelineEngine(tiny_model(name), schedule=schedule, microbatches=microbatches)
+            batch = _step_batch()
+            loss = engine.train_step(batch, num_items=int((batch["labels"][:, 1:] != -100).sum()))
+            _, aux, count = engine.metrics["aux_loss"]
+            grads = {n: p.grad.clone() for n, p in engine.named_parameters()}
+            results[name, schedule] = (loss.item(), aux / count, grads)
+    return results
+
+
+def test_shared_expert_and_olmoe_step_matches_hf():
+    """Qwen2-MoE (a shared expert, dense blocks between sparse ones) and OLMoE: one step's loss (aux included), the
+    aux loss and every gradient against HF's forward per microbatch, on 1F1B and ZBV."""
+    from tests._dist import run_distributed
+
+    names, schedules = ["qwen2_moe", "olmoe"], ["1f1b", "zbvzerobubble"]
+    per_rank = run_distributed(_pipe_steps, 2, names, schedules, 4, fork=True)
+    for name in names:
+        loss, aux, grads = _hf_step(name, 4)
+        for schedule in schedules:
+            mine = {}
+            for rank in per_rank:
+                mine.update(rank[name, schedule][2])
+            got_loss, got_aux, _ = per_rank[0][name, schedule]
+            assert mine.keys() == grads.keys()
+            worst = max(((mine[n] - g).abs().max() / g.abs().max()).item() for n, g in grads.items())
+            router = [n for n in grads if n.endswith("mlp.gate.weight")]
+            assert router and all(grads[n].abs().max() > 0 for n in router)  # the aux loss reaches the routers
+            assert abs(got_loss - loss) / loss < 1e-6 and abs(got_aux - aux) / aux < 1e-6 and worst < 1e-5, (
+                name, schedule, got_loss, loss, got_aux, aux, worst,
+            )  # fmt: skip
