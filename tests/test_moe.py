@@ -159,6 +159,7 @@ def fixed_length(task):
     return FixedLengthCollator(task)
 
 
+@pytest.mark.timeout(600)
 def test_moe_aux_loss_matches_trainer_traced(tmp_path):
     """The trace frontend: the last traced stage returns every layer's router logits (threaded to it through the
     stages), turned there into the same statistics. Batches of one length (traced once), padding masked."""

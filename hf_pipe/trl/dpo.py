@@ -14,8 +14,10 @@ forward-only pipelined pass of the same batch through those stages gives each ro
 on the last stage; never inside the training schedule.
 
 Refused by name before the first step: `aot` / `aot_unpaired`, `padding_free`, `use_liger_kernel`, vision datasets,
-the MoE router loss, `compute_metrics`, `activation_offloading`, `use_weighting` with `sft`; prompt-learning PEFT and
-LoRA on `lm_head` as PipeTrainer and DPOTrainer refuse them.
+`compute_metrics`, `activation_offloading`, `use_weighting` with `sft`; prompt-learning PEFT and LoRA on `lm_head` as
+PipeTrainer and DPOTrainer refuse them. An MoE policy's load-balancing loss is added as DPOTrainer adds it (its
+`router_aux_loss_coef`, per microbatch, divided by the accumulation steps as Trainer divides DPO's loss) and logged as
+its `aux_loss`; the frozen reference returns none, as TRL's reference forward.
 
 `precompute_ref_log_probs=True`: one forward-only pass over each dataset before training, its batches shared over the
 pipeline replicas, the last stage's values gathered to every rank, stored as DPOTrainer stores them (the columns
