@@ -174,7 +174,7 @@ class PipelineEngine:
         #: parameters whose gradients are summed over the TP ranks once per step (Qwen3's q/k norms)
         self.tp_summed = [p for name, p in self.named_parameters() if name in set(self.local.tp_summed)]
         self.gradients = Gradients(self, self.local.tied)
-        self.loss = PipelineLoss(self.plan.task, config)
+        self.loss = PipelineLoss(self.plan.task, config, router=self.frontend.router)
         #: what a user loss reported for the last step, as (reduction, total, count) per metric
         #: (`loss.reduce_metrics`), on every rank
         self.metrics: dict[str, tuple[str, float, float]] = {}

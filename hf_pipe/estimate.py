@@ -209,6 +209,7 @@ def plan_summary(
         "num_choices": num_choices if plan.task == MULTIPLE_CHOICE else None,
         "head_flops_per_token": _head_flops(plan, config, seq_len),
         "vision_flops_per_token": _vision_flops(plan, config, seq_len),
+        "experts": _experts(config),
         "layer_starts": plan.layer_starts,
         "max_over_mean_cost": plan.imbalance,
         "bubble_fraction": bubble_fraction(schedule, pp_size, stages_per_rank, microbatches),
@@ -229,6 +230,15 @@ def plan_summary(
         "startup_bytes_per_rank": startup,
         "startup_bytes_whole_model": model_params * dtype_bytes if model_params is not None else None,
     }
+
+
+def _experts(config: Any) -> tuple[int, int] | None:
+    """(routed experts per MoE block, experts a token runs) of a mixture-of-experts config, else None."""
+    from .families.moe import num_experts
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    experts, top_k = num_experts(text), getattr(text, "num_experts_per_tok", None)
+    return (experts, int(top_k)) if experts and top_k else None
 
 
 def _head_flops(plan: SplitPlan, config: Any, seq_len: int) -> float | None:
@@ -270,13 +280,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['microbatches']} microbatches of {summary['batch_size'] // summary['microbatches']} × "
         f"{tokens}, split {summary['policy']}",
         "",
-        f"{'stage':>5} {'rank':>4} {'layers':>{width}} {'params':>9} {'FLOPs':>6} {'weights':>8} {'grads':>8} "
-        f"{'AdamW':>8} {'activ.':>8} {'total':>8}  (GiB{' per TP rank' if tp > 1 else ''})  extra modules",
+        f"{'stage':>5} {'rank':>4} {'layers':>{width}} {'params':>9} {'MFLOP/tok':>9} {'FLOPs':>6} {'weights':>8} "
+        f"{'grads':>8} {'AdamW':>8} {'activ.':>8} {'total':>8}  (GiB{' per TP rank' if tp > 1 else ''})  extra modules",
     ]
     for s in summary["stages"]:
         extra = s["extra_modules"]
         lines.append(
             f"{s['stage']:>5} {s['rank']:>4} {s['blocks']:>{width}} {s['params'] / 1e6:>8.1f}M "
+            f"{s['flops_per_token'] / 1e6:>9.2f} "
             f"{100 * s['flops_per_token'] / total_flops:>5.1f}% {gib(s['weights_bytes']):>8} "
             f"{gib(s['grads_bytes']):>8} {gib(s['adamw_bytes']):>8} {gib(s['activation_bytes']):>8} "
             f"{gib(s['total_bytes']):>8}         {', '.join(extra)}"
@@ -300,9 +311,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     if summary.get("num_choices"):
         head += f"; {summary['num_choices']} choices per example (--num_choices)"
+    lines += ["", head]
+    if summary.get("experts"):  # a mixture of experts: what a token runs is not what a stage holds
+        experts, top_k = summary["experts"]
+        lines.append(
+            f"mixture of experts: params count all {experts} experts of each MoE block (what a stage holds); FLOPs "
+            f"count the {top_k} a token is routed to (what it runs)"
+        )
     lines += [
-        "",
-        head,
         "per rank (GiB): " + ", ".join(f"rank {r}: {gib(b)}" for r, b in sorted(per_rank.items())),
         "start-up weights per rank (GiB), from a path or a meta model: "
         + ", ".join(f"rank {r}: {gib(b)}" for r, b in sorted(summary["startup_bytes_per_rank"].items()))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import (
     CausalLMOutput,
     MaskedLMOutput,
+    MoeCausalLMOutputWithPast,
     MultipleChoiceModelOutput,
     QuestionAnsweringModelOutput,
     Seq2SeqLMOutput,
@@ -38,6 +39,7 @@ from transformers.modeling_outputs import (
 from .families import CAUSAL_LM, MASKED_LM, MULTIPLE_CHOICE, QUESTION_ANSWERING, SEQ2SEQ_LM, SEQ_CLS, TASKS, TOKEN_CLS
 from .families.base import LABEL_KEYS
 from .microbatch import IGNORE_INDEX, Microbatches
+from .router_loss import RouterLoss
 
 #: (outputs with `.logits`, labels, inputs, num_items_in_batch) -> loss, or (loss, metrics): each metric a value,
 #: a (sum, count) pair, or ("min" | "max", value)
@@ -110,11 +112,17 @@ class PipelineLoss:
     calls it once on a copy: that call only needs a differentiable scalar and has no side effects.
     """
 
-    def __init__(self, task: str, config: Any):
+    def __init__(self, task: str, config: Any, router: RouterLoss | None = None):
         if task not in TASKS:
             raise ValueError(f"no loss for task {task!r}; hf_pipe has losses for {list(TASKS)}")
         self.task = task
         self.config = config
+        #: the MoE load-balancing loss: the last stage's output then ends with its statistics (`router_loss.py`)
+        self.router = router
+        #: what the aux loss of the output being scored is multiplied by (training: `router.weight`; evaluation:
+        #: the model's coefficient, as HF adds it)
+        self._aux_weight = router.coef if router is not None else 0.0
+        self._step_aux_weight = self._aux_weight
         self.normalizer: float = 1.0
         #: the user's loss, called per microbatch instead of the model's (see the module docstring)
         self.hook: LossHook | None = None
@@ -160,6 +168,10 @@ class PipelineLoss:
         self.normalizer = normalizer
         self.num_items_in_batch = num_items_in_batch
         self.metrics = []
+        if self.router is not None:
+            self._step_aux_weight = self.router.weight / (
+                len(microbatches) if self.router.mean_over_microbatches else 1
+            )
         if self.task == QUESTION_ANSWERING:
             self._spans = self._span_counts(microbatches.inputs, microbatches.batch_shape[1])
         # torch hands each microbatch's target back to the loss, by which the microbatch is found
@@ -168,29 +180,51 @@ class PipelineLoss:
         self._index = {id(t): i for i, t in enumerate(targets)}
         return targets
 
+    def split_router(self, output: Any) -> tuple[Any, torch.Tensor | None]:
+        """(the head's logits, the router statistics) of a last stage's output; (logits, None) without a router
+        loss."""
+        output = as_logits(output)
+        if self.router is None or not isinstance(output, tuple):
+            return output, None
+        *logits, sums = output
+        return (logits[0] if len(logits) == 1 else tuple(logits)), sums
+
     def __call__(self, logits: Any, target: torch.Tensor) -> torch.Tensor:
-        logits = as_logits(logits)
+        logits, sums = self.split_router(logits)
         index = self._index.get(id(target))
         if index is None:  # torch's shape inference, on a copy of the first target
-            return sum(t.float().sum() for t in logits) if isinstance(logits, tuple) else logits.float().sum()
+            probe = sum(t.float().sum() for t in logits) if isinstance(logits, tuple) else logits.float().sum()
+            return probe if sums is None else probe + sums.sum()
         mbs = self._microbatches
+        self._aux_weight = self._step_aux_weight
         if self.hook is None:
-            return self.sum(logits, mbs.inputs[index]) / self.normalizer
+            return self.sum(logits, mbs.inputs[index]) / self.normalizer + self._aux_term(sums)
         self._current = index
         try:
-            return self._call_hook(logits, mbs.labels[index], mbs.inputs[index])
+            return self._call_hook(logits, mbs.labels[index], mbs.inputs[index], sums)
         finally:
             self._current = None
 
     def whole_batch(self, logits: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """The loss of a whole batch from its logits (evaluation): as Trainer computes it on one device. `logits` may
-        be the tuple an encoder-decoder's last stage returns in evaluation (logits first)."""
+        be the tuple an encoder-decoder's last stage returns in evaluation (logits first), or end with the router
+        statistics of every microbatch (added up: the whole batch's aux loss, as HF computes it in one forward)."""
         self.metrics = []
+        logits, sums = self.split_router(logits)
+        self._aux_weight = self.router.coef if self.router is not None else 0.0
         if self.task == QUESTION_ANSWERING:
             self._spans = self._span_counts([inputs], logits[0].shape[1])
         if self.hook is None:
-            return self.sum(logits, inputs) / self.normalizer
-        return self._call_hook(logits, inputs.get("labels"), inputs)
+            return self.sum(logits, inputs) / self.normalizer + self._aux_term(sums)
+        return self._call_hook(logits, inputs.get("labels"), inputs, sums)
+
+    def _aux_term(self, sums: torch.Tensor | None) -> torch.Tensor | float:
+        """The weighted aux loss of these router statistics (0 without), its value kept as the `aux_loss` metric."""
+        if sums is None:
+            return 0.0
+        aux = self.router.aux(sums)
+        self.metrics.append({"aux_loss": aux.detach()})
+        return self._aux_weight * aux
 
     def rows(self) -> slice:
         """The rows of the step's batch that the microbatch a hook is scoring holds (all of them in evaluation, where
@@ -202,25 +236,43 @@ class PipelineLoss:
         start = sum(int(x["input_ids"].shape[0]) for x in mbs.inputs[: self._current])
         return slice(start, start + int(mbs.inputs[self._current]["input_ids"].shape[0]))
 
+    @property
+    def aux_weight(self) -> float:
+        """What the aux loss of the output being scored is multiplied by (a user loss adding `outputs.aux_loss`
+        reads it): in training the step's weight per microbatch, in evaluation the model's coefficient."""
+        return self._aux_weight
+
     def model_loss(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """The model's own loss of `outputs` (as `outputs()` makes them) for `inputs` (a microbatch, or a whole
-        batch), normalised for this step."""
+        batch), normalised for this step; an MoE model's weighted `aux_loss` included, as HF adds it."""
         if self.task == QUESTION_ANSWERING:
             return self.sum((outputs.start_logits, outputs.end_logits), inputs) / self.normalizer
-        return self.sum(outputs.logits, inputs) / self.normalizer
+        loss = self.sum(outputs.logits, inputs) / self.normalizer
+        aux = getattr(outputs, "aux_loss", None)
+        return loss if aux is None else loss + self._aux_weight * aux
 
-    def outputs(self, logits: Any) -> Any:
+    def outputs(self, logits: Any, sums: torch.Tensor | None = None) -> Any:
         """What the model's forward would have returned without labels: its output class, with `.logits` (question
-        answering: `.start_logits` and `.end_logits`; an encoder-decoder in evaluation also its encoder's output)."""
+        answering: `.start_logits` and `.end_logits`; an encoder-decoder in evaluation also its encoder's output; an
+        MoE model's `aux_loss`, from the router statistics its last stage returns)."""
+        if sums is None:
+            logits, sums = self.split_router(logits)
+        if sums is not None:
+            return MoeCausalLMOutputWithPast(logits=logits, aux_loss=self.router.aux(sums))
         if self.task == QUESTION_ANSWERING:
             return QuestionAnsweringModelOutput(start_logits=logits[0], end_logits=logits[1])
         if isinstance(logits, tuple):  # an encoder-decoder in evaluation: the logits and the encoder's output
             return _OUTPUTS[self.task](**dict(zip(_SEQ2SEQ_FIELDS, logits)))
         return _OUTPUTS[self.task](logits=logits)
 
-    def _call_hook(self, logits: Any, labels: torch.Tensor | None, inputs: dict[str, Any]) -> torch.Tensor:
-        result = self.hook(self.outputs(logits), labels, inputs, self.num_items_in_batch)
+    def _call_hook(
+        self, logits: Any, labels: torch.Tensor | None, inputs: dict[str, Any], sums: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        outputs = self.outputs(logits, sums)
+        result = self.hook(outputs, labels, inputs, self.num_items_in_batch)
         loss, metrics = result if isinstance(result, tuple) else (result, None)
+        if sums is not None:
+            self.metrics.append({"aux_loss": outputs.aux_loss.detach()})
         if metrics:
             self.metrics.append(metrics)
         return loss

@@ -451,11 +451,12 @@ def plan_split(
 
     marks = getattr(model_or_config, _SPLIT_POINTS_ATTR, None) if is_model else None
     halves_ok = sub_blocks and bool(adapter.halves)
+    layer_cost = flops.layer_costs(num_layers)
     policy, starts = _choose_starts(
         split,
         marks,
         layer_fqns,
-        [flops.layer] * num_layers,
+        layer_cost,
         flops.embeddings,
         flops.head,
         num_stages,
@@ -463,7 +464,6 @@ def plan_split(
         halves_ok,
     )
 
-    half_cost = (flops.first_half, flops.layer - flops.first_half)
     # in half-block units: unit 2k is block k's attention half, 2k + 1 its MLP half
     bounds = [round(2 * start) for start in starts] + [2 * num_layers]
     stages = []
@@ -473,7 +473,8 @@ def plan_split(
         halves = ((lo // 2, 1),) if lo % 2 else ()  # begins at a block's MLP half
         halves += ((hi // 2, 0),) if hi % 2 else ()  # ends after a block's attention half
         first, last = k == 0, k == num_stages - 1
-        cost = sum(half_cost[part] for _, part in halves) + (len(layers) - len(halves)) * flops.layer
+        half_cost = {b: (flops.first_half, layer_cost[b] - flops.first_half)[part] for b, part in halves}
+        cost = sum(half_cost.get(b, layer_cost[b]) for b in layers)
         cost += (flops.embeddings if first else 0.0) + (flops.head if last else 0.0)
         modules = stage_modules(adapter, task, layers, first, last, halves, prefix)
         stages.append(StagePlan(k, layers, tuple(modules), cost, _param_count(meta, modules), halves))

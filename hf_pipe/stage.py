@@ -14,6 +14,7 @@ from torch import nn
 
 from .families import MULTIPLE_CHOICE, FamilyAdapter
 from .families.base import CACHE, NUM_CHOICES, flatten_choices
+from .router_loss import RouterLoss, RouterRecorder
 from .split import SplitPlan, body_prefix
 
 
@@ -21,7 +22,9 @@ class StageModule(nn.Module):
     """One pipeline stage of a HF model: `input_ids` (first stage) or hidden states in, hidden states or logits out.
 
     The extra batch tensors (attention mask, token type ids) arrive as keyword arguments on every stage: every rank
-    of a pipeline holds the whole batch, so they never travel between ranks.
+    of a pipeline holds the whole batch, so they never travel between ranks. With an MoE load-balancing loss
+    (`router`), every stage also takes (but the first) and returns the partial sums of its routers' statistics
+    (`router_loss.py`), next to its hidden states or logits.
     """
 
     def __init__(
@@ -30,6 +33,7 @@ class StageModule(nn.Module):
         adapter: FamilyAdapter,
         plan: SplitPlan,
         index: int,
+        router: RouterLoss | None = None,
     ):
         super().__init__()
         stage = plan.stages[index]
@@ -46,8 +50,18 @@ class StageModule(nn.Module):
         self.blocks = nn.ModuleList(
             [BlockHalf(blocks[i], half_of[i], adapter) if i in half_of else blocks[i] for i in self.layer_ids]
         )
+        object.__setattr__(self, "router", router)  # plain data, not a submodule
+        self._recorder = RouterRecorder(list(self.blocks), router.router_class) if router is not None else None
 
-    def forward(self, x: torch.Tensor, **batch: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *carried: torch.Tensor, **batch: Any) -> Any:
+        if self._recorder is None or CACHE in batch:  # generation takes no router loss
+            return self._forward(x, batch)
+        with self._recorder.recording() as router_logits:
+            out = self._forward(x, batch)
+        sums = carried[0] if carried else self.router.zeros(out.device if torch.is_tensor(out) else x.device)
+        return out, self.router.add_layers(sums, router_logits, batch.get("attention_mask"))
+
+    def _forward(self, x: torch.Tensor, batch: dict[str, Any]) -> Any:
         if self.task == MULTIPLE_CHOICE:  # each (example, choice) is one sequence of the body, as HF flattens them
             batch = flatten_choices(batch, batch[NUM_CHOICES])
             x = x.flatten(0, 1) if self.is_first else x
@@ -112,10 +126,15 @@ class BlockHalf(nn.Module):
 
 
 def build_stage_modules(
-    model: nn.Module, adapter: FamilyAdapter, plan: SplitPlan, stage_indices: Sequence[int]
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    plan: SplitPlan,
+    stage_indices: Sequence[int],
+    router: RouterLoss | None = None,
 ) -> list[StageModule]:
-    """This rank's stages, built from `model`; every parameter no local stage owns becomes a meta tensor."""
-    stages = [StageModule(model, adapter, plan, i) for i in stage_indices]
+    """This rank's stages, built from `model`; every parameter no local stage owns becomes a meta tensor. With
+    `router`, the stages carry its statistics (`StageModule`)."""
+    stages = [StageModule(model, adapter, plan, i, router) for i in stage_indices]
     free_unowned_parameters(model, stages)
     return stages
 

@@ -35,7 +35,7 @@ from .loading import model_and_weights
 from .reporting import eval_steps_per_pipeline, model_card_per_pipeline, pool_metrics, sum_over_replicas
 from .seq2seq_split import dataset_lengths
 from .timeline import report_timeline
-from .trainer_loss import compute_loss_problems, label_items, overrides, trainer_normalizer
+from .trainer_loss import aux_weight, compute_loss_problems, label_items, overrides, trainer_normalizer
 from .trainer_options import trainer_argument_problems
 from .training_args import PipeArgumentsMixin
 from .validate import label_column_problems, trainer_problems
@@ -261,12 +261,19 @@ class PipeTrainer(Trainer):
         """What Trainer would divide this batch's loss sum by, so the loss and gradients match Trainer's."""
         return trainer_normalizer(self, inputs, num_items_in_batch, training)
 
+    def _router_aux_weight(self, num_items_in_batch: Any) -> tuple[float, bool]:
+        """What each microbatch's MoE aux loss is multiplied by, as Trainer weighs it per accumulation step (the
+        microbatches being those steps): (weight, also divided by the step's microbatch count)."""
+        return aux_weight(self, num_items_in_batch)
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         model.train()
         self._tied_reduced = False
         inputs = self._prepare_inputs(inputs)
         raise_if_any(self.engine.batch_problems(inputs))  # before anything runs, on every rank
         normalizer = self._loss_normalizer(inputs, num_items_in_batch)
+        if (router := self.engine.loss.router) is not None:
+            router.weight, router.mean_over_microbatches = self._router_aux_weight(num_items_in_batch)
         tracing = self.args.pipeline_trace_dir and self.state.global_step == 1 and not self.engine.timeline.armed
         if tracing and self.engine.recorded is None:
             self.engine.record_timeline(self.args.pipeline_trace_steps)  # after step 1, which infers shapes

@@ -64,6 +64,24 @@ def trainer_normalizer(trainer: Any, inputs: dict[str, Any], num_items_in_batch:
     return normalizer
 
 
+def aux_weight(trainer: Any, num_items_in_batch: Any) -> tuple[float, bool]:
+    """How Trainer weighs an MoE model's aux loss in one microbatch's loss, the microbatches being its gradient
+    accumulation steps: (weight, divided by the step's microbatch count too). The model adds `coef · aux` to a loss
+    normalised by `num_items_in_batch`, which Trainer then scales by the processes under
+    `average_tokens_across_devices` (the replicas here) and divides by the accumulation steps only when it is not
+    already normalised for them."""
+    coef = trainer.engine.loss.router.coef
+    accepts = trainer.model_accepts_loss_kwargs
+    if trainer.args.average_tokens_across_devices and accepts and num_items_in_batch is not None:
+        coef *= trainer._dp_size
+    scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled_for_ga is None:
+        scaled_for_ga = (accepts and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+    if scaled_for_ga:
+        return coef, False
+    return coef / trainer.current_gradient_accumulation_steps, True
+
+
 def overrides(cls: type, base: type, name: str) -> bool:
     """Whether `cls` defines `name` below `base` (a subclass's own method, not `base`'s or Trainer's)."""
     return getattr(cls, name) is not getattr(base, name)

@@ -6,6 +6,7 @@ from typing import Any
 
 from .families import task_of
 from .frontends import FRONTENDS
+from .router_loss import router_loss_problems
 from .schedule import check_schedule
 from .tensor_parallel import tensor_parallel_problems
 from .trainer_options import frontend_option_problems, label_names_problems, trainer_argument_problems
@@ -57,8 +58,8 @@ def model_problems(
     data_parallel: str | None = None,
 ) -> list[str]:
     """Problems between the model and the pipeline shape (the frontend's own: a family without an adapter, more
-    stages than blocks, a data-parallel mode it cannot run), and what no frontend runs yet (an MoE router loss)."""
-    problems = router_loss_problems(config)
+    stages than blocks, a data-parallel mode it cannot run), and an MoE router loss the frontend cannot carry."""
+    problems = router_loss_problems(config, frontend)
     if frontend not in FRONTENDS:
         return problems  # the frontend itself is reported by frontend_problems
     return problems + FRONTENDS[frontend](config).problems(
@@ -68,25 +69,6 @@ def model_problems(
         explicit_split=explicit_split,
         data_parallel=data_parallel,
     )
-
-
-def router_loss_problems(config: Any) -> list[str]:
-    """An MoE model returning its router logits for the load-balancing loss: HF adds that loss from every layer's
-    router logits, gathered over the whole forward, which a pipeline runs in pieces on several ranks (the last stage
-    would return its layers' router logits and the auxiliary loss next to the logits, where the loss reads logits
-    alone). Refused until MoE support lands; with router_aux_loss_coef=0 the outputs are the same, so only
-    output_router_logits=False runs."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not getattr(text, "output_router_logits", False):
-        return []
-    coef = getattr(text, "router_aux_loss_coef", None)
-    return [
-        f"output_router_logits=True ({getattr(config, 'model_type', '?')}, router_aux_loss_coef={coef}): the MoE "
-        "load-balancing loss needs every layer's router logits, which the pipeline's stages hold on different ranks "
-        "(not supported yet); set config.output_router_logits=False (or output_router_logits=False in "
-        "from_pretrained / model_init_kwargs) to train without it (router_aux_loss_coef=0 alone does not do: the "
-        "router logits are still returned)."
-    ]
 
 
 def dataset_problems(dataset: Any, setting: str, config: Any) -> list[str]:

@@ -44,6 +44,8 @@ TASKS = {
     "t5": "seq2seq_lm",
     "t5-v1_1": "seq2seq_lm",
     "bart": "seq2seq_lm",
+    "qwen3_moe": "causal_lm",
+    "mixtral": "causal_lm",
 }
 #: the Auto class that loads a saved checkpoint of each task
 AUTO = {
@@ -122,14 +124,15 @@ def run_trainer(name: str, output_dir: str, pipeline: dict | None, extra: dict, 
     `setup` (module-level objects, so that it reaches spawned ranks): `model` (tiny_model overrides), `collator`
     (a function of the task returning the data collator), `trainer_kwargs` (more Trainer arguments), `classes`
     ((Trainer class, PipeTrainer class)), `rows` ((train, eval) dataset sizes), `data` (dataset builder kwargs: row
-    lengths, a classification problem type), `args` (training arguments of this case, reference included).
+    lengths, a classification problem type), `args` (training arguments of this case, reference included),
+    `ref_args` (training arguments of the reference alone: gradient accumulation over the pipeline's microbatches).
     """
     from transformers import Trainer, TrainingArguments
 
     from hf_pipe import PipeTrainer, PipeTrainingArguments
 
     setup = setup or {}
-    extra = {**extra, **setup.get("args", {})}
+    extra = {**extra, **setup.get("args", {}), **(setup.get("ref_args", {}) if pipeline is None else {})}
     model = tiny_model(name, **setup.get("model", {}), **_unseeded(setup))
     train, evaluation = _datasets(name, *setup.get("rows", (45, 13)), **setup.get("data", {}))
     if pipeline is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:

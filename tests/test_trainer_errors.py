@@ -85,10 +85,6 @@ def _moe(model_type: str, **overrides):
     return transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, **common))
 
 
-def _qwen3_moe():
-    return _moe("qwen3_moe")
-
-
 def _mixtral():
     return _moe("mixtral")
 
@@ -207,13 +203,8 @@ CASES = [
         "optimizer_cls_and_kwargs=(_sgd_factory, ...): not a torch.optim.Optimizer subclass",
     ),
     ({"model": ("gpt2", 0), "trainer": _optimizer_class}, None),  # an Optimizer subclass passes
-    # MoE router load-balancing loss (used to crash at the first step on the last stage), on the frontend `auto` picks
-    # for these families (trace: no adapter) and on the module frontend
-    *(
-        ({"model": build, "pipeline_frontend": frontend}, "output_router_logits=True (")
-        for build in (_qwen3_moe, _mixtral)
-        for frontend in ("auto", "module")
-    ),
+    # MoE router load-balancing loss: the stages carry its statistics (tests/test_moe.py)
+    ({"model": _mixtral, "pipeline_frontend": "auto"}, None),
 ]
 
 

@@ -25,6 +25,7 @@ from .gpt2 import Gpt2Adapter
 from .idefics3 import Idefics3Adapter
 from .llama import LlamaAdapter
 from .llava import LlavaAdapter
+from .moe import MoeAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .t5 import T5Adapter
 from .vision import VisionLanguageAdapter
@@ -70,6 +71,10 @@ register_family("bert", BertAdapter())
 # The Llama adapter serves these decoders unchanged; each is checked against one-process gradients in the tests.
 for _model_type in ("llama", "mistral", "qwen2", "qwen3"):
     register_family(_model_type, LlamaAdapter())
+# Mixture-of-experts decoders shaped like Llama, their load-balancing loss carried between stages; each checked
+# against one-process Trainer in the tests.
+for _model_type in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe"):
+    register_family(_model_type, MoeAdapter())
 # Encoder-decoders (stages by the seq2seq frontend), each checked against one process in the tests.
 register_family("t5", T5Adapter())
 register_family("mt5", T5Adapter())
@@ -102,6 +107,7 @@ __all__ = [
     "TOKEN_CLS",
     "FamilyAdapter",
     "FlopsPerToken",
+    "MoeAdapter",
     "get_family",
     "register_family",
     "registered_families",

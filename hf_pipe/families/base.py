@@ -101,6 +101,12 @@ class FlopsPerToken:
     #: of `embeddings`, what a vision-language model's vision tower and projector cost, per text token (their cost
     #: per image spread over the tokens of a sequence, `families/vision.py`); 0 for text models
     vision: float = 0.0
+    #: each block's cost, where blocks differ (an MoE's dense layers); empty: every block costs `layer`
+    layers: tuple[float, ...] = ()
+
+    def layer_costs(self, num_layers: int) -> list[float]:
+        """The cost of each of `num_layers` blocks."""
+        return list(self.layers) if self.layers else [self.layer] * num_layers
 
 
 class FamilyAdapter:

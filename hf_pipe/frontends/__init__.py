@@ -54,6 +54,8 @@ class Frontend:
     #: stages mask within each sequence of a packed batch (positions restarting, no attention mask), so a packed
     #: batch may be cut into microbatches at sequence boundaries (set by `build`)
     packs_sequences: bool = False
+    #: the MoE load-balancing loss the stages carry statistics for (`router_loss.py`; set by `build`), or None
+    router: Any = None
 
     def __init__(self, config: Any):
         self.config = config

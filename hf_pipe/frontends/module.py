@@ -25,6 +25,7 @@ from ..families.base import LABEL_KEYS, is_bare_body, is_vision_language
 from ..families.vision import unadapted_vision_language
 from ..grad_accumulation import InPlaceAccumulationMixin
 from ..measure import measure_costs
+from ..router_loss import router_loss_of
 from ..schedule import NoSelfSendMixin
 from ..split import plan_split, resolve_family, unsupported_head
 from ..stage import build_stage_modules, owner_stages, tied_groups
@@ -137,7 +138,8 @@ class ModuleFrontend(Frontend):
             if any(name.startswith(m + ".") for m in owned)
         }
         weights.materialize(model, keep, device)
-        modules = build_stage_modules(model, self.adapter, plan, stage_indices)
+        self.router = router_loss_of(model) if getattr(self.adapter, "router_loss", False) else None
+        modules = build_stage_modules(model, self.adapter, plan, stage_indices, self.router)
         self.packs_sequences = self.adapter.packed_sequences and plan.task == CAUSAL_LM
         self.task = plan.task
         return LocalStages(modules=list(modules), tied=tied, keep=keep)

@@ -30,6 +30,7 @@ from ..families import (
 )
 from ..families.base import ATTENTION_KWARGS, TASK_CLASSES, is_vision_language, last_non_pad_token
 from ..families.vision import unadapted_vision_language
+from ..router_loss import RouterLoss, router_loss_of
 from ..split import plan_blocks, unsupported_head
 from ..stage import tied_groups
 from ..timeline import Timeline
@@ -84,11 +85,17 @@ class TraceFrontend(Frontend):
         return plan_blocks(model, num_stages, split, task=task)
 
     def build(self, model, plan, stage_indices, device, weights):
+        self.router = router_loss_of(model) if plan.task == CAUSAL_LM else None
+        if self.router is None and (problem := _unknown_router_loss(model)):
+            raise PipelineConfigError(problem)
         self.traced = TracedStages(
             model, plan, list(stage_indices), device, tied_groups(model), announce=0 in stage_indices, weights=weights
         )
-        if problem := _output_problem(type(model).__name__, plan.task, self.traced.outputs):
+        expected = _ROUTER_OUTPUTS if self.router is not None else None
+        if problem := _output_problem(type(model).__name__, plan.task, self.traced.outputs, expected):
             raise PipelineConfigError(problem)
+        # the traced last stage returns every layer's router logits: as many as the model has routers
+        self._routers = sum(isinstance(m, self.router.router_class) for m in model.modules()) if self.router else 0
         self.model_class = type(model).__name__
         self._keys = set(traced_batch_keys(model))
         self.packs_sequences = masks_follow_positions(model) and plan.task == CAUSAL_LM
@@ -123,10 +130,58 @@ class TraceFrontend(Frontend):
         timeline: Timeline,
     ) -> list[Any]:
         modules, info = self.traced.for_batch(*microbatch, training)
+        if self.router is not None:  # the last stage's router logits become the module stages' router statistics
+            modules = [
+                RouterSumsHead(m, self.router, self._routers) if i == num_stages - 1 else m
+                for m, i in zip(modules, stage_indices)
+            ]
         return [
             TracedStage(module, index, info, device, group, timeline=timeline)
             for module, index in zip(modules, stage_indices)
         ]
+
+
+class RouterSumsHead(nn.Module):
+    """The traced last stage of an MoE causal LM, whose graph returns what HF's forward returns with router logits
+    (`aux_loss`, `logits`, then every layer's router logits, threaded to it from the earlier stages): returns the
+    logits and the router statistics of those logits (`router_loss.py`), as the module frontend's last stage does,
+    so that training adds each microbatch's aux loss and evaluation the whole batch's."""
+
+    def __init__(self, stage: nn.Module, router: RouterLoss, routers: int):
+        super().__init__()
+        self.stage = stage
+        self.routers = routers
+        object.__setattr__(self, "router", router)
+
+    @property
+    def graph(self) -> Any:
+        """The stage's graph, where torch's traced stage reads what it receives."""
+        return self.stage.graph
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.stage(*args, **kwargs)
+        logits, router_logits = out[-self.routers - 1], out[-self.routers :]
+        sums = self.router.add_layers(self.router.zeros(logits.device), router_logits, kwargs.get("attention_mask"))
+        return logits, sums
+
+
+#: what HF's MoE causal LMs return with router logits and no labels
+_ROUTER_OUTPUTS = {"aux_loss": 0, "logits": 3, "router_logits": -1}
+
+
+def _unknown_router_loss(model: nn.Module) -> str | None:
+    """A model returning router logits whose forward adds a router loss other than HF's load-balancing one over
+    recorded router logits (a z-loss, an encoder-decoder's): the pipeline would train without it."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "output_router_logits", False):
+        return None
+    return (
+        f"output_router_logits=True with {type(model).__name__} and pipeline_frontend='trace': hf_pipe adds HF's "
+        "load-balancing loss (load_balancing_loss_func over the router logits HF records) for causal LMs, and this "
+        "model's forward adds another router loss (or none hf_pipe can find); set config.output_router_logits="
+        "False to train without it."
+    )
 
 
 def _pools_at_pad_token(model: nn.Module) -> bool:
@@ -148,11 +203,14 @@ _EXPECTED = {
 }
 
 
-def _output_problem(class_name: str, task: str, outputs: dict[str | int, int] | None) -> str | None:
+def _output_problem(
+    class_name: str, task: str, outputs: dict[str | int, int] | None, expected: dict[str, int] | None = None
+) -> str | None:
     """A forward whose outputs are not what the task's loss reads (one logits tensor; question answering's start and
-    end logits), by name and shape: the loss would read the wrong tensor. `outputs` as `trace.output_structure`
-    gives them (a plain tensor or tuple has indices for names); None: not known, the trace reports what fails."""
-    expected = _EXPECTED[task]
+    end logits; `expected`, if given), by name and shape: the loss would read the wrong tensor. `outputs` as
+    `trace.output_structure` gives them (a plain tensor or tuple has indices for names); None: not known, the trace
+    reports what fails."""
+    expected = expected or _EXPECTED[task]
     if outputs is None:
         return None
     named = all(isinstance(k, str) for k in outputs)

@@ -210,7 +210,7 @@ class Steps:
             f"stage {engine.num_stages - 1} on rank {engine.global_rank(src)}",
         ):
             dist.broadcast(loss, group_src=src, group=engine.group)
-            if engine.loss.hook is not None:  # what the user's loss reported, on every rank
+            if engine.loss.hook is not None or engine.loss.router is not None:  # what the loss reported, everywhere
                 metrics = [reduce_metrics(engine.loss.metrics) if engine.has_last else None]
                 dist.broadcast_object_list(metrics, group_src=src, group=engine.group, device=engine.device)
                 engine.metrics = metrics[0]

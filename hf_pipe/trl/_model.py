@@ -101,3 +101,18 @@ class _Drop(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.text not in record.getMessage()
+
+
+def route_router_logits(model: Any, args: Any) -> None:
+    """TRL's switch of an MoE model's router logits (SFT sets it on the config after the model is set up, DPO passes
+    `output_router_logits=True` to each forward): on with a non-zero `router_aux_loss_coef` (the config's own when
+    unset), off with zero. The pipeline's stages are cut before that, so they must see it on the config first."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    text = config.get_text_config()
+    coef = args.router_aux_loss_coef
+    coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if hasattr(text, "output_router_logits") and hasattr(text, "router_aux_loss_coef"):
+        text.output_router_logits = coef != 0.0
+        text.router_aux_loss_coef = coef

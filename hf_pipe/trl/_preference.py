@@ -84,6 +84,8 @@ def reference_stages(trainer: Any) -> Any:
     if weights is not None:  # a skeleton the TRL trainer made: no accelerator state to keep for it
         trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not ref]
     engine = trainer.engine
+    if hasattr(ref.config, "get_text_config") and hasattr(ref.config.get_text_config(), "output_router_logits"):
+        ref.config.get_text_config().output_router_logits = False  # TRL's reference forward returns no aux loss
     local = engine.frontend.build(
         ref, engine.plan, engine.stage_indices, engine.device, weights if weights is not None else Resident()
     )
@@ -145,7 +147,7 @@ def reference_trainer_problems(
     text = config.get_text_config()
     coef = args.router_aux_loss_coef
     coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
-    if hasattr(text, "output_router_logits") and coef:
+    if hasattr(text, "output_router_logits") and coef and trainer != "DPOTrainer":  # DPO adds it (`dpo.py`)
         problems.append(
             f"a Mixture-of-Experts model with router_aux_loss_coef={coef}: the router's load-balancing loss "
             "spans every layer's router logits, which live on different stages; set router_aux_loss_coef=0.0."

@@ -14,8 +14,10 @@ forward-only pipelined pass of the same batch through those stages gives each ro
 on the last stage; never inside the training schedule.
 
 Refused by name before the first step: `aot` / `aot_unpaired`, `padding_free`, `use_liger_kernel`, vision datasets,
-the MoE router loss, `compute_metrics`, `activation_offloading`, `use_weighting` with `sft`; prompt-learning PEFT and
-LoRA on `lm_head` as PipeTrainer and DPOTrainer refuse them.
+`compute_metrics`, `activation_offloading`, `use_weighting` with `sft`; prompt-learning PEFT and LoRA on `lm_head` as
+PipeTrainer and DPOTrainer refuse them. An MoE policy's load-balancing loss is added as DPOTrainer adds it (its
+`router_aux_loss_coef`, per microbatch, divided by the accumulation steps as Trainer divides DPO's loss) and logged as
+its `aux_loss`; the frozen reference returns none, as TRL's reference forward.
 
 `precompute_ref_log_probs=True`: one forward-only pass over each dataset before training, its batches shared over the
 pipeline replicas, the last stage's values gathered to every rank, stored as DPOTrainer stores them (the columns
@@ -51,7 +53,7 @@ from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._metrics import count_train_tokens
-from ._model import model_for, path_given, replay_adapter_draws
+from ._model import model_for, path_given, replay_adapter_draws, route_router_logits
 from ._preference import (
     IGNORE_INDEX,
     deinterleave,
@@ -121,9 +123,12 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
         self._ref_logps: torch.Tensor | None = None
         #: the chosen completion tokens of the step's batch, times the accumulation steps: `sft`'s normaliser
         self._sft_normalizer = 1.0
+        route_router_logits(built, args)  # DPO asks each forward for router logits: the stages must carry them
         with path_given(DPOTrainer, model), reference_init(self, args):
             super().__init__(built, ref_model, args, *positional, **kwargs)
         replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws
+        if (router := self.engine.loss.router) is not None:
+            router.coef = self.router_aux_loss_coef  # DPO weighs the aux loss with its own coefficient
         self._prepared_reference()
         SyncReferenceStages.install(self)  # TR-DPO: each rank mixes its own stages
 
@@ -204,6 +209,11 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
         self._sft_normalizer = float(chosen_tokens * steps)
         return float(inputs["input_ids"].shape[0] // 2 * steps)
 
+    def _router_aux_weight(self, num_items_in_batch: Any) -> tuple[float, bool]:
+        # DPO adds `coef · aux` to each forward's loss, which Trainer divides by the accumulation steps (the
+        # microbatches being those steps here)
+        return self.router_aux_loss_coef / self.current_gradient_accumulation_steps, True
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         count_train_tokens(self, inputs["attention_mask"].sum())
         return super().training_step(model, self._pipeline_batch(inputs), num_items_in_batch)
@@ -238,6 +248,8 @@ class PipeDPOTrainer(DPOTrainer, PipeTrainer):
         if "sft" in self.loss_types:
             weight = self.loss_weights[self.loss_types.index("sft")]
             loss = loss - weight * stats.log_probs[0::2].sum() / self._sft_normalizer
+        if getattr(outputs, "aux_loss", None) is not None:  # an MoE policy's load-balancing loss, as DPO adds it
+            loss = loss + self.engine.loss.aux_weight * outputs.aux_loss
         with torch.no_grad():
             pairs = chosen_logps.numel()
             chosen, rejected = mask[0::2], mask[1::2]

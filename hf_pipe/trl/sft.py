@@ -5,6 +5,8 @@ templates, `completion_only_loss` / `assistant_only_loss` masks, packing (BFD, p
 sequence boundaries, see `microbatch.py`), PEFT configs — and runs SFT's loss on the pipeline's last stage: `loss_type`
 `"nll"` or `"dft"`, normalised as SFT normalises it, with SFT's `entropy` and `mean_token_accuracy` computed there
 over the whole batch and `num_tokens` counted once per pipeline, all reported on every rank as SFT logs them.
+An MoE model's load-balancing loss is added as SFT adds it (`router_aux_loss_coef`, per microbatch, averaged over
+the microbatches as SFT averages it over accumulation steps) and logged as SFT's `aux_loss`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..trainer import PipeTrainer
 from ..training_args import PipeArgumentsMixin
 from ._config import config_problems
 from ._metrics import count_train_tokens
-from ._model import model_for, path_given, replay_adapter_draws
+from ._model import model_for, path_given, replay_adapter_draws, route_router_logits
 
 
 @dataclass
@@ -54,8 +56,12 @@ class PipeSFTTrainer(SFTTrainer, PipeTrainer):
         raise_if_any(_sft_problems(args))
         self._total_train_tokens = 0
         with path_given(SFTTrainer, model):
-            super().__init__(model_for(self, model, args), args, *positional, **kwargs)  # not built whole
+            built = model_for(self, model, args)
+            route_router_logits(built, args)  # before the stages are cut: SFT switches the router logits after
+            super().__init__(built, args, *positional, **kwargs)  # not built whole
         replay_adapter_draws(self)  # a path's LoRA adapters: TRL's draws
+        if (router := self.engine.loss.router) is not None:
+            router.coef = self.router_aux_loss_coef  # SFT weighs the aux loss with its own coefficient
 
     # SFT's evaluation runs its compute_loss on the whole model: the pipeline's own runs the last stage's loss
     compute_loss = PipeTrainer.compute_loss
@@ -69,6 +75,13 @@ class PipeSFTTrainer(SFTTrainer, PipeTrainer):
         tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["position_ids"].size(1)
         count_train_tokens(self, tokens)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _router_aux_weight(self, num_items_in_batch: Any) -> tuple[float, bool]:
+        # SFT adds `coef · aux / steps` per forward, the steps being the accumulation steps (the microbatches here)
+        # when the loss is normalised by `num_items_in_batch`
+        if num_items_in_batch is None:
+            return self.router_aux_loss_coef, False
+        return self.router_aux_loss_coef / self.current_gradient_accumulation_steps, True
 
     def compute_microbatch_loss(self, outputs, labels, inputs, num_items_in_batch):
         """SFT's loss and metrics from the last stage's logits (the fused LM head's numbers, computed whole)."""
@@ -87,6 +100,8 @@ class PipeSFTTrainer(SFTTrainer, PipeTrainer):
             loss = per_token.sum() / torch.as_tensor(count).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self._dp_size  # as SFT scales it by the processes, DDP averaging the gradients
+            if getattr(outputs, "aux_loss", None) is not None:  # an MoE model's load-balancing loss, weighted as SFT
+                loss = loss + self.engine.loss.aux_weight * outputs.aux_loss
         with torch.no_grad():
             entropy = -(log_probs.exp() * log_probs).sum(-1) * mask
             top1 = (outputs.logits.argmax(-1) == targets) & mask
