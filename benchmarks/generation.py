@@ -24,25 +24,23 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-
-def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+from benchmarks._common import rss_anon_mib  # noqa: E402
 
 
 class PeakMemory:
-    """The peak RssAnon above the level at entry, sampled in a thread."""
+    """The peak RssAnon above the level at entry (MiB), sampled in a thread."""
 
     def __enter__(self) -> PeakMemory:
-        self.base, self.peak, self._done = _rss_anon(), 0, threading.Event()
+        self.base, self.peak, self._done = rss_anon_mib(), 0.0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, _rss_anon() - self.base)
+            self.peak = max(self.peak, rss_anon_mib() - self.base)
             time.sleep(0.002)
 
     def __exit__(self, *exc) -> None:
@@ -74,7 +72,7 @@ def one_process(folder: str, args: argparse.Namespace) -> dict:
     with PeakMemory() as memory:
         seconds, tokens = _timed(model.generate, ids, args.new_tokens)
     torch.save(tokens, os.path.join(folder, "reference.pt"))
-    return {"tokens_per_s": args.rows * args.new_tokens / seconds, "peak_mb": memory.peak / 2**20}
+    return {"tokens_per_s": args.rows * args.new_tokens / seconds, "peak_mb": memory.peak}
 
 
 def worker(folder: str, groups: int, mode: str, rows: int, prompt: int, new_tokens: int) -> None:
@@ -113,7 +111,7 @@ def worker(folder: str, groups: int, mode: str, rows: int, prompt: int, new_toke
         "rank": dist.get_rank(),
         "tokens_per_s": rows * new_tokens / seconds if seconds else None,
         "gather_s": gather_s,
-        "peak_mb": memory.peak / 2**20,
+        "peak_mb": memory.peak,
         "exact": None if tokens is None else bool(torch.equal(tokens, reference)),
     }
     with open(os.path.join(folder, f"result-{dist.get_rank()}.json"), "w") as f:

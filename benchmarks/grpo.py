@@ -27,62 +27,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks._common import rss_anon_mib, save_llama  # noqa: E402
+
 FULL = dict(layers=8, hidden=256, inner=688, vocab=2048, words=32, rows=8, completion=32, microbatches=4, steps=6,
             warmup=2)  # fmt: skip
 SMOKE = dict(layers=4, hidden=64, inner=128, vocab=256, words=8, rows=8, completion=8, microbatches=2, steps=3,
              warmup=1)  # fmt: skip
-
-
-def _rss_anon_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _prepare(cfg: dict, root: str) -> None:
-    """A random Llama and a word-level tokenizer saved to `root`."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
-    config = transformers.LlamaConfig(
-        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["inner"],
-        num_hidden_layers=cfg["layers"], num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(os.path.join(root, "model"))
-    vocab = {"[PAD]": 0, "[EOS]": 1, **{f"w{i}": i for i in range(2, cfg["vocab"])}}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[PAD]"))
-    tokenizer.pre_tokenizer = WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", eos_token="[EOS]")
-    fast.save_pretrained(os.path.join(root, "model"))
-
-
-def _prepare(cfg: dict, root: str) -> None:
-    """A random Llama and a word-level tokenizer saved to `root`."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
-    config = transformers.LlamaConfig(
-        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["inner"],
-        num_hidden_layers=cfg["layers"], num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(os.path.join(root, "model"))
-    vocab = {"[PAD]": 0, "[EOS]": 1, **{f"w{i}": i for i in range(2, cfg["vocab"])}}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[PAD]"))
-    tokenizer.pre_tokenizer = WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", eos_token="[EOS]")
-    fast.save_pretrained(os.path.join(root, "model"))
 
 
 def _dataset(cfg: dict):
@@ -153,7 +103,7 @@ def _worker(cfg: dict, root: str, pipeline: bool, out: str) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             total = time.perf_counter() - self.start
             self.steps.append((total, spent["generation"], spent["scoring"] - spent["generation"]))
-            self.peak = max(self.peak, _rss_anon_mib())
+            self.peak = max(self.peak, rss_anon_mib())
 
     clock = Clock()
     trainer.add_callback(clock)
@@ -196,7 +146,7 @@ def main() -> None:
         _worker(cfg, args.root, args.pipeline, args.result)
         return
     with tempfile.TemporaryDirectory() as root:
-        _prepare(cfg, root)
+        save_llama(cfg, root)
         print(
             f"model: Llama {cfg['layers']} layers, hidden {cfg['hidden']}, vocab {cfg['vocab']}; {cfg['rows']} rows "
             f"a step (4 completions a prompt), prompts of {cfg['words']} tokens, completions up to "

@@ -25,6 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks._common import rss_anon_mib  # noqa: E402
+
 FULL = dict(layers=8, hidden=256, experts=8, top_k=2, expert_inner=256, vocab=2048, seq=128, batch=8,
             microbatches=4, steps=10, warmup=3)  # fmt: skip
 SMOKE = dict(layers=4, hidden=32, experts=4, top_k=2, expert_inner=32, vocab=128, seq=16, batch=8, microbatches=4,
@@ -46,14 +48,6 @@ def _config(cfg: dict):
         num_experts_per_tok=cfg["top_k"], max_position_embeddings=cfg["seq"], output_router_logits=True,
         router_aux_loss_coef=0.01, tie_word_embeddings=False,
     )  # fmt: skip
-
-
-def _rss_anon_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _worker(cfg: dict, run: str, out: str) -> None:
@@ -96,7 +90,7 @@ def _worker(cfg: dict, run: str, out: str) -> None:
 
         def on_step_end(self, args, state, control, **kwargs):
             self.steps.append(time.perf_counter() - self.start)
-            self.peak = max(self.peak, _rss_anon_mib())
+            self.peak = max(self.peak, rss_anon_mib())
 
     clock = Clock()
     trainer = cls(model=model, args=args, train_dataset=data, callbacks=[clock])
