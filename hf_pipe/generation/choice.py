@@ -27,16 +27,31 @@ class Step:
     done: bool
 
 
-class Sampling:
+class _Choice:
+    """What both token choices share: the shape of the group's last random draw."""
+
+    config: Any
+    device: torch.device
+    draw_shape: tuple[int, ...] | None = None
+
+    def skip_draw(self) -> None:
+        """The random numbers a draw of this group would take (`torch.multinomial` takes one exponential per
+        probability), taken while other groups still decode: a finished row keeps drawing in `generate` until every
+        row of the batch is done, so later draws — and the generator's state afterwards — stay the same."""
+        if self.config.do_sample and self.draw_shape is not None:
+            torch.empty(self.draw_shape, dtype=torch.float32, device=self.device).exponential_()
+
+
+class Sampling(_Choice):
     """Greedy or multinomial sampling on one group, as `GenerationMixin._sample` selects tokens."""
 
     def __init__(self, input_ids: torch.Tensor, processors: Any, stopping: Any, config: Any, model: Any = None):
         self.ids, self.processors, self.stopping, self.config = input_ids, processors, stopping, config
+        self.device = input_ids.device
         self.pad = config._pad_token_tensor
         self.pad = self.pad.to(input_ids.device) if self.pad is not None else None
         self.pads_finished = any(hasattr(criteria, "eos_token_id") for criteria in stopping)
         self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        self.draw_shape: tuple[int, ...] | None = None
 
     @property
     def rows(self) -> torch.Tensor:
@@ -57,23 +72,17 @@ class Sampling:
         self.unfinished = self.unfinished & ~self.stopping(self.ids, None)
         return Step(tokens, None, bool(self.unfinished.max() == 0))
 
-    def skip_draw(self) -> None:
-        """The random numbers a draw of this group would take (`torch.multinomial` takes one exponential per
-        probability), taken while other groups still decode: a finished row keeps drawing in `generate` until every
-        row of the batch is done, so later draws — and the generator's state afterwards — stay the same."""
-        if self.config.do_sample and self.draw_shape is not None:
-            torch.empty(self.draw_shape, dtype=torch.float32, device=self.ids.device).exponential_()
-
     def sequences(self) -> torch.Tensor:
         return self.ids
 
 
-class BeamSearch:
+class BeamSearch(_Choice):
     """Beam search (and beam sampling) on one group of whole examples, as `GenerationMixin._beam_search` runs it,
     with HF's own helpers for the top-k continuations, the running and finished beams and the stopping heuristic."""
 
     def __init__(self, input_ids: torch.Tensor, processors: Any, stopping: Any, config: Any, model: Any):
         self.processors, self.stopping, self.config, self.hf = processors, stopping, config, model
+        self.device = input_ids.device
         self.beams = beams = config.num_beams
         rows, self.length = input_ids.shape
         self.prompt = self.length
@@ -98,7 +107,6 @@ class BeamSearch:
             (batch, beams, max_length - self.length), fill_value=-1, dtype=torch.int32, device=device
         )
         self.indices = self.running_indices.detach().clone()
-        self.draw_shape: tuple[int, ...] | None = None
 
     @property
     def rows(self) -> torch.Tensor:
@@ -166,11 +174,6 @@ class BeamSearch:
             self.heuristic_unsatisfied, self.sent_finished, hits, config.early_stopping
         )
         return Step(self.rows[:, -1], reorder, done)
-
-    def skip_draw(self) -> None:
-        """As `Sampling.skip_draw`: the draw of a finished group's beams, while other groups still decode."""
-        if self.config.do_sample and self.draw_shape is not None:
-            torch.empty(self.draw_shape, dtype=torch.float32, device=self.running.device).exponential_()
 
     def sequences(self) -> torch.Tensor:
         """The best `num_return_sequences` beams per example, cut at the longest, as `_beam_search` returns them."""
