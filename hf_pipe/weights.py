@@ -159,7 +159,11 @@ def _seeded_init(model: nn.Module, seed: int, names: Collection[str] | None) -> 
             child_owner = child if isinstance(child, PreTrainedModel) else owner
             visit(child, child_owner, f"{name}.{child_name}" if name else child_name)
         holds = wanted is None or not name or any(w == name or w.startswith(name + ".") for w in wanted)
-        if holds and not getattr(module, "_is_hf_initialized", False):
+        # a module whose every tensor was loaded has nothing to draw; its `_init_weights` might reach for sub-modules
+        # cut away on this rank (T5's attention, whose shared position bias a stage keeps without its projections)
+        tensors = [*module.parameters(), *module.buffers()]
+        loaded = names is not None and tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors)
+        if holds and not loaded and not getattr(module, "_is_hf_initialized", False):
             torch.manual_seed(_module_seed(seed, name))
             owner._init_weights(module)
             module._is_hf_initialized = True

@@ -375,3 +375,25 @@ def test_hf_pipe_plan_for_t5(capsys):
     )
     table = capsys.readouterr().out
     assert "(source 512 + target 64) tokens" in table and "enc 4-5 + dec 0-5" in table and "lm_head" in table
+
+
+def _read_by_path(path: str, output_dir: str) -> dict[str, torch.Tensor]:
+    from hf_pipe import PipeSeq2SeqTrainer, PipeSeq2SeqTrainingArguments
+
+    args = PipeSeq2SeqTrainingArguments(output_dir=output_dir, use_cpu=True, report_to=[], pipeline_split=[0, 3])
+    return PipeSeq2SeqTrainer(model=path, args=args).engine.local_state()
+
+
+def test_t5_read_by_path_holds_the_saved_weights(tmp_path):
+    """A T5 built per stage from its checkpoint: a stage that keeps the stack's shared position bias without the
+    attention projections around it loads it without drawing anything."""
+    from tests._models import tiny_model
+
+    model = tiny_model("t5")
+    model.save_pretrained(tmp_path / "t5")
+    saved = model.state_dict()
+    states = run_distributed(_read_by_path, 2, str(tmp_path / "t5"), str(tmp_path / "out"))
+    assert set(states[0]) != set(states[1])
+    for state in states:
+        for name, tensor in state.items():
+            assert torch.equal(tensor, saved[name]), name
