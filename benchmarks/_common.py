@@ -1,8 +1,14 @@
-"""What the benchmarks share: the anonymous memory of this process, and a random Llama with a word-level tokenizer."""
+"""What the benchmarks share: the anonymous memory of this process, a random Llama with a word-level tokenizer, and
+one run of a benchmark's own worker on one process or two ranks."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rss_anon_mib() -> float:
@@ -35,3 +41,18 @@ def save_llama(cfg: dict, root: str) -> None:
     tokenizer.pre_tokenizer = WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", eos_token="[EOS]")
     fast.save_pretrained(os.path.join(root, "model"))
+
+
+def run_ranks(script: str, args: list[str], out: str, ranks: int) -> list[dict]:
+    """`python script *args` alone (`ranks` 1) or under `torchrun` on `ranks` processes, one thread each; every rank
+    writes its result as JSON to `out.<rank>`, read back in rank order."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TQDM_DISABLE="1")
+    command = [sys.executable, script, *args]
+    if ranks > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), script, *args]
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = []
+    for rank in range(ranks):
+        with open(f"{out}.{rank}") as f:
+            results.append(json.load(f))
+    return results

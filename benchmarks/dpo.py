@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks._common import rss_anon_mib, save_llama  # noqa: E402
+from benchmarks._common import rss_anon_mib, run_ranks, save_llama  # noqa: E402
 
 FULL = dict(layers=8, hidden=256, inner=688, vocab=2048, words=48, pairs=8, microbatches=4, steps=8, warmup=2)
 SMOKE = dict(layers=4, hidden=64, inner=128, vocab=256, words=12, pairs=4, microbatches=2, steps=3, warmup=1)
@@ -115,18 +114,8 @@ def _worker(cfg: dict, root: str, strategy: str, pipeline: bool, out: str) -> No
 
 def _launch(root: str, strategy: str, pipeline: bool, smoke: bool) -> list[dict]:
     out = os.path.join(root, f"{strategy}-{int(pipeline)}")
-    args = [__file__, "--worker", strategy, "--root", root, "--result", out] + (["--smoke"] if smoke else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TQDM_DISABLE="1")
-    if pipeline:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, "--pipeline"]
-    else:
-        command = [sys.executable, *args]
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = []
-    for rank in range(2 if pipeline else 1):
-        with open(f"{out}.{rank}") as f:
-            results.append(json.load(f))
-    return results
+    args = ["--worker", strategy, "--root", root, "--result", out] + (["--smoke"] if smoke else [])
+    return run_ranks(__file__, args + (["--pipeline"] if pipeline else []), out, 2 if pipeline else 1)
 
 
 def main() -> None:

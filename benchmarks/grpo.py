@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks._common import rss_anon_mib, save_llama  # noqa: E402
+from benchmarks._common import rss_anon_mib, run_ranks, save_llama  # noqa: E402
 
 FULL = dict(layers=8, hidden=256, inner=688, vocab=2048, words=32, rows=8, completion=32, microbatches=4, steps=6,
             warmup=2)  # fmt: skip
@@ -119,18 +118,8 @@ def _worker(cfg: dict, root: str, pipeline: bool, out: str) -> None:
 
 def _launch(root: str, pipeline: bool, smoke: bool) -> list[dict]:
     out = os.path.join(root, f"grpo-{int(pipeline)}")
-    args = [__file__, "--worker", "--root", root, "--result", out] + (["--smoke"] if smoke else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TQDM_DISABLE="1")
-    if pipeline:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, "--pipeline"]
-    else:
-        command = [sys.executable, *args]
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = []
-    for rank in range(2 if pipeline else 1):
-        with open(f"{out}.{rank}") as f:
-            results.append(json.load(f))
-    return results
+    args = ["--worker", "--root", root, "--result", out] + (["--smoke"] if smoke else [])
+    return run_ranks(__file__, args + (["--pipeline"] if pipeline else []), out, 2 if pipeline else 1)
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks._common import rss_anon_mib  # noqa: E402
+from benchmarks._common import rss_anon_mib, run_ranks  # noqa: E402
 
 FULL = dict(layers=8, hidden=256, experts=8, top_k=2, expert_inner=256, vocab=2048, seq=128, batch=8,
             microbatches=4, steps=10, warmup=3)  # fmt: skip
@@ -110,18 +109,8 @@ def _worker(cfg: dict, run: str, out: str) -> None:
 
 def _launch(root: str, run: str, smoke: bool) -> list[dict]:
     out = os.path.join(root, run)
-    args = [__file__, "--worker", run, "--result", out] + (["--smoke"] if smoke else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TQDM_DISABLE="1")
-    ranks = 1 if run == "trainer" else 2
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), *args]
-    if ranks == 1:
-        command = [sys.executable, *args]
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = []
-    for rank in range(ranks):
-        with open(f"{out}.{rank}") as f:
-            results.append(json.load(f))
-    return results
+    args = ["--worker", run, "--result", out] + (["--smoke"] if smoke else [])
+    return run_ranks(__file__, args, out, 1 if run == "trainer" else 2)
 
 
 def main() -> None:
