@@ -151,33 +151,50 @@ class DecodeLoop:
             work.wait()
 
     def _run_group(self, group: Group, first: bool) -> None:
-        model, engine = self.model, self.engine
+        """One step of one group through this rank's stages, then HF's bookkeeping of its inputs."""
+        model = self.model
         inputs = model.prepare_inputs_for_generation(
             group.ids, next_sequence_length=None if first else 1, is_first_iteration=first, **group.kwargs
         )
-        batch = self.stage_batch(inputs)
-        tokens = inputs["input_ids"]
-        rows, length = tokens.shape
-        outputs: dict[int, torch.Tensor] = {}
-        for stage in self.stages:
-            if stage.is_first:
-                x = tokens
-            elif stage.index - 1 in outputs:
-                x = outputs.pop(stage.index - 1)
-            else:
-                x = torch.empty((rows, length, self.hidden_size), dtype=self.dtype, device=engine.device)
-                dist.recv(x, group_src=engine.stage_to_rank[stage.index - 1], group=engine.group)
-            out = stage(x, **batch, **{CACHE: group.caches[stage.index]})
-            if stage.is_last:
-                self._decide(group, group.choice.choose(out))
-            elif engine.stage_to_rank[stage.index + 1] == engine.pp_rank:
-                outputs[stage.index] = out
-            else:
-                out = out.contiguous()
-                self.sends.append(dist.isend(out, group_dst=engine.stage_to_rank[stage.index + 1], group=engine.group))
+        self._run_stages(group, inputs, first)
         group.kwargs = model._update_model_kwargs_for_generation(
             {}, group.kwargs, is_encoder_decoder=model.config.is_encoder_decoder
         )
+
+    def _run_stages(self, group: Group, inputs: dict[str, Any], first: bool) -> None:
+        batch = self.stage_batch(inputs)
+        tokens = inputs["input_ids"]
+        local: dict[int, list[torch.Tensor]] = {}
+        for stage in self.stages:
+            (x,) = [tokens] if stage.is_first else self._receive(stage, local, (*tokens.shape, self.hidden_size))
+            out = stage(x, **batch, **{CACHE: group.caches[stage.index]})
+            if stage.is_last:
+                self._decide(group, group.choice.choose(out))
+            else:
+                self._send(stage, local, out)
+
+    def _receive(self, stage: Any, local: dict[int, list[torch.Tensor]], *shapes: tuple[int, ...]) -> list[Any]:
+        """What the previous stage sent `stage` this step: kept in `local` when it runs on this rank, else received
+        (tensors of `shapes`, in the activations' dtype)."""
+        if stage.index - 1 in local:
+            return local.pop(stage.index - 1)
+        engine, received = self.engine, []
+        for shape in shapes:
+            x = torch.empty(shape, dtype=self.dtype, device=engine.device)
+            dist.recv(x, group_src=engine.stage_to_rank[stage.index - 1], group=engine.group)
+            received.append(x)
+        return received
+
+    def _send(self, stage: Any, local: dict[int, list[torch.Tensor]], *tensors: torch.Tensor) -> None:
+        """`tensors` to the next stage: into `local` when it runs on this rank, else sent without waiting."""
+        engine = self.engine
+        if engine.stage_to_rank[stage.index + 1] == engine.pp_rank:
+            local[stage.index] = list(tensors)
+            return
+        for x in tensors:
+            self.sends.append(
+                dist.isend(x.contiguous(), group_dst=engine.stage_to_rank[stage.index + 1], group=engine.group)
+            )
 
     def _decide(self, group: Group, step: Step) -> None:
         """The last stage's decision, applied here and sent to every other rank of the pipeline."""

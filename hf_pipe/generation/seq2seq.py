@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import EncoderDecoderCache
 
 from ..families.base import CACHE
@@ -53,11 +52,7 @@ class Seq2SeqDecodeLoop(DecodeLoop):
         config = stage.decoder.config  # the decoder stack's: its number of layers
         return EncoderDecoderCache(StageCache(config, stage.decoder_ids), StageCache(config, stage.decoder_ids))
 
-    def _run_group(self, group: Group, first: bool) -> None:
-        model, engine = self.model, self.engine
-        inputs = model.prepare_inputs_for_generation(
-            group.ids, next_sequence_length=None if first else 1, is_first_iteration=first, **group.kwargs
-        )
+    def _run_stages(self, group: Group, inputs: dict[str, Any], first: bool) -> None:
         tokens = inputs["decoder_input_ids"]
         rows, length = tokens.shape
         batch = {k: inputs[k] for k in ("attention_mask", "decoder_attention_mask") if inputs.get(k) is not None}
@@ -65,24 +60,6 @@ class Seq2SeqDecodeLoop(DecodeLoop):
         source_batch = {} if self.source_mask is None else {"attention_mask": self.source_mask[group.sources]}
         encoder_shape = (*source.shape, self.hidden_size)
         local: dict[int, list[torch.Tensor]] = {}  # outputs handed to the next stage on this rank
-
-        def receive(stage: Any, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
-            if stage.index - 1 in local:
-                return local.pop(stage.index - 1)
-            out = []
-            for shape in shapes:
-                x = torch.empty(shape, dtype=self.dtype, device=engine.device)
-                dist.recv(x, group_src=engine.stage_to_rank[stage.index - 1], group=engine.group)
-                out.append(x)
-            return out
-
-        def send(stage: Any, *tensors: torch.Tensor) -> None:
-            if engine.stage_to_rank[stage.index + 1] == engine.pp_rank:
-                local[stage.index] = list(tensors)
-                return
-            for x in tensors:
-                work = dist.isend(x.contiguous(), group_dst=engine.stage_to_rank[stage.index + 1], group=engine.group)
-                self.sends.append(work)
 
         for stage in self.stages:
             encoded = None  # the encoder's output for the group's sources, made or received at the first step
@@ -92,27 +69,24 @@ class Seq2SeqDecodeLoop(DecodeLoop):
                         continue  # an encoder stage idles once the encoder has run
                     x = tokens
                 else:
-                    x = source if stage.is_first else receive(stage, encoder_shape)[0]
+                    x = source if stage.is_first else self._receive(stage, local, encoder_shape)[0]
                     hidden = stage.encode(x, source_batch)
                     if not stage.decoder_ids:
-                        send(stage, hidden)
+                        self._send(stage, local, hidden)
                         continue
                     encoded, x = hidden, tokens
             elif stage.starts_decoder:
                 if first:
-                    (encoded,) = receive(stage, encoder_shape)
+                    (encoded,) = self._receive(stage, local, encoder_shape)
                 x = tokens
             elif first:
-                x, encoded = receive(stage, (rows, length, self.hidden_size), encoder_shape)
+                x, encoded = self._receive(stage, local, (rows, length, self.hidden_size), encoder_shape)
             else:
-                (x,) = receive(stage, (rows, length, self.hidden_size))
+                (x,) = self._receive(stage, local, (rows, length, self.hidden_size))
             if encoded is not None:
                 group.encoded[stage.index] = encoded[group.expand]
             out = stage.decode(x, group.encoded[stage.index], {**batch, CACHE: group.caches[stage.index]})
             if stage.is_last:
                 self._decide(group, group.choice.choose(out))
             else:
-                send(stage, out, *([encoded] if first else []))
-        group.kwargs = model._update_model_kwargs_for_generation(
-            {}, group.kwargs, is_encoder_decoder=model.config.is_encoder_decoder
-        )
+                self._send(stage, local, out, *([encoded] if first else []))
