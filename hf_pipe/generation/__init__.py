@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import PipelineConfigError, raise_if_any
+from ..evaluation import broadcast_from_last_stage
 from ..launch import timeout_s, twin_group
 from .pipeline import DecodeLoop
 from .problems import call_problems, decoding_problems, generator_problems, input_problems
@@ -120,9 +121,10 @@ class PipelineGenerator:
             inputs = inputs if inputs is not None else kwargs.pop("input_ids")
             self._source = (inputs, kwargs.get("attention_mask"))
             kwargs["encoder_outputs"] = source_index(inputs.shape[0], inputs.device)
+        self._sampled = False
         try:
             with torch.no_grad():
-                return self.model.generate(
+                sequences = self.model.generate(
                     inputs,
                     generation_config=generation_config,
                     logits_processor=logits_processor,
@@ -130,6 +132,9 @@ class PipelineGenerator:
                     custom_generate=self._decode,
                     **kwargs,
                 )
+            if self._sampled:
+                share_random_state(self.engine)
+            return sequences
         finally:
             self._source = None
 
@@ -143,6 +148,22 @@ class PipelineGenerator:
                 self.engine, model, generation_config, logits_processor, stopping_criteria, model_kwargs, groups
             )
         )
+        self._sampled = bool(generation_config.do_sample)
         args = (self, model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
         loop = Seq2SeqDecodeLoop(*args, source=self._source) if self.seq2seq else DecodeLoop(*args)
         return loop.run()
+
+
+def share_random_state(engine: Any) -> None:
+    """The sampling rank's random generators (CPU, and the device's) on every rank of the pipeline: tokens are drawn
+    on the last stage's rank, so that every rank's generator then stands where one process's would after `generate`
+    (and what draws next — a trainer's shuffles, the next evaluation — agrees across the pipeline)."""
+    if engine.pp_size == 1:
+        return
+
+    def on_device(state: torch.Tensor) -> torch.Tensor | None:  # NCCL broadcasts device tensors only
+        return state.to(engine.device) if engine.has_last else None
+
+    torch.set_rng_state(broadcast_from_last_stage(engine, on_device(torch.get_rng_state())).cpu())
+    if engine.device.type == "cuda":
+        torch.cuda.set_rng_state(broadcast_from_last_stage(engine, on_device(torch.cuda.get_rng_state())).cpu())

@@ -61,7 +61,6 @@ from accelerate.utils import set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from ..errors import raise_if_any
-from ..evaluation import broadcast_from_last_stage
 from ..integrations.peft import is_peft_model
 from ..launch import waiting
 from ..trainer import PipeTrainer
@@ -302,7 +301,6 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
             out = super()._generate_single_turn(*args, **kwargs)
         finally:
             trl_grpo.unwrap_model_for_generation = original
-        self._share_random_state()
         return out
 
     @contextlib.contextmanager
@@ -310,19 +308,6 @@ class PipeGRPOTrainer(GRPOTrainer, PipeTrainer):
         """What GRPOTrainer generates with: an object whose `generate` is the pipeline's (`PipeTrainer.generator`,
         built at the first generation: collective over the world)."""
         yield self.generator
-
-    def _share_random_state(self) -> None:
-        """The sampling rank's random generators (CPU, and the device's) on every rank of the pipeline."""
-        engine = self.engine
-        if engine.pp_size == 1:
-            return
-
-        def on_device(state: torch.Tensor) -> torch.Tensor | None:  # NCCL broadcasts device tensors only
-            return state.to(engine.device) if engine.has_last else None
-
-        torch.set_rng_state(broadcast_from_last_stage(engine, on_device(torch.get_rng_state())).cpu())
-        if engine.device.type == "cuda":
-            torch.cuda.set_rng_state(broadcast_from_last_stage(engine, on_device(torch.cuda.get_rng_state())).cpu())
 
     # -- forward-only passes ---------------------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(
